@@ -1,0 +1,160 @@
+"""Command line: ``lcmserve generate | info`` (serve, distill, eval, bench and export join later)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from lcmserve import __version__
+from lcmserve.errors import LCMServeError
+
+logger = logging.getLogger("lcmserve.cli")
+
+
+def _quiet_libraries() -> None:
+    """Keep diffusers/transformers chatter (load bars, deprecations) out of our output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> None:
+    if default_model is None:
+        p.add_argument("model", help="diffusers folder, Hub id, or preset:NAME (sd15, sd21, sdxl, tiny-sd, ...)")
+    else:
+        p.add_argument("--model", default=default_model,
+                       help=f"diffusers folder, Hub id, or preset:NAME (default: {default_model})")
+    p.add_argument("--lora", default=None, help="LCM-LoRA adapter (folder or file) fused into the model at load")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of the fused LoRA (default 1.0)")
+    p.add_argument("--unet", default=None, help="an LCM UNet folder that replaces the pipeline's UNet")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: fp16 on GPU, fp32 on CPU)")
+
+
+def _load(args):
+    from lcmserve.models import load_model
+
+    return load_model(args.model, lora=args.lora, lora_scale=args.lora_scale, unet=args.unet,
+                      device=args.device, dtype=args.dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lcmserve.engine import GenerationRequest, LCMSampler, Limits
+    from lcmserve.engine.request import check_guidance, check_num_images, check_seed, check_steps
+
+    started = time.perf_counter()
+    # Values that do not depend on the model are checked before the (slow) load.
+    limits = Limits()
+    check_steps(args.steps)
+    check_guidance(args.guidance, limits)
+    check_num_images(args.num_images, limits)
+    check_seed(args.seed)
+    model = _load(args)
+    if args.model.startswith("preset:"):
+        logger.warning("model %s has random weights: its images are noise (use it to measure speed)", args.model)
+    sampler = LCMSampler(model, max_batch_size=args.batch_size)
+    request = GenerationRequest(
+        prompt=args.prompt, num_images=args.num_images, steps=args.steps, guidance_scale=args.guidance,
+        width=args.width, height=args.height, seed=args.seed,
+    )
+    sampler.resolve(request)  # every bad value is reported before any work
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=None, desc="sampling", unit="step", disable=args.quiet) as bar:
+        def on_step(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = sampler.generate(request, on_step=on_step)
+    files = []
+    for image, seed in zip(result.to_pil(), result.seeds):
+        path = out_dir / f"{len(files):03d}-seed{seed}.{args.format}"
+        image.save(path)
+        files.append(path.name)
+    record = {
+        "lcmserve_version": __version__,
+        "request": {k: v for k, v in vars(result.request).items()},
+        "seeds": result.seeds,
+        "files": files,
+        "model": model.describe(),
+        "times_s": {"text": result.times.text_s, "unet": result.times.unet_s, "vae": result.times.vae_s,
+                    "total_with_load": time.perf_counter() - started},
+    }
+    (out_dir / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {len(files)} image(s) to {out_dir}/ ({', '.join(files)})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = _load(args).describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in value.items())
+            print(f"{key:>18}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lcmserve.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="lcmserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lcmserve {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt", help="the text prompt")
+    _add_model_args(gen, DEFAULT_MODEL)
+    gen.add_argument("--steps", type=int, default=4, help="LCM steps, 1-8 (default 4)")
+    gen.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float, default=8.0,
+                     help="guidance scale w in [0, 50] (default 8.0)")
+    gen.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i")
+    gen.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
+    gen.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")
+    gen.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")
+    gen.add_argument("--batch-size", type=int, default=8, help="rows per UNet batch (default 8)")
+    gen.add_argument("--format", choices=["png", "jpeg", "webp"], default="png", help="image file format")
+    gen.add_argument("-o", "--output", default="out", help="output folder (default out/)")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="describe a model: family, guidance mode, sizes, parameter counts")
+    _add_model_args(info, None)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    if getattr(args, "batch_size", 1) < 1:
+        parser.error(f"--batch-size must be >= 1; got {args.batch_size}")
+    try:
+        return args.func(args)
+    except LCMServeError as exc:
+        flag = f"--{exc.param.replace('_', '-')}" if exc.param else ""
+        print(f"lcmserve: error: {exc.message}" + (f" (see {flag})" if flag else ""), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""What callers ask the engine for, and the checks that keep bad values out of it."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from lcmserve.errors import InvalidInputError
+
+MIN_STEPS, MAX_STEPS = 1, 8
+MAX_GUIDANCE = 50.0
+MAX_SEED = 2**63 - 1
+SIZE_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one engine accepts; the server narrows these further for the public API."""
+
+    min_size: int = 64
+    max_size: int = 1024
+    max_images: int = 64
+    max_guidance: float = MAX_GUIDANCE
+
+    def __post_init__(self) -> None:
+        if not SIZE_MULTIPLE <= self.min_size <= self.max_size:
+            raise ValueError(f"min_size/max_size must satisfy {SIZE_MULTIPLE} <= min <= max; got {self}")
+        if self.max_images < 1:
+            raise ValueError(f"max_images must be >= 1; got {self.max_images}")
+
+    @classmethod
+    def for_native_size(cls, native: int, **overrides) -> "Limits":
+        """Sizes from a quarter to twice the model's native size, as multiples of 8."""
+        low = max(SIZE_MULTIPLE, (native // 4) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+        return cls(min_size=low, max_size=native * 2, **overrides)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image of a batch: its own prompt, seed and guidance scale."""
+
+    prompt: str
+    seed: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One caller's ask: n images of one prompt, sharing steps and resolution.
+
+    Image i uses seed ``seed + i``, so every image can be reproduced alone. ``seed=None``
+    draws a random seed; ``width``/``height`` of None take the model's native size.
+    """
+
+    prompt: str
+    num_images: int = 1
+    steps: int = 4
+    guidance_scale: float = 8.0
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+
+    def rows(self) -> list[Row]:
+        assert self.seed is not None, "resolve() the request first"
+        return [Row(self.prompt, self.seed + i, self.guidance_scale) for i in range(self.num_images)]
+
+
+@dataclass(frozen=True)
+class ResolvedRequest(GenerationRequest):
+    """A request whose every field has been checked and filled in."""
+
+    truncated: bool = field(default=False)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_steps(steps) -> int:
+    if not _is_int(steps) or not MIN_STEPS <= steps <= MAX_STEPS:
+        raise InvalidInputError.out_of_range("steps", steps, f"an integer in [{MIN_STEPS}, {MAX_STEPS}]")
+    return steps
+
+
+def check_guidance(guidance_scale, limits: Limits) -> float:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise InvalidInputError.out_of_range("guidance_scale", guidance_scale, f"a number in [0, {limits.max_guidance}]")
+    if not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= limits.max_guidance:
+        raise InvalidInputError.out_of_range(
+            "guidance_scale", guidance_scale, f"a finite number in [0, {limits.max_guidance}]"
+        )
+    return float(guidance_scale)
+
+
+def check_size(name: str, value, limits: Limits) -> int:
+    allowed = f"a multiple of {SIZE_MULTIPLE} in [{limits.min_size}, {limits.max_size}] for this model"
+    if not _is_int(value) or value % SIZE_MULTIPLE or not limits.min_size <= value <= limits.max_size:
+        raise InvalidInputError.out_of_range(name, value, allowed)
+    return value
+
+
+def check_seed(seed) -> int:
+    if seed is None:
+        return random.SystemRandom().randrange(0, 2**31)
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError.out_of_range("seed", seed, f"null or an integer in [0, {MAX_SEED}]")
+    return seed
+
+
+def check_num_images(num_images, limits: Limits) -> int:
+    if not _is_int(num_images) or not 1 <= num_images <= limits.max_images:
+        raise InvalidInputError.out_of_range("num_images", num_images, f"an integer in [1, {limits.max_images}]")
+    return num_images
+
+
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str):
+        raise InvalidInputError.out_of_range("prompt", prompt, "a string")
+    if "\x00" in prompt:
+        raise InvalidInputError("prompt: must not contain NUL characters", param="prompt")
+    return prompt

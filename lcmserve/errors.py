@@ -1,0 +1,69 @@
+"""The one error taxonomy of lcmserve.
+
+Every failure a caller can see is one of these classes. Its ``type`` string is the same in
+HTTP bodies, gRPC details and the failure metric's label; the server maps each class once
+(invalid input -> 422 / INVALID_ARGUMENT, overloaded -> 429 / RESOURCE_EXHAUSTED, deadline
+-> 504 / DEADLINE_EXCEEDED, draining -> 503 / UNAVAILABLE, engine fault -> 500 / INTERNAL).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LCMServeError(Exception):
+    """Base class; ``type`` labels the failure in responses and metrics."""
+
+    type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "message": self.message, "param": self.param}
+
+
+class InvalidInputError(LCMServeError, ValueError):
+    """A value the caller sent is out of range or of the wrong kind."""
+
+    type = "invalid_request"
+
+    @classmethod
+    def out_of_range(cls, param: str, value: Any, allowed: str) -> "InvalidInputError":
+        return cls(f"{param} must be {allowed}; got {value!r}", param=param)
+
+
+class ModelLoadError(InvalidInputError):
+    """The model the caller named cannot be loaded as an LCM (missing, not diffusers, not an LCM)."""
+
+    type = "invalid_model"
+
+
+class OverloadedError(LCMServeError):
+    """The queue is full; retry after ``retry_after_s``."""
+
+    type = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(LCMServeError):
+    """The request's deadline passed before its images were ready."""
+
+    type = "deadline_exceeded"
+
+
+class UnavailableError(LCMServeError):
+    """The server is starting up or draining and takes no new work."""
+
+    type = "unavailable"
+
+
+class EngineError(LCMServeError):
+    """The engine failed while running a batch; only that batch's requests fail."""
+
+    type = "internal_error"

@@ -1,0 +1,211 @@
+"""Load an LCM from a diffusers-format folder, a Hub id, or a preset.
+
+Supported: full LCMs of the SD1.5 / SD2.x family (a UNet with ``time_cond_proj_dim``, like
+LCM_Dreamshaper_v7), SDXL-family LCMs (two text encoders, added time ids), a base model plus
+an LCM-LoRA adapter (fused at load with diffusers' own LoRA loader), and a base pipeline
+with a separately distributed LCM UNet (``unet=``, as latent-consistency/lcm-sdxl ships).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lcmserve.errors import InvalidInputError, ModelLoadError
+from lcmserve.models.model import LCMModel, NoiseSchedule
+from lcmserve.models.presets import PRESET_PREFIX, build_preset_pipeline, get_preset
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+_SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_SDXL_COMPONENTS = _SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
+# Components we never run; passing None keeps diffusers from loading their weights.
+_SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Turn user strings into a device and dtype; fp16 on GPU and fp32 on CPU by default."""
+    base = device.split(":")[0]
+    if base not in DEVICES:
+        raise InvalidInputError.out_of_range("device", device, "one of " + ", ".join(DEVICES) + " (or cuda:N)")
+    if base == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif base == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device: cuda was asked for but no CUDA GPU is visible; use --device cpu", param="device")
+    dev = torch.device(device)
+    if dtype == "auto":
+        return dev, torch.float16 if dev.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InvalidInputError.out_of_range("dtype", dtype, "one of auto, " + ", ".join(DTYPES))
+    if dev.type == "cpu" and dtype == "float16":
+        raise InvalidInputError(
+            "dtype: float16 is not supported on CPU (slow and inexact there); use float32 or bfloat16", param="dtype"
+        )
+    return dev, DTYPES[dtype]
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or spec.count("/") != 1 or os.sep != "/" and os.sep in spec
+
+
+def _read_index(folder: Path) -> dict[str, Any]:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"model: folder {str(folder)!r} is not a diffusers pipeline (no model_index.json); expected the layout "
+            "that DiffusionPipeline.save_pretrained writes: model_index.json with unet/, vae/, text_encoder/, "
+            "tokenizer/ and scheduler/",
+            param="model",
+        )
+    try:
+        return json.loads(index_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"model: {index_file} is not valid JSON ({exc})", param="model") from exc
+
+
+def _check_components(index: dict[str, Any], where: str) -> None:
+    required = _SDXL_COMPONENTS if "text_encoder_2" in index else _SD_COMPONENTS
+    missing = [name for name in required if not index.get(name) or index[name][0] is None]
+    if missing:
+        raise ModelLoadError(
+            f"model: {where} lacks {', '.join(missing)}; lcmserve runs text-to-image pipelines of the "
+            f"Stable Diffusion family ({', '.join(required)})",
+            param="model",
+        )
+    unet_class = index["unet"][1]
+    if unet_class != "UNet2DConditionModel":
+        raise ModelLoadError(
+            f"model: {where} has a {unet_class}; lcmserve supports UNet2DConditionModel pipelines (SD1.5, SD2.x, SDXL)",
+            param="model",
+        )
+
+
+def _from_pretrained(spec: str, index: dict[str, Any], dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    skipped = {name: None for name in _SKIPPED_COMPONENTS if name in index}
+    if "safety_checker" in index:
+        skipped["requires_safety_checker"] = False
+    return DiffusionPipeline.from_pretrained(spec, dtype=dtype, **skipped)
+
+
+def _load_pipeline(spec: str, dtype: torch.dtype):
+    if spec.startswith(PRESET_PREFIX):
+        get_preset(spec)  # clear error for an unknown name before any work
+        return build_preset_pipeline(spec, dtype=dtype)
+    folder = Path(spec).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise ModelLoadError(f"model: {spec!r} is a file; give the pipeline's folder", param="model")
+        index = _read_index(folder)
+        _check_components(index, f"folder {spec!r}")
+        try:
+            return _from_pretrained(str(folder), index, dtype)
+        except Exception as exc:  # diffusers raises many kinds for broken folders
+            raise ModelLoadError(f"model: could not load folder {spec!r}: {exc}", param="model") from exc
+    if _looks_like_path(spec):
+        raise ModelLoadError(f"model: folder {spec!r} does not exist", param="model")
+    # A Hub id: diffusers resolves it (and its cache) when the user has the network.
+    try:
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(spec)
+        _check_components(index, f"Hub model {spec!r}")
+        return _from_pretrained(spec, index, dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model: {spec!r} is not a local folder and could not be loaded from the Hugging Face Hub ({exc})",
+            param="model",
+        ) from exc
+
+
+def _swap_unet(pipe, unet_spec: str, dtype: torch.dtype) -> None:
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(unet_spec).expanduser()
+    subfolder = "unet" if (folder / "unet" / "config.json").is_file() else None
+    if folder.exists() and not (folder / (subfolder or "") / "config.json").is_file():
+        raise ModelLoadError(f"unet: folder {unet_spec!r} holds no UNet (config.json not found)", param="unet")
+    if not folder.exists() and _looks_like_path(unet_spec):
+        raise ModelLoadError(f"unet: folder {unet_spec!r} does not exist", param="unet")
+    try:
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet_spec, subfolder=subfolder, dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"unet: could not load {unet_spec!r}: {exc}", param="unet") from exc
+
+
+def _fuse_lora(pipe, lora: str, lora_scale: float) -> None:
+    path = Path(lora).expanduser()
+    if not path.exists() and _looks_like_path(lora):
+        raise ModelLoadError(f"lora: {lora!r} does not exist", param="lora")
+    try:
+        pipe.load_lora_weights(lora, adapter_name="lcm")
+        pipe.fuse_lora(lora_scale=lora_scale)
+        pipe.unload_lora_weights()  # the fused weights stay; the peft wrappers go
+    except Exception as exc:
+        raise ModelLoadError(f"lora: could not load LoRA {lora!r}: {exc}", param="lora") from exc
+
+
+def _is_lcm(pipe) -> bool:
+    return pipe.unet.config.time_cond_proj_dim is not None or type(pipe.scheduler).__name__ == "LCMScheduler"
+
+
+def load_model(
+    spec: str,
+    *,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+    unet: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> LCMModel:
+    """Load ``spec`` (folder, Hub id or ``preset:NAME``) as an LCM ready to sample."""
+    dev, torch_dtype = resolve_device_dtype(device, dtype)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError("model: give a diffusers folder, a Hub id or preset:NAME", param="model")
+    pipe = _load_pipeline(spec, torch_dtype)
+    if unet is not None:
+        _swap_unet(pipe, unet, torch_dtype)
+    if lora is not None:
+        _fuse_lora(pipe, lora, lora_scale)
+    if lora is None and not _is_lcm(pipe):
+        raise ModelLoadError(
+            f"model: {spec!r} is not an LCM: its UNet has no guidance embedding (time_cond_proj_dim) and its "
+            f"scheduler is {type(pipe.scheduler).__name__}, not LCMScheduler; pass an LCM-LoRA (--lora), an LCM "
+            "UNet (--unet), or distil it first (lcmserve distill)",
+            param="model",
+        )
+    return _to_lcm_model(pipe, spec, lora, dev)
+
+
+def _to_lcm_model(pipe, name: str, lora: str | None, device: torch.device) -> LCMModel:
+    family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+    encoders = (pipe.text_encoder, pipe.text_encoder_2) if family == "sdxl" else (pipe.text_encoder,)
+    tokenizers = (pipe.tokenizer, pipe.tokenizer_2) if family == "sdxl" else (pipe.tokenizer,)
+    for module in (pipe.unet, pipe.vae, *encoders):
+        module.to(device).eval().requires_grad_(False)
+    if pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16; diffusers upcasts it too
+    scheduler_config = dict(pipe.scheduler.config)
+    return LCMModel(
+        name=name,
+        family=family,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoders=tuple(encoders),
+        tokenizers=tuple(tokenizers),
+        schedule=NoiseSchedule.from_scheduler_config(scheduler_config),
+        guidance_mode="embedding" if pipe.unet.config.time_cond_proj_dim is not None else "cfg",
+        scheduler_config=scheduler_config,
+        lora=lora,
+        force_zeros_for_empty_prompt=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
+    )

@@ -1,0 +1,115 @@
+"""The loaded LCM: its modules, its noise schedule and how it takes guidance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from diffusers import LCMScheduler
+
+from lcmserve.consistency import ORIGINAL_STEPS, PREDICTION_TYPES, TIMESTEP_SCALING
+
+Family = Literal["sd", "sdxl"]
+GuidanceMode = Literal["embedding", "cfg"]
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The discrete DDPM schedule the model was trained on, plus LCM's inference constants."""
+
+    alphas_cumprod: torch.Tensor  # float32 [num_train_timesteps]
+    prediction_type: str = "epsilon"
+    timestep_scaling: float = TIMESTEP_SCALING
+    original_steps: int = ORIGINAL_STEPS
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {self.prediction_type!r}")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict[str, Any]) -> "NoiseSchedule":
+        """Read betas through diffusers' LCMScheduler, whatever scheduler the folder names."""
+        lcm = LCMScheduler.from_config(config)
+        return cls(
+            alphas_cumprod=lcm.alphas_cumprod.clone().float(),
+            prediction_type=lcm.config.prediction_type,
+            timestep_scaling=float(lcm.config.timestep_scaling),
+            original_steps=int(lcm.config.original_inference_steps),
+        )
+
+
+@dataclass
+class LCMModel:
+    """Everything the engine needs from a diffusers-format LCM, already on its device and dtype."""
+
+    name: str
+    family: Family
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: tuple[torch.nn.Module, ...]
+    tokenizers: tuple[Any, ...]
+    schedule: NoiseSchedule
+    guidance_mode: GuidanceMode
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    lora: str | None = None
+    force_zeros_for_empty_prompt: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def native_size(self) -> int:
+        """The square resolution in pixels the UNet was configured for."""
+        size = self.unet.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * self.vae_scale_factor
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return int(self.tokenizers[0].model_max_length)
+
+    def num_parameters(self) -> dict[str, int]:
+        counts = {
+            "unet": sum(p.numel() for p in self.unet.parameters()),
+            "vae": sum(p.numel() for p in self.vae.parameters()),
+        }
+        for i, enc in enumerate(self.text_encoders):
+            counts["text_encoder" + (f"_{i + 1}" if i else "")] = sum(p.numel() for p in enc.parameters())
+        return counts
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for `lcmserve info`, logs and saved run configs."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "guidance_mode": self.guidance_mode,
+            "lora": self.lora,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "native_size": self.native_size,
+            "vae_scale_factor": self.vae_scale_factor,
+            "latent_channels": self.latent_channels,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "prediction_type": self.schedule.prediction_type,
+            "num_train_timesteps": self.schedule.num_train_timesteps,
+            "time_cond_proj_dim": self.unet.config.time_cond_proj_dim,
+            "parameters": self.num_parameters(),
+        }
