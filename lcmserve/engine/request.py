@@ -118,5 +118,7 @@ def check_prompt(prompt) -> str:
     if not isinstance(prompt, str):
         raise InvalidInputError.out_of_range("prompt", prompt, "a string")
     if "\x00" in prompt:
-        raise InvalidInputError("prompt: must not contain NUL characters", param="prompt")
+        raise InvalidInputError(
+            f"prompt must not contain NUL characters; found one at index {prompt.index(chr(0))}", param="prompt"
+        )
     return prompt

@@ -13,6 +13,12 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+# The words the presets' tokenizer (models/assets/clip-tokenizer-tiny) knows as whole tokens.
+PRESET_WORDS = """a an the of on in at with and photo picture painting drawing portrait landscape cat dog horse
+bird astronaut riding mars moon city street forest mountain sea beach sunset night red orange yellow green blue
+purple pink black white gray brown small large big tiny circle square triangle star heart top bottom left right
+center middle corner background scene shape shapes""".split()
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 
