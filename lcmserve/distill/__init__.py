@@ -1,0 +1,1 @@
+"""Latent consistency distillation (LCD), LCM-LoRA and latent consistency fine-tuning (LCF)."""

@@ -1,0 +1,1 @@
+"""Quality evaluation: FID, CLIP score and attribute accuracy, with tables and plots."""

@@ -1,0 +1,1 @@
+"""REST and gRPC servers over the engine, with Prometheus metrics."""

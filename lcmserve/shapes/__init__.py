@@ -1,0 +1,1 @@
+"""The bundled "shapes" domain: captioned scenes, its teacher, domain CLIP and classifier."""
