@@ -72,9 +72,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampler.resolve(request)  # every bad value is reported before any work
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=None, desc="sampling", unit="step", disable=args.quiet) as bar:
+    batches = -(-args.num_images // args.batch_size)
+    with tqdm(total=batches * args.steps, desc="sampling", unit="step", disable=args.quiet) as bar:
         def on_step(done: int, total: int) -> None:
-            bar.total = total
             bar.update(done - bar.n)
 
         result = sampler.generate(request, on_step=on_step)
