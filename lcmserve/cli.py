@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from lcmserve import __version__
-from lcmserve.errors import LCMServeError
+from lcmserve.errors import InvalidInputError, LCMServeError
 
 logger = logging.getLogger("lcmserve.cli")
 
@@ -109,6 +109,67 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shapes_train(args: argparse.Namespace) -> int:
+    from lcmserve.shapes.train import StageConfig, train
+
+    cfg = StageConfig(
+        stage=args.stage, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, bf16=args.bf16, clip_dir=args.clip, vae_dir=args.vae,
+    )
+    print(f"trained {cfg.stage}: {train(cfg)}")
+    return 0
+
+
+def cmd_shapes_render(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from lcmserve.shapes.scenes import caption_for_index, render
+
+    if args.num < 1:
+        raise InvalidInputError.out_of_range("num", args.num, "an integer >= 1")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = min(args.num, 8)
+    grid = Image.new("RGB", (64 * cols, 64 * (-(-args.num // cols))))
+    captions = []
+    for i in range(args.num):
+        scene, text = caption_for_index(i, args.split, args.seed)
+        image = render(scene)
+        image.save(out / f"{i:05d}.png")
+        grid.paste(image, ((i % cols) * 64, (i // cols) * 64))
+        captions.append({"file": f"{i:05d}.png", "caption": text})
+    grid.save(out / "grid.png")
+    (out / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
+    print(f"wrote {args.num} scenes of split {args.split} to {out}/")
+    return 0
+
+
+def _add_shapes(sub) -> None:
+    from lcmserve.shapes.scenes import SPLITS
+    from lcmserve.shapes.train import STAGES
+
+    shapes = sub.add_parser("shapes", help="the bundled shapes domain: render scenes, train its models")
+    ssub = shapes.add_subparsers(dest="shapes_command", required=True)
+    tr = ssub.add_parser("train", help="train one stage (checkpoints and resume in --out)")
+    tr.add_argument("stage", choices=STAGES, help="clip, vae, teacher (needs --clip and --vae) or classifier")
+    tr.add_argument("--out", required=True, help="run folder (resumes from its checkpoint.pt)")
+    tr.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the stage's default)")
+    tr.add_argument("--batch-size", type=int, default=0, help="batch size (0: the stage's default)")
+    tr.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0: the stage's default)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
+    tr.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
+    tr.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only with native bf16 support)")
+    tr.add_argument("--clip", default=None, help="teacher: the trained clip run folder")
+    tr.add_argument("--vae", default=None, help="teacher: the trained vae run folder")
+    tr.set_defaults(func=cmd_shapes_train)
+    rd = ssub.add_parser("render", help="render captioned scenes (PNG files, captions.jsonl, grid.png)")
+    rd.add_argument("--split", choices=SPLITS, default="train")
+    rd.add_argument("-n", "--num", type=int, default=64, help="number of scenes")
+    rd.add_argument("--seed", type=int, default=0)
+    rd.add_argument("-o", "--output", default="out/shapes")
+    rd.set_defaults(func=cmd_shapes_render)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lcmserve.models import DEFAULT_MODEL
 
@@ -137,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info, None)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+    _add_shapes(sub)
     return parser
 
 
@@ -146,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    if getattr(args, "batch_size", 1) < 1:
+    if args.command == "generate" and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1; got {args.batch_size}")
     try:
         return args.func(args)

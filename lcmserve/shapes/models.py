@@ -1,0 +1,109 @@
+"""The architectures of the shapes family: tokenizer, domain CLIP, VAE, teacher UNet, judge.
+
+Sizes are chosen so that every stage trains on two AVX2 CPU cores in float32 (bf16 autocast
+is emulated, and ten times slower, on CPUs without AVX-512 BF16) within minutes to tens of
+minutes, and the shipped weights (float16 safetensors) stay under 25 MB together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lcmserve.models.tokenizer import write_clip_tokenizer
+from lcmserve.shapes.scenes import BACKGROUNDS, CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, vocabulary
+
+MAX_TOKENS = 32  # the longest caption is 27 tokens with start and end
+LATENT_SIZE = 16
+TEXT_DIM = 128
+
+
+def write_tokenizer(folder: str | Path):
+    """The domain tokenizer: every caption word is one token."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(vocabulary(), folder, model_max_length=MAX_TOKENS))
+
+
+def clip_config(tokenizer):
+    from transformers import CLIPConfig
+
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=512, num_attention_heads=4,
+        num_hidden_layers=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+    )
+    vision = dict(
+        image_size=IMAGE_SIZE, patch_size=8, hidden_size=128, intermediate_size=512, num_attention_heads=4,
+        num_hidden_layers=4, num_channels=3, hidden_act="gelu",
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
+
+
+def vae_config() -> dict:
+    return dict(
+        block_out_channels=[16, 32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        in_channels=3, out_channels=3, sample_size=IMAGE_SIZE,
+    )
+
+
+def unet_config() -> dict:
+    return dict(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=[32, 96, 192],
+        layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8, norm_num_groups=16,
+    )
+
+
+def scheduler_config() -> dict:
+    """Stable Diffusion's noise schedule."""
+    return dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+# -- the judge --------------------------------------------------------------------------------
+N_CELLS = len(CELLS)
+SHAPE_CLASSES = ("empty", *SHAPES)
+COLOUR_CLASSES = tuple(COLOURS)
+SIZE_CLASSES = tuple(SIZES)
+BACKGROUND_CLASSES = tuple(BACKGROUNDS)
+
+
+class SceneClassifier(nn.Module):
+    """Reads a scene back from pixels: per cell shape-or-empty, colour and size; the background.
+
+    A small CNN with GroupNorm (BatchNorm judges collapse under the slight noise of generated
+    images). Colour and size are only scored in cells that hold an object.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
+
+        self.features = nn.Sequential(
+            block(3, width, 2), block(width, width, 1), block(width, 2 * width, 2), block(2 * width, 2 * width, 1),
+            block(2 * width, 2 * width, 1), nn.AdaptiveAvgPool2d(3),  # one 3x3 map cell per grid cell
+        )
+        c = 2 * width
+        self.cell_head = nn.Conv2d(c, len(SHAPE_CLASSES) + len(COLOUR_CLASSES) + len(SIZE_CLASSES), 1)
+        self.background_head = nn.Linear(c, len(BACKGROUND_CLASSES))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images: float [B, 3, 64, 64] in [0, 1]. Returns logits per head."""
+        f = self.features(images * 2 - 1)
+        cells = self.cell_head(f).flatten(2).transpose(1, 2)  # [B, 9, K]
+        s, c = len(SHAPE_CLASSES), len(COLOUR_CLASSES)
+        return {
+            "shape": cells[..., :s],
+            "colour": cells[..., s : s + c],
+            "size": cells[..., s + c :],
+            "background": self.background_head(f.mean(dim=(2, 3))),
+        }
