@@ -144,6 +144,45 @@ def cmd_shapes_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4,8; got {text!r}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lcmserve.eval.run import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        model=args.model, samplers=[s.strip() for s in args.sampler.split(",") if s.strip()], steps=args.steps,
+        guidance=args.guidance, num_images=args.num_images, split=args.split, seed=args.seed,
+        batch_size=args.batch_size, out=args.output, clip_dir=args.clip, classifier=args.classifier,
+    )
+    result = run_eval(cfg)
+    print((Path(cfg.out) / "eval.md").read_text())
+    return 0 if result["rows"] else 1
+
+
+def _add_eval(sub) -> None:
+    from lcmserve.eval.sampling import SAMPLERS
+    from lcmserve.shapes.scenes import SPLITS
+
+    ev = sub.add_parser("eval", help="FID, CLIP score and attribute accuracy on held-out shapes prompts")
+    ev.add_argument("model", help="shapes-teacher, shapes-lcm, or a diffusers folder of the shapes domain")
+    ev.add_argument("--sampler", default="lcm", help=f"comma list of {', '.join(SAMPLERS)} (default lcm)")
+    ev.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="comma list of step counts")
+    ev.add_argument("--guidance", type=float, default=8.0, help="guidance scale (default 8)")
+    ev.add_argument("--num-images", type=int, default=1000, help="prompts per row (default 1000)")
+    ev.add_argument("--split", choices=SPLITS, default="heldout", help="prompt split (default heldout)")
+    ev.add_argument("--seed", type=int, default=1000, help="first prompt/image seed")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--clip", default=None, help="domain CLIP folder (default: the bundled one)")
+    ev.add_argument("--classifier", default=None, help="classifier safetensors (default: the bundled one)")
+    ev.add_argument("-o", "--output", default="out/eval")
+    ev.set_defaults(func=cmd_eval)
+
+
 def _add_shapes(sub) -> None:
     from lcmserve.shapes.scenes import SPLITS
     from lcmserve.shapes.train import STAGES
@@ -199,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
     _add_shapes(sub)
+    _add_eval(sub)
     return parser
 
 

@@ -132,7 +132,7 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
         for obj in (extra_state or {}).values():
             if hasattr(obj, "step"):
                 obj.step(params)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
@@ -204,7 +204,7 @@ def train_teacher(cfg: StageConfig) -> Path:
     tokenizer = CLIPTokenizer.from_pretrained(Path(cfg.clip_dir) / "tokenizer")
     text_encoder = CLIPModel.from_pretrained(Path(cfg.clip_dir) / "model").text_model.eval().requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(Path(cfg.vae_dir) / "model").eval().requires_grad_(False)
-    noise_scheduler = DDPMScheduler(**M.scheduler_config())
+    noise_scheduler = DDPMScheduler.from_config(M.scheduler_config())
     torch.manual_seed(cfg.seed)
     unet = UNet2DConditionModel(**M.unet_config()).train()
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)

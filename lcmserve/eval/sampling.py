@@ -1,0 +1,64 @@
+"""Images from each sampler the evaluation compares, for a list of (caption, seed) rows.
+
+``lcm`` runs our engine on an LCM. ``ddim``, ``dpmsolver`` and ``dpmsolver++`` run the
+teacher through diffusers' own StableDiffusionPipeline with classifier-free guidance and the
+scheduler swapped, with "trailing" timestep spacing (SD's default "leading" spacing starts a
+one-step run at t = 1, which is no baseline at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+SAMPLERS = ("lcm", "ddim", "dpmsolver", "dpmsolver++")
+
+
+def teacher_pipeline(model: str, sampler: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    config = dict(pipe.scheduler.config, timestep_spacing="trailing")
+    if sampler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(config)
+    else:
+        algorithm = "dpmsolver++" if sampler == "dpmsolver++" else "dpmsolver"
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type=algorithm, solver_order=2, final_sigmas_type="zero"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(model: str, sampler: str, steps: int, guidance: float, captions: Sequence[str], seeds: Sequence[int],
+           batch_size: int = 64, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """float32 [N, 3, H, W] images in [0, 1], one per (caption, seed)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+    images = []
+    if sampler == "lcm":
+        from lcmserve.engine import LCMSampler, Row
+        from lcmserve.models import load_model
+
+        engine = LCMSampler(load_model(model, device="cpu", dtype="float32"), max_batch_size=batch_size)
+        size = engine.model.native_size
+        for i in range(0, len(captions), batch_size):
+            rows = [Row(c, s, guidance) for c, s in zip(captions[i : i + batch_size], seeds[i : i + batch_size])]
+            images.append(engine.run_rows(rows, steps, size, size).images)
+            if on_batch:
+                on_batch(len(rows))
+        return torch.cat(images)
+    pipe = teacher_pipeline(model, sampler)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    for i in range(0, len(captions), batch_size):
+        chunk = list(captions[i : i + batch_size])
+        generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
+        with torch.no_grad():
+            out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                       height=size, width=size, output_type="pt").images
+        images.append(out.float().cpu())
+        if on_batch:
+            on_batch(len(chunk))
+    return torch.cat(images)

@@ -1,0 +1,38 @@
+"""The evaluation metrics on known cases."""
+
+import numpy as np
+import pytest
+import torch
+
+from lcmserve.eval.metrics import attribute_accuracy, clip_score, frechet_distance
+
+
+def test_frechet_distance_known_values():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 4))
+    b = rng.normal(size=(4000, 4))
+    assert frechet_distance(a, b) < 0.02  # same distribution
+    # Shift the mean by 2 in one coordinate: distance ~4.
+    assert frechet_distance(a, b + np.array([2.0, 0, 0, 0])) == pytest.approx(4.0, abs=0.1)
+    # Scale one coordinate's std to 3: (3 - 1)^2 = 4.
+    assert frechet_distance(a, b * np.array([3.0, 1, 1, 1])) == pytest.approx(4.0, abs=0.2)
+    with pytest.raises(ValueError, match="features"):
+        frechet_distance(a[:, :2], b)
+
+
+def test_clip_score():
+    x = torch.randn(5, 8)
+    assert clip_score(x, x) == pytest.approx(100.0)
+    assert clip_score(x, -x) == 0.0
+
+
+def test_attribute_accuracy():
+    target = [("white", {"top": ("circle", "red", "small")}),
+              ("black", {"left": ("square", "blue", "large"), "center": ("diamond", "green", "small")})]
+    assert attribute_accuracy(target, target)["accuracy"] == 1.0
+    wrong_colour = [("white", {"top": ("circle", "green", "small")}), target[1]]
+    r = attribute_accuracy(wrong_colour, target)
+    assert r["accuracy"] == 0.5 and r["colour"] == pytest.approx(2 / 3) and r["shape"] == 1.0
+    extra = [("white", {"top": ("circle", "red", "small"), "right": ("circle", "red", "small")}), target[1]]
+    r = attribute_accuracy(extra, target)
+    assert r["accuracy"] == 0.5 and r["layout"] == 0.5 and r["shape"] == 1.0
