@@ -183,6 +183,18 @@ def _add_eval(sub) -> None:
     ev.set_defaults(func=cmd_eval)
 
 
+def cmd_shapes_bundle(args: argparse.Namespace) -> int:
+    from lcmserve.shapes.bundle import bundle
+
+    for flag in ("clip", "vae", "teacher", "classifier"):
+        if not Path(getattr(args, flag)).is_dir():
+            raise InvalidInputError(f"{flag}: run folder {getattr(args, flag)!r} does not exist", param=flag)
+    out = bundle(args.clip, args.vae, args.teacher, args.classifier, args.output)
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    print(f"bundled the shapes models in {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 def _add_shapes(sub) -> None:
     from lcmserve.shapes.scenes import SPLITS
     from lcmserve.shapes.train import STAGES
@@ -201,6 +213,11 @@ def _add_shapes(sub) -> None:
     tr.add_argument("--clip", default=None, help="teacher: the trained clip run folder")
     tr.add_argument("--vae", default=None, help="teacher: the trained vae run folder")
     tr.set_defaults(func=cmd_shapes_train)
+    bd = ssub.add_parser("bundle", help="assemble trained runs into the shipped float16 weights")
+    for flag in ("clip", "vae", "teacher", "classifier"):
+        bd.add_argument(f"--{flag}", required=True, help=f"the {flag} run folder")
+    bd.add_argument("-o", "--output", default=None, help="destination (default: the package's weights folder)")
+    bd.set_defaults(func=cmd_shapes_bundle)
     rd = ssub.add_parser("render", help="render captioned scenes (PNG files, captions.jsonl, grid.png)")
     rd.add_argument("--split", choices=SPLITS, default="train")
     rd.add_argument("-n", "--num", type=int, default=64, help="number of scenes")

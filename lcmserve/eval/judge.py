@@ -26,8 +26,9 @@ class ShapesJudge:
 
         clip_dir = Path(clip_dir) if clip_dir else bundled(CLIP)
         self.clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(clip_dir if (clip_dir / "vocab.json").exists()
-                                                       else clip_dir.parent / "tokenizer")
+        # The bundle keeps the tokenizer beside the model; a training run keeps it in ../tokenizer.
+        tokenizer_dir = clip_dir if (clip_dir / "tokenizer_config.json").exists() else clip_dir.parent / "tokenizer"
+        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
         self.classifier = SceneClassifier().eval()
         state = load_file(classifier_path or bundled(CLASSIFIER))
         self.classifier.load_state_dict({k: v.float() for k, v in state.items()})
@@ -43,14 +44,17 @@ class ShapesJudge:
 
     @torch.no_grad()
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
-        return self._batched(lambda x: self.clip.get_image_features(pixel_values=x * 2 - 1), images)
+        # Spelled out: get_image_features returns a tensor in transformers 4 and an output object in 5.
+        clip = self.clip
+        return self._batched(lambda x: clip.visual_projection(clip.vision_model(pixel_values=x * 2 - 1).pooler_output),
+                             images)
 
     @torch.no_grad()
     def text_embeds(self, captions: list[str]) -> torch.Tensor:
         def embed(chunk):
             ids = self.tokenizer(list(chunk), padding="max_length", max_length=self.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids
-            return self.clip.get_text_features(input_ids=ids)
+            return self.clip.text_projection(self.clip.text_model(input_ids=ids).pooler_output)
 
         return self._batched(embed, captions)
 

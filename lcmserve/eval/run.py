@@ -197,6 +197,8 @@ def plot(result: dict, path: Path) -> None:
             ax.plot([r["steps"] for r in rows], [r[key] for r in rows], marker="o", label=sampler)
         ax.axhline(floor[key], color="gray", linestyle="--", label="real renders")
         ax.set_xscale("log", base=2)
+        steps = sorted({r["steps"] for r in result["rows"][1:]})
+        ax.set_xticks(steps, [str(s) for s in steps])
         ax.set_xlabel("steps")
         ax.set_title(label)
     axes[0].legend()
