@@ -111,23 +111,16 @@ _TINY_UNET = dict(
     cross_attention_dim=32,
     norm_num_groups=32,
 )
-_TINY_SDXL_UNET = dict(
-    block_out_channels=[32, 64],
-    layers_per_block=2,
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-    attention_head_dim=[2, 4],
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    transformer_layers_per_block=[1, 2],
-    projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + 32 pooled
-    cross_attention_dim=64,  # two 32-wide text encoders, concatenated
-    norm_num_groups=32,
-)
+_TINY_SDXL_UNET = {
+    **_TINY_UNET,
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": [1, 2],
+    "projection_class_embeddings_input_dim": 80,  # 6 time ids x 8 + 32 pooled
+    "cross_attention_dim": 64,  # two 32-wide text encoders, concatenated
+}
 _TINY_VAE = dict(
     block_out_channels=[32, 64],
     in_channels=3,
