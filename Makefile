@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned first so that no dependency can pull a multi-GB CUDA build of torch on a CPU machine;
 # on a GPU machine run e.g. `make TORCH_SPEC="torch==2.13.0" EXTRAS=dev,server,onnx,gpu`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,server
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv: $(STAMP)
 
-# The main job. Until the server lands this is a generation demo on the bundled model.
+# The main job: REST on http://127.0.0.1:8000 (playground at /, docs at /docs), gRPC on :50051.
 serve: $(STAMP)
-	$(BIN)/lcmserve generate "$(PROMPT)" --model "$(MODEL)" --steps 4 --guidance 8 --seed 0 -n 4 -o $(OUT)
+	$(BIN)/lcmserve serve --model "$(MODEL)" --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -226,6 +226,22 @@ def _add_shapes(sub) -> None:
     rd.set_defaults(func=cmd_shapes_render)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lcmserve.server.app import serve
+    from lcmserve.server.config import ServerConfig
+
+    return serve(ServerConfig.load(args, os.environ))
+
+
+def _add_serve(sub) -> None:
+    from lcmserve.server.config import add_arguments
+
+    sv = sub.add_parser("serve", help="serve the model over REST (OpenAI-compatible too), gRPC and /metrics",
+                        description="Every flag also reads LCMSERVE_<FLAG> from the environment; flags win.")
+    add_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lcmserve.models import DEFAULT_MODEL
 
@@ -256,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     _add_shapes(sub)
     _add_eval(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -1,0 +1,208 @@
+"""ServerConfig: every knob of ``lcmserve serve``, typed, documented and range-checked once.
+
+Values come from three layers, later ones winning: the field defaults, ``LCMSERVE_<FIELD>``
+environment variables (``LCMSERVE_PORT=8080``), then command-line flags (``--port 8080``).
+A bad value fails at start-up with an InvalidInputError that names the variable or flag
+that carried it, the value, and the allowed range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from lcmserve.engine.batcher import BatcherConfig
+from lcmserve.engine.request import MAX_STEPS, MIN_STEPS
+from lcmserve.errors import InvalidInputError
+from lcmserve.models import DEFAULT_MODEL
+
+ENV_PREFIX = "LCMSERVE_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _doc(text: str, **extra: Any) -> dict[str, Any]:
+    return {"doc": text, **extra}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server listens, which model it loads, how it batches and what it accepts."""
+
+    # 1. network -----------------------------------------------------------------------------
+    host: str = field(default="127.0.0.1", metadata=_doc(
+        "interface to bind; loopback by default, pass 0.0.0.0 explicitly to listen on every interface"))
+    port: int = field(default=8000, metadata=_doc("HTTP port (REST, /metrics, playground), 1-65535"))
+    grpc_port: int = field(default=50051, metadata=_doc("gRPC port, 1-65535; 0 turns gRPC off"))
+    # 2. model -------------------------------------------------------------------------------
+    model: str = field(default=DEFAULT_MODEL, metadata=_doc("diffusers folder, Hub id or preset:NAME"))
+    lora: str | None = field(default=None, metadata=_doc("LCM-LoRA adapter (folder or file) fused at load"))
+    lora_scale: float = field(default=1.0, metadata=_doc("weight of the fused LoRA, in [0, 10]"))
+    unet: str | None = field(default=None, metadata=_doc("an LCM UNet folder that replaces the pipeline's UNet"))
+    device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
+    dtype: str = field(default="auto", metadata=_doc("auto, float32, bfloat16 or float16"))
+    # 3. batching ----------------------------------------------------------------------------
+    max_batch_size: int = field(default=8, metadata=_doc("rows (images) per engine call, 1-1024"))
+    max_queue_delay_ms: float = field(default=10.0, metadata=_doc(
+        "how long a partial batch waits for batch mates, in [0, 60000] ms"))
+    max_queue_rows: int = field(default=256, metadata=_doc(
+        "images waiting in the queue, at most (>= max_batch_size); beyond it requests get 429"))
+    request_timeout_s: float = field(default=60.0, metadata=_doc(
+        "deadline of a request from arrival, in (0, 3600] s; a request still queued at it gets 504"))
+    drain_grace_s: float = field(default=30.0, metadata=_doc(
+        "on SIGTERM/SIGINT, how long in-flight work may finish, in [0, 3600] s"))
+    warmup_steps: tuple[int, ...] = field(default=(4,), metadata=_doc(
+        "step counts run once before /readyz turns ready (comma list, each 1-8; empty: no warm-up)"))
+    # 4. access ------------------------------------------------------------------------------
+    api_key: str | None = field(default=None, repr=False, metadata=_doc(
+        "Bearer token required on the generation routes (prefer LCMSERVE_API_KEY: flags show in ps)"))
+    auth_metrics: bool = field(default=False, metadata=_doc(
+        "also require the API key on /metrics, /healthz and /readyz (open by default)"))
+    cors_origins: tuple[str, ...] = field(default=(), metadata=_doc(
+        "origins allowed by CORS (comma list, e.g. http://localhost:3000); empty: CORS off"))
+    # 5. request limits ----------------------------------------------------------------------
+    max_body_bytes: int = field(default=65536, metadata=_doc("request body size, at most, in [1024, 16 MiB]"))
+    max_prompt_chars: int = field(default=2000, metadata=_doc("prompt length in characters, at most, 1-100000"))
+    max_images: int = field(default=4, metadata=_doc("images per request, at most, 1-64"))
+    max_pixels: int = field(default=1024 * 1024, metadata=_doc(
+        "width * height of one image, at most, in [4096, 16777216]"))
+
+    def __post_init__(self) -> None:
+        _check_int("port", self.port, 1, 65535)
+        _check_int("grpc_port", self.grpc_port, 0, 65535)
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise InvalidInputError.out_of_range("host", self.host, "an interface address such as 127.0.0.1")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InvalidInputError.out_of_range("model", self.model, "a diffusers folder, Hub id or preset:NAME")
+        _check_float("lora_scale", self.lora_scale, 0.0, 10.0)
+        _check_int("max_batch_size", self.max_batch_size, 1, 1024)
+        _check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 60000.0)
+        _check_int("max_queue_rows", self.max_queue_rows, 1, 1_000_000)
+        _check_float("request_timeout_s", self.request_timeout_s, 0.0, 3600.0, open_low=True)
+        _check_float("drain_grace_s", self.drain_grace_s, 0.0, 3600.0)
+        for steps in self.warmup_steps:
+            if isinstance(steps, bool) or not isinstance(steps, int) or not MIN_STEPS <= steps <= MAX_STEPS:
+                raise InvalidInputError.out_of_range(
+                    "warmup_steps", self.warmup_steps, f"a comma list of integers in [{MIN_STEPS}, {MAX_STEPS}]")
+        if self.api_key is not None and (not self.api_key or any(c.isspace() for c in self.api_key)):
+            raise InvalidInputError("api_key must be a non-empty token without spaces (or unset)", param="api_key")
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise InvalidInputError.out_of_range("cors_origins", origin, "'*' or origins like https://example.com")
+        _check_int("max_body_bytes", self.max_body_bytes, 1024, 16 * 2**20)
+        _check_int("max_prompt_chars", self.max_prompt_chars, 1, 100_000)
+        _check_int("max_images", self.max_images, 1, 64)
+        _check_int("max_pixels", self.max_pixels, 64 * 64, 4096 * 4096)
+        # cross-field: the batcher needs room for one full batch and one whole request
+        if self.max_queue_rows < max(self.max_batch_size, self.max_images):
+            raise InvalidInputError.out_of_range(
+                "max_queue_rows", self.max_queue_rows,
+                f">= max_batch_size ({self.max_batch_size}) and >= max_images ({self.max_images})")
+
+    # derived ----------------------------------------------------------------------------------
+    @property
+    def batcher_config(self) -> BatcherConfig:
+        return BatcherConfig(
+            max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms,
+            max_queue_rows=self.max_queue_rows, default_timeout_s=self.request_timeout_s,
+            drain_grace_s=self.drain_grace_s,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config for logs and run folders; the API key is redacted."""
+        out = asdict(self)
+        if out["api_key"] is not None:
+            out["api_key"] = "<redacted>"
+        return out
+
+    # loading ------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, args: argparse.Namespace | Mapping[str, Any] | None = None,
+             environ: Mapping[str, str] | None = None) -> "ServerConfig":
+        """Defaults < ``LCMSERVE_*`` variables in ``environ`` < flags in ``args`` (None: not given)."""
+        given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for f in fields(cls):
+            env_name = ENV_PREFIX + f.name.upper()
+            flag = "--" + f.name.replace("_", "-")
+            if environ is not None and environ.get(env_name) is not None:
+                values[f.name] = _parse(f, environ[env_name], env_name)
+                sources[f.name] = env_name
+            if given.get(f.name) is not None:
+                raw = given[f.name]
+                values[f.name] = _parse(f, raw, flag) if isinstance(raw, str) else raw
+                sources[f.name] = flag
+        try:
+            return cls(**values)
+        except InvalidInputError as exc:
+            source = sources.get(exc.param or "")
+            if source is None:
+                raise
+            raise InvalidInputError(f"{source}: {exc.message}", param=exc.param) from None
+
+    def with_overrides(self, **changes: Any) -> "ServerConfig":
+        return replace(self, **changes)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInputError.out_of_range(name, value, f"an integer in [{low}, {high}]")
+
+
+def _check_float(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or not (low < value if open_low else low <= value) or value > high:
+        raise InvalidInputError.out_of_range(name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
+
+
+def _kind(f) -> str:
+    annotation = str(f.type)
+    for kind in ("tuple[int", "tuple[str", "bool", "float", "int"):
+        if annotation.startswith(kind):
+            return kind
+    return "str"
+
+
+def _parse(f, raw: str, source: str) -> Any:
+    """One variable or flag's text as the field's type; the error names the source."""
+    kind, text = _kind(f), raw.strip()
+    try:
+        if kind == "bool":
+            if text.lower() not in _TRUE | _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "tuple[int":
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        if kind == "tuple[str":
+            return tuple(x.strip() for x in text.split(",") if x.strip())
+    except ValueError:
+        expected = {"bool": "true or false", "int": "an integer", "float": "a number",
+                    "tuple[int": "a comma list of integers", "tuple[str": "a comma list"}[kind]
+        raise InvalidInputError(f"{source}: {f.name} must be {expected}; got {raw!r}", param=f.name) from None
+    return text or None if f.default is None else text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field; every default is None so that only given flags override."""
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, tuple):
+            default = ",".join(str(x) for x in default)
+        shown = "<unset>" if default is None or f.name == "api_key" else default
+        help_text = f"{f.metadata['doc']} (default {shown}; env {ENV_PREFIX}{f.name.upper()})"
+        if _kind(f) == "bool":
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+__all__ = ["ENV_PREFIX", "ServerConfig", "add_arguments"]

@@ -1,0 +1,175 @@
+"""The REST wire format: request and response schemas, and their translation to GenerationRequest.
+
+Schemas are strict (no "4" for 4) and forbid unknown fields, so a typo fails loudly. Bounds
+that do not depend on the server's config sit in the schema (and so in the OpenAPI docs);
+the configured limits (prompt length, images per request, pixels) and the model's own size
+range are checked in ``to_engine_request`` with errors that name the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lcmserve.engine.request import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_STEPS, GenerationRequest, Limits
+from lcmserve.errors import InvalidInputError
+from lcmserve.server.config import ServerConfig
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*x\s*(\d{1,6})\s*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# 1. POST /generate --------------------------------------------------------------------------
+class GenerateRequest(_Strict):
+    """Images of one prompt; image i uses seed + i."""
+
+    prompt: str = Field(..., description="the text prompt (at most the server's max_prompt_chars)",
+                        examples=["a red circle at the top left"])
+    num_images: int = Field(1, ge=1, le=64, description="images to generate (at most the server's max_images)")
+    steps: int = Field(4, ge=MIN_STEPS, le=MAX_STEPS, description="LCM steps")
+    guidance_scale: float = Field(8.0, ge=0, le=MAX_GUIDANCE, description="guidance scale w")
+    width: int | None = Field(None, ge=8, le=8192, description="pixels, a multiple of 8; null: the model's size")
+    height: int | None = Field(None, ge=8, le=8192, description="pixels, a multiple of 8; null: the model's size")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image; null: random")
+    output_format: OutputFormat = Field("png", description="encoding of the returned images")
+
+
+class ImageOut(BaseModel):
+    b64: str = Field(..., description="the encoded image, base64")
+    seed: int = Field(..., description="the seed that reproduces this image alone")
+
+
+class Timings(BaseModel):
+    queue_wait_s: float = Field(..., description="arrival to the start of the request's first batch")
+    engine_s: float = Field(..., description="engine time of the batches it ran in")
+    total_s: float = Field(..., description="arrival to images ready, before encoding")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    images: list[ImageOut]
+    output_format: OutputFormat
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    prompt_truncated: bool = Field(..., description="the prompt was longer than the text encoder takes")
+    batch_sizes: list[int]
+    timings: Timings
+
+
+# 2. POST /v1/images/generations (OpenAI-compatible) ---------------------------------------------------------
+class OpenAIImageRequest(_Strict):
+    """OpenAI's images.generate; steps, guidance_scale and seed are lcmserve extensions (extra_body)."""
+
+    prompt: str
+    model: str | None = Field(None, description="optional; must name the served model (GET /v1/models)")
+    n: int = Field(1, ge=1, le=64, description="images to generate")
+    size: str | None = Field(None, description="'WIDTHxHEIGHT', e.g. '64x64'; null: the model's size")
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="only b64_json: this server keeps no image store to link to")
+    output_format: OutputFormat = "png"
+    user: str | None = Field(None, description="accepted and ignored")
+    steps: int = Field(4, ge=MIN_STEPS, le=MAX_STEPS)
+    guidance_scale: float = Field(8.0, ge=0, le=MAX_GUIDANCE)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    seed: int
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lcmserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# 3. translation and the configured limits ------------------------------------------------------
+def check_prompt_length(prompt: str, config: ServerConfig) -> None:
+    if len(prompt) > config.max_prompt_chars:
+        raise InvalidInputError(
+            f"prompt has {len(prompt)} characters; at most max_prompt_chars={config.max_prompt_chars}", param="prompt")
+
+
+def check_pixels(param: str, width: int | None, height: int | None, native: int, config: ServerConfig) -> None:
+    w, h = width or native, height or native
+    if w * h > config.max_pixels:
+        raise InvalidInputError(
+            f"{param}: {w}x{h} is {w * h} pixels; at most max_pixels={config.max_pixels} per image", param=param)
+
+
+def parse_size(size: str | None, limits: Limits) -> tuple[int | None, int | None]:
+    """'WxH' -> (W, H), each a multiple of 8 in the model's range; errors name ``size``."""
+    if size is None:
+        return None, None
+    allowed = f"'WIDTHxHEIGHT' with each side a multiple of 8 in [{limits.min_size}, {limits.max_size}]"
+    match = _SIZE.match(size)
+    if match is None:
+        raise InvalidInputError.out_of_range("size", size, allowed)
+    width, height = int(match.group(1)), int(match.group(2))
+    for side in (width, height):
+        if side % 8 or not limits.min_size <= side <= limits.max_size:
+            raise InvalidInputError.out_of_range("size", size, allowed)
+    return width, height
+
+
+def generate_to_engine(body: GenerateRequest, config: ServerConfig, native: int) -> GenerationRequest:
+    check_prompt_length(body.prompt, config)
+    if body.num_images > config.max_images:
+        raise InvalidInputError.out_of_range("num_images", body.num_images, f"an integer in [1, {config.max_images}]")
+    check_pixels("width", body.width, body.height, native, config)
+    return GenerationRequest(prompt=body.prompt, num_images=body.num_images, steps=body.steps,
+                             guidance_scale=body.guidance_scale, width=body.width, height=body.height, seed=body.seed)
+
+
+def openai_to_engine(body: OpenAIImageRequest, config: ServerConfig, model_name: str, limits: Limits,
+                     native: int) -> GenerationRequest:
+    if body.response_format == "url":
+        raise InvalidInputError(
+            "response_format 'url' is not supported: this server keeps no image store; use 'b64_json'",
+            param="response_format")
+    if body.model is not None and body.model != model_name:
+        raise InvalidInputError.out_of_range("model", body.model, f"{model_name!r} (see GET /v1/models) or omitted")
+    check_prompt_length(body.prompt, config)
+    if body.n > config.max_images:
+        raise InvalidInputError.out_of_range("n", body.n, f"an integer in [1, {config.max_images}]")
+    width, height = parse_size(body.size, limits)
+    check_pixels("size", width, height, native, config)
+    return GenerationRequest(prompt=body.prompt, num_images=body.n, steps=body.steps,
+                             guidance_scale=body.guidance_scale, width=width, height=height, seed=body.seed)
+
+
+__all__ = [
+    "ErrorBody", "GenerateRequest", "GenerateResponse", "ImageOut", "ModelCard", "ModelList", "OpenAIImage",
+    "OpenAIImageRequest", "OpenAIImagesResponse", "Timings", "generate_to_engine", "openai_to_engine", "parse_size",
+]

@@ -1,0 +1,417 @@
+"""The REST adapter: FastAPI routes that translate JSON to GenerationRequest and back.
+
+Routes stay thin: checks live in protocol.py (configured limits) and the engine client (every
+field), batching in the batcher, and every error leaves through ``_error_response`` as
+``{"error": {"type", "message", "param"}}`` with the status of lcmserve/server/errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lcmserve import __version__
+from lcmserve.errors import InvalidInputError, LCMServeError, UnavailableError
+from lcmserve.server import protocol as p
+from lcmserve.server.client import MEDIA_TYPES, EngineClient, Generation, encode_image
+from lcmserve.server.config import ServerConfig
+from lcmserve.server.errors import classify, error_body, http_status, retry_after_header
+from lcmserve.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+DISCONNECT_POLL_S = 0.1
+RAW_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "image/*": "*"}
+_ERRORS = {401: ("unauthorized", "Authorization: Bearer <key> missing or wrong"),
+           413: ("invalid_request", "body over max_body_bytes"), 422: ("invalid_request", "a value is invalid"),
+           429: ("overloaded", "queue full; see Retry-After"), 503: ("unavailable", "starting or draining"),
+           504: ("deadline_exceeded", "request_timeout_s passed in the queue")}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": p.ErrorBody, "description": f"{kind}: {text}"} for status, (kind, text) in _ERRORS.items()}
+
+
+class AuthError(LCMServeError):
+    """The API key is missing or wrong (401); REST-only, so it is not part of the engine's taxonomy."""
+
+    type = "unauthorized"
+
+
+class BodyTooLargeError(InvalidInputError):
+    """Invalid input that is refused before it is read: 413 instead of 422."""
+
+
+def _status(error: LCMServeError) -> int:
+    if isinstance(error, AuthError):
+        return 401
+    if isinstance(error, BodyTooLargeError):
+        return 413
+    return http_status(error)
+
+
+def _error_response(error: LCMServeError) -> JSONResponse:
+    headers = retry_after_header(error)
+    if isinstance(error, AuthError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(error), status_code=_status(error), headers=headers)
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidInputError:
+    """FastAPI/pydantic's first complaint as one InvalidInputError naming the field."""
+    errors = list(exc.errors())
+    if not errors:
+        return InvalidInputError("the request body is invalid", param="body")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ())[1:]]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        where = f" at character {loc[0]}" if loc else ""
+        return InvalidInputError(f"body is not valid JSON ({reason}{where})", param="body")
+    param = ".".join(loc) or "body"
+    if kind == "extra_forbidden":
+        message = f"{param} is not a field of this request (check the spelling; the schema is at /docs)"
+    elif param == "body" and kind in ("model_attributes_type", "dict_type", "model_type"):
+        message = "body must be a JSON object (and the request needs Content-Type: application/json)"
+    elif kind == "missing":
+        message = f"{param} is required"
+    else:
+        shown = repr(first.get("input"))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        message = f"{param}: {first.get('msg', 'invalid value')}; got {shown}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return InvalidInputError(message, param=param)
+
+
+# 1. pure ASGI middleware (BaseHTTPMiddleware would break disconnect detection) -----------------------
+class RequestMetricsMiddleware:
+    """Duration by route template and status, and the in-flight gauge, for every HTTP request."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), ["500"]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+
+        with self.metrics.track_in_flight("http"):
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                route = scope.get("route")
+                endpoint = getattr(route, "path", None) or "unmatched"
+                self.metrics.observe_request("http", endpoint, status[0], time.perf_counter() - started)
+
+
+class BodyLimitMiddleware:
+    """Reads at most ``max_body_bytes`` of a body, answers 413 beyond it, then replays it to the app."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: ServerMetrics) -> None:
+        self.app, self.limit, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        size = int(declared) if declared.isdigit() else 0
+        chunks: list[bytes] = []
+        while size <= self.limit:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size = sum(map(len, chunks))
+            if not message.get("more_body", False):
+                break
+        if size > self.limit:
+            self.metrics.on_failure(InvalidInputError.type)
+            error = BodyTooLargeError(
+                f"body has {size} bytes or more; at most max_body_bytes={self.limit}", param="body")
+            return await _error_response(error)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnect detection goes to the server
+
+        await self.app(scope, replay, send)
+
+
+@contextlib.asynccontextmanager
+async def _watch_disconnect(request: Request) -> AsyncIterator[threading.Event]:
+    """A flag set once the HTTP client goes away; the batcher polls ``flag.is_set`` from its thread."""
+    gone = threading.Event()
+
+    async def poll() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        gone.set()
+
+    task = asyncio.create_task(poll())
+    try:
+        yield gone
+    finally:
+        task.cancel()
+
+
+def _raw_format(accept: str | None) -> str | None:
+    """The image format the Accept header asks for first, or None for JSON."""
+    for part in (accept or "").split(","):
+        media = part.split(";")[0].strip().lower()
+        if media in RAW_FORMATS:
+            return RAW_FORMATS[media]
+        if media in ("application/json", "*/*", "application/*"):
+            return None
+    return None
+
+
+# 2. the app --------------------------------------------------------------------------------------
+def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetrics) -> FastAPI:
+    """The REST server over ``client``: generation, OpenAI-compatible, health, metrics, playground."""
+    app = FastAPI(title="lcmserve", version=__version__,
+                  description="Latent Consistency Model text-to-image in 1-8 steps. Errors: "
+                              '`{"error": {"type", "message", "param"}}`.')
+    app.state.client, app.state.config, app.state.metrics = client, config, metrics
+    created = int(time.time())
+    model = client.sampler.model
+    bearer = HTTPBearer(auto_error=False, description="the server's API key, when one is set")
+
+    # 2.1 errors: every one leaves in the same body shape
+    @app.exception_handler(LCMServeError)
+    async def _on_lcmserve_error(request: Request, exc: LCMServeError) -> JSONResponse:
+        if isinstance(exc, AuthError):
+            metrics.on_failure(exc.type)
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.on_failure(InvalidInputError.type)
+        return _error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        body = {"error": {"type": kind, "message": f"{request.method} {request.url.path}: {exc.detail}",
+                          "param": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    # 2.2 dependencies
+    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if config.api_key is None:
+            return
+        given = b"" if credentials is None else credentials.credentials.encode()
+        if not hmac.compare_digest(given, config.api_key.encode()):
+            raise AuthError("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                            param="Authorization")
+
+    async def require_key_if_asked(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if config.auth_metrics:
+            await require_key(credentials)
+
+    def not_ready_error() -> UnavailableError:
+        state = client.batcher.stats().state
+        doing = "warming up" if state in ("new", "running") else state
+        return UnavailableError(f"the server is {doing} and takes no generation requests now; retry shortly "
+                                "or on another replica")
+
+    async def run(request: Request, engine_request) -> Generation | None:
+        """Queue one request; None when the HTTP client went away before its images were ready."""
+        if not client.ready:
+            metrics.on_failure(UnavailableError.type)
+            raise not_ready_error()
+        async with _watch_disconnect(request) as gone:
+            try:
+                return await client.generate(engine_request, is_cancelled=gone.is_set)
+            except (asyncio.CancelledError, concurrent.futures.CancelledError):
+                if gone.is_set():
+                    return None
+                raise
+
+    async def encode(generation: Generation, fmt: str) -> list[str]:
+        def work() -> list[str]:
+            return [base64.b64encode(encode_image(img, fmt)).decode("ascii") for img in generation.images]
+
+        return await asyncio.to_thread(work)
+
+    def guard(handler):
+        """Route errors that are not LCMServeErrors become a logged 500 in the same body shape."""
+        @functools.wraps(handler)
+        async def wrapped(*args, **kwargs):
+            try:
+                return await handler(*args, **kwargs)
+            except LCMServeError as exc:
+                if isinstance(exc, InvalidInputError):  # the batcher counts the rest itself
+                    metrics.on_failure(exc.type)
+                return _error_response(exc)
+            except Exception as exc:
+                logger.exception("unexpected error in %s", handler.__name__)
+                error = classify(exc)
+                metrics.on_failure(error.type)
+                return _error_response(error)
+
+        return wrapped
+
+    # 2.3 generation routes
+    @app.post("/generate", response_model=p.GenerateResponse, dependencies=[Depends(require_key)],
+              responses={**ERROR_RESPONSES, 200: {"content": {m: {} for m in MEDIA_TYPES.values()},
+                                                  "description": "JSON, or the raw image for Accept: image/*"}})
+    @guard
+    async def generate(body: p.GenerateRequest, request: Request):
+        """Generate images; ``Accept: image/png`` (jpeg, webp) with num_images=1 returns the bytes alone."""
+        raw = _raw_format(request.headers.get("accept"))
+        if raw is not None and body.num_images != 1:
+            raise InvalidInputError.out_of_range(
+                "num_images", body.num_images, "1 for a raw image response (or send Accept: application/json)")
+        engine_request = p.generate_to_engine(body, config, model.native_size)
+        generation = await run(request, engine_request)
+        if generation is None:
+            return Response(status_code=499)
+        fmt = body.output_format if raw in (None, "*") else raw
+        images = await encode(generation, fmt)
+        r = generation.request
+        if raw is not None:
+            return Response(base64.b64decode(images[0]), media_type=MEDIA_TYPES[fmt], headers={
+                "X-Seed": str(generation.seeds[0]), "X-Steps": str(r.steps), "X-Total-S": f"{generation.total_s:.4f}"})
+        return p.GenerateResponse(
+            model=client.model_name, output_format=fmt, steps=r.steps, guidance_scale=r.guidance_scale,
+            width=r.width, height=r.height, prompt_truncated=r.truncated, batch_sizes=list(generation.batch_sizes),
+            images=[p.ImageOut(b64=b, seed=s) for b, s in zip(images, generation.seeds)],
+            timings=p.Timings(queue_wait_s=generation.queue_wait_s, engine_s=generation.engine_s,
+                              total_s=generation.total_s),
+        )
+
+    @app.post("/v1/images/generations", response_model=p.OpenAIImagesResponse, dependencies=[Depends(require_key)],
+              responses=ERROR_RESPONSES)
+    @guard
+    async def openai_images(body: p.OpenAIImageRequest, request: Request):
+        """OpenAI-compatible image generation (``response_format`` b64_json only)."""
+        engine_request = p.openai_to_engine(body, config, client.model_name, client.sampler.limits,
+                                            model.native_size)
+        generation = await run(request, engine_request)
+        if generation is None:
+            return Response(status_code=499)
+        images = await encode(generation, body.output_format)
+        return p.OpenAIImagesResponse(created=int(time.time()), data=[
+            p.OpenAIImage(b64_json=b, seed=s) for b, s in zip(images, generation.seeds)])
+
+    @app.get("/v1/models", response_model=p.ModelList)
+    async def models() -> p.ModelList:
+        """The served model, in OpenAI's list shape."""
+        return p.ModelList(data=[p.ModelCard(id=client.model_name, created=created)])
+
+    # 2.4 operations
+    @app.get("/healthz", dependencies=[Depends(require_key_if_asked)], responses={401: ERROR_RESPONSES[401]})
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", dependencies=[Depends(require_key_if_asked)],
+             responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]})
+    async def readyz():
+        """Readiness: the model is loaded and warmed, and the server is not draining."""
+        if not client.ready:
+            return _error_response(not_ready_error())
+        return {"status": "ready", "model": client.model_name}
+
+    @app.get("/metrics", dependencies=[Depends(require_key_if_asked)], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}, 401: ERROR_RESPONSES[401]})
+    async def metrics_route() -> Response:
+        """Prometheus text exposition."""
+        content, content_type = metrics.render()
+        return Response(content, media_type=content_type)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        model_json = json.dumps(client.model_name).replace("<", "\\u003c")  # no </script> from a model name
+        return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_json))
+
+    # 2.5 middleware, innermost first
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Accept"],
+                           expose_headers=["Retry-After", "X-Seed", "X-Steps", "X-Total-S"])
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+# 3. the playground: plain HTML and JS, no CDN ------------------------------------------------------------
+PLAYGROUND_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lcmserve playground</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem;color:#222}
+ label{display:inline-block;margin:.3rem 1rem .3rem 0} input{font:inherit}
+ #prompt{width:100%;box-sizing:border-box;padding:.4rem} button{font:inherit;padding:.4rem 1.2rem}
+ #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:.6rem;margin-top:1rem}
+ #grid figure{margin:0} #grid img{width:100%;image-rendering:pixelated;border:1px solid #ccc}
+ #grid figcaption{font-size:.8rem;color:#555} #status{margin-left:1rem;color:#555} .err{color:#b00020}
+</style></head><body>
+<h1>lcmserve playground</h1><p>Model: <code id="model"></code> &middot; <a href="/docs">API docs</a></p>
+<form id="form">
+ <input id="prompt" placeholder="a red circle at the top left" value="a red circle at the top left"><br>
+ <label>steps <input id="steps" type="number" min="1" max="8" value="4"></label>
+ <label>guidance <input id="guidance" type="number" min="0" max="50" step="0.5" value="8"></label>
+ <label>seed <input id="seed" type="number" min="0" placeholder="random"></label>
+ <label>images <input id="n" type="number" min="1" value="1"></label>
+ <label>API key <input id="key" type="password" placeholder="if the server has one"></label><br>
+ <button id="go" type="submit">Generate</button><span id="status"></span>
+</form>
+<div id="grid"></div>
+<script>
+const $ = (id) => document.getElementById(id);
+$("model").textContent = {{MODEL}};
+$("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const seed = $("seed").value;
+  const body = {prompt: $("prompt").value, steps: +$("steps").value, guidance_scale: +$("guidance").value,
+                num_images: +$("n").value, seed: seed === "" ? null : +seed};
+  const headers = {"Content-Type": "application/json"};
+  if ($("key").value) headers["Authorization"] = "Bearer " + $("key").value;
+  $("go").disabled = true; $("status").className = ""; $("status").textContent = "generating...";
+  try {
+    const response = await fetch("/generate", {method: "POST", headers, body: JSON.stringify(body)});
+    const data = await response.json();
+    if (!response.ok) throw new Error(data.error.type + ": " + data.error.message);
+    for (const image of data.images) {
+      const figure = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = "data:image/" + data.output_format + ";base64," + image.b64;
+      const caption = document.createElement("figcaption");
+      caption.textContent = "seed " + image.seed + ", " + data.steps + " steps, w " + data.guidance_scale;
+      figure.append(img, caption); $("grid").prepend(figure);
+    }
+    $("status").textContent = "done in " + data.timings.total_s.toFixed(2) + " s";
+  } catch (error) {
+    $("status").className = "err"; $("status").textContent = error.message;
+  } finally { $("go").disabled = false; }
+});
+</script></body></html>
+"""
+
+__all__ = ["PLAYGROUND_HTML", "AuthError", "BodyTooLargeError", "create_app"]
