@@ -32,7 +32,7 @@ STAGES = ("clip", "vae", "teacher", "classifier")
 _DEFAULTS = {
     "clip": dict(steps=1000, batch_size=128, lr=5e-4),
     "vae": dict(steps=2000, batch_size=16, lr=1e-3),
-    "teacher": dict(steps=3000, batch_size=32, lr=3e-4),
+    "teacher": dict(steps=2000, batch_size=32, lr=3e-4),
     "classifier": dict(steps=1500, batch_size=64, lr=2e-3),
 }
 
