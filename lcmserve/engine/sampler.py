@@ -130,8 +130,8 @@ class LCMSampler:
             )
         limit = self.model.max_prompt_tokens
         truncated = []
-        for prompt in prompts:
-            n = self.count_tokens(prompt)
+        lengths = [len(row) for row in self.model.tokenizers[0](list(prompts)).input_ids]
+        for prompt, n in zip(prompts, lengths):
             truncated.append(n > limit)
             if n > limit:
                 logger.warning(
