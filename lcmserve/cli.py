@@ -164,6 +164,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if result["rows"] else 1
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from lcmserve.server.loadtest import compare_batching
+
+    for name in ("requests", "concurrency"):
+        if getattr(args, name) < 1:
+            raise InvalidInputError.out_of_range(name, getattr(args, name), "an integer >= 1")
+    compare_batching(args.model, args.output, requests=args.requests, concurrency=args.concurrency,
+                     steps=args.steps, max_queue_rows=args.max_queue_rows)
+    print((Path(args.output) / "server-load.md").read_text())
+    return 0
+
+
+def _add_loadtest(sub) -> None:
+    lt = sub.add_parser("loadtest", help="bounded loopback load: max_batch_size 1 vs 8 (JSON, markdown, plot)")
+    lt.add_argument("--model", default="preset:tiny-sd", help="model the local servers load")
+    lt.add_argument("--requests", type=int, default=500)
+    lt.add_argument("--concurrency", type=int, default=32)
+    lt.add_argument("--steps", type=int, default=4)
+    lt.add_argument("--max-queue-rows", type=int, default=64)
+    lt.add_argument("-o", "--output", default="docs/results")
+    lt.set_defaults(func=cmd_loadtest)
+
+
 def _add_eval(sub) -> None:
     from lcmserve.eval.sampling import SAMPLERS
     from lcmserve.shapes.scenes import SPLITS
