@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shapes(sub)
     _add_eval(sub)
     _add_serve(sub)
+    _add_loadtest(sub)
     return parser
 
 
