@@ -88,7 +88,8 @@ class EngineClient:
         started = time.monotonic()
         resolved = self.resolve(request)
         key = BucketKey(self.model_name, resolved.steps, resolved.width, resolved.height)
-        inner = self.batcher.submit(key, resolved.rows(), deadline=deadline, is_cancelled=is_cancelled)
+        rows_in = resolved.rows()
+        inner = self.batcher.submit(key, rows_in, deadline=deadline, is_cancelled=is_cancelled)
         outer: Future = Future()
 
         def done(f: Future) -> None:
@@ -101,7 +102,7 @@ class EngineClient:
                 return
             rows: RowsResult = f.result()
             outer.set_result(Generation(
-                request=resolved, images=list(rows.images), seeds=[r.seed for r in resolved.rows()],
+                request=resolved, images=list(rows.images), seeds=[r.seed for r in rows_in],
                 queue_wait_s=rows.queue_wait_s, engine_s=rows.engine_s, batch_sizes=rows.batch_sizes,
                 total_s=time.monotonic() - started,
             ))
