@@ -2,8 +2,9 @@
 
 Every failure a caller can see is one of these classes. Its ``type`` string is the same in
 HTTP bodies, gRPC details and the failure metric's label; the server maps each class once
-(invalid input -> 422 / INVALID_ARGUMENT, overloaded -> 429 / RESOURCE_EXHAUSTED, deadline
--> 504 / DEADLINE_EXCEEDED, draining -> 503 / UNAVAILABLE, engine fault -> 500 / INTERNAL).
+(invalid input -> 422 / INVALID_ARGUMENT, body too large -> 413, missing or wrong API key ->
+401 / UNAUTHENTICATED, overloaded -> 429 / RESOURCE_EXHAUSTED, deadline -> 504 /
+DEADLINE_EXCEEDED, draining -> 503 / UNAVAILABLE, engine fault -> 500 / INTERNAL).
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ class ModelLoadError(InvalidInputError):
     """The model the caller named cannot be loaded as an LCM (missing, not diffusers, not an LCM)."""
 
     type = "invalid_model"
+
+
+class BodyTooLargeError(InvalidInputError):
+    """Invalid input refused before it is read, because of its size (HTTP 413)."""
+
+
+class AuthError(LCMServeError):
+    """The API key is missing or wrong; ``param`` names where it is sent (header or metadata)."""
+
+    type = "unauthorized"
 
 
 class OverloadedError(LCMServeError):

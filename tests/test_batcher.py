@@ -213,6 +213,68 @@ def test_large_request_is_split_and_packed_with_the_next(make):
     assert [r.seed for r in engine.calls[2][3]] == [8, 9, 100, 101]
 
 
+class SteppingEngine(FakeEngine):
+    """Reports steps like the sampler: on_step(i, x0) with x0[b] = (row b's seed, step i), when given one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got_hook: list[bool] = []
+
+    def __call__(self, rows, steps, width, height, on_step=None):
+        self.got_hook.append(on_step is not None)
+        for i in range(steps if on_step is not None else 0):
+            on_step(i, [(r.seed, i) for r in rows])
+        return super().__call__(rows, steps, width, height)
+
+
+def test_step_hooks_get_only_their_own_rows(make):
+    engine = SteppingEngine()
+    b = make(engine, clock=FakeClock(), max_batch_size=4, max_queue_delay_ms=0)
+    heard: dict[str, list] = {"big": [], "small": []}
+
+    def hook(name):
+        return lambda i, first_row, x0: heard[name].append((i, first_row, list(x0)))
+
+    plain = b.submit(KEY, rows(1, seed=50))  # shares the first batch, asks for nothing
+    big = b.submit(KEY, rows(5, seed=0), on_step=hook("big"))  # 3 rows in batch 1, 2 in batch 2
+    small = b.submit(KEY, rows(1, seed=90), on_step=hook("small"))
+    b.start()
+    for f in (plain, big, small):
+        f.result(WAIT_S)
+    steps = KEY.steps
+    assert heard["big"] == [(i, 0, [(s, i) for s in (0, 1, 2)]) for i in range(steps)] + [
+        (i, 3, [(s, i) for s in (3, 4)]) for i in range(steps)]
+    assert heard["small"] == [(i, 0, [(90, i)]) for i in range(steps)]
+    assert engine.sizes == [4, 3] and engine.got_hook == [True, True]
+
+
+def test_batches_without_hooks_run_without_a_step_callback(make):
+    engine = SteppingEngine()
+    b = make(engine, max_queue_delay_ms=0).start()
+    b.submit(KEY, rows(2)).result(WAIT_S)
+    assert engine.got_hook == [False]
+
+
+def test_raising_step_hook_fails_only_its_request(make):
+    failures = []
+    b = make(SteppingEngine(), clock=FakeClock(), max_batch_size=4, max_queue_delay_ms=0,
+             on_failure=failures.append)
+
+    def broken(i, first_row, x0):
+        if i == 1:
+            raise RuntimeError("preview decode failed")
+
+    mate = b.submit(KEY, rows(2, seed=10))
+    bad = b.submit(KEY, rows(1, seed=20), on_step=broken)
+    b.start()
+    with pytest.raises(EngineError, match="step hook failed at step 2") as info:
+        bad.result(WAIT_S)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert [image[1] for image in mate.result(WAIT_S).images] == [10, 11]
+    assert failures == ["internal_error"]
+    assert b.submit(KEY, rows(1, seed=30), on_step=lambda *a: None).result(WAIT_S).images[0][1] == 30
+
+
 # 2. limits ---------------------------------------------------------------------------------
 def test_overload_refuses_new_work_and_keeps_accepted_work(make):
     failures = []

@@ -19,23 +19,28 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from lcmserve.engine.batcher import BatcherConfig
-from lcmserve.engine.request import ResolvedRequest
+from lcmserve.engine.request import GenerationRequest, ResolvedRequest
 from lcmserve.engine.sampler import LCMSampler
 from lcmserve.models import load_model
-from lcmserve.server.client import EngineClient, Generation
+from lcmserve.server.client import EngineClient, Generation, StepEvent
 from lcmserve.server.grpc import SERVICE_NAME, build_grpc_server, pb2, pb2_grpc
 
 PROMPT = "a red circle at the top left"
+API_KEY = "grpc-key-1"
 
 
 class Recorder:
-    """A metrics stand-in: every observe_request call, in order."""
+    """A metrics stand-in: every observe_request and on_failure call, in order."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str, float]] = []
+        self.failures: list[str] = []
 
     def observe_request(self, protocol: str, endpoint: str, status: str, seconds: float) -> None:
         self.calls.append((protocol, endpoint, status, seconds))
+
+    def on_failure(self, error_type: str) -> None:
+        self.failures.append(error_type)
 
     def statuses(self) -> list[tuple[str, str, str]]:
         return [c[:3] for c in self.calls]
@@ -55,10 +60,10 @@ def wait_for(predicate, timeout_s: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def serving(client, metrics=None):
+def serving(client, metrics=None, api_key=None):
     """A started server over ``client``; yields (stub, channel)."""
     port = free_port()
-    server = build_grpc_server(client, SimpleNamespace(host="127.0.0.1", grpc_port=port), metrics)
+    server = build_grpc_server(client, SimpleNamespace(host="127.0.0.1", grpc_port=port, api_key=api_key), metrics)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -123,31 +128,83 @@ def test_generate_returns_pngs_whose_seeds_reproduce(main):
     assert ("grpc", "Generate", "OK") in main.metrics.statuses()
 
 
-def test_stream_sends_progress_then_images(main):
-    events = list(main.stub.GenerateStream(pb2.GenerateRequest(prompt=PROMPT, steps=3, seed=1), timeout=30))
-    assert events[0].WhichOneof("event") == "progress"
-    assert (events[0].progress.stage, events[0].progress.step, events[0].progress.total_steps) == (
-        pb2.Progress.STAGE_QUEUED, 0, 3)
-    assert all(e.WhichOneof("event") == "progress" for e in events[:-1])
-    result = events[-1].result
-    assert [i.seed for i in result.images] == [1] and decode(result.images[0]).shape == (64, 64, 3)
-    unary = main.stub.Generate(pb2.GenerateRequest(prompt=PROMPT, steps=3, seed=1), timeout=30)
-    assert unary.images[0].data == result.images[0].data
+def block_means(pixels: np.ndarray, block: int = 8) -> np.ndarray:
+    """Mean colour of each block x block tile: what a low-quality JPEG keeps of an image."""
+    h, w, c = pixels.shape
+    return pixels.reshape(h // block, block, w // block, block, c).mean(axis=(1, 3))
+
+
+def test_stream_sends_a_preview_per_step_then_the_images(main):
+    request = pb2.GenerateRequest(prompt=PROMPT, num_images=2, steps=4, seed=1)
+    events = list(main.stub.GenerateStream(request, timeout=30))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds == ["progress"] * 5 + ["result"]
+    queued, steps, result = events[0].progress, [e.progress for e in events[1:5]], events[-1].result
+    assert (queued.stage, queued.step, queued.total_steps, len(queued.previews)) == (pb2.Progress.STAGE_QUEUED, 0, 4, 0)
+    assert [(p.stage, p.step, p.total_steps, p.first_image, p.num_images) for p in steps] == [
+        (pb2.Progress.STAGE_STEP, i, 4, 0, 2) for i in range(1, 5)]
+    for progress in steps:
+        assert [(i.seed, i.media_type) for i in progress.previews] == [(1, "image/jpeg"), (2, "image/jpeg")]
+        assert all(i.data[:2] == b"\xff\xd8" and decode(i).shape == (64, 64, 3) for i in progress.previews)
+    # the last step's estimate is the final image, as far as a quality-50 JPEG keeps it: close
+    # to its own image, far from the other one
+    assert [i.seed for i in result.images] == [1, 2]
+    finals = [block_means(decode(image)) for image in result.images]
+    for k in range(2):
+        preview = block_means(decode(steps[-1].previews[k]))
+        own, other = np.abs(preview - finals[k]).mean(), np.abs(preview - finals[1 - k]).mean()
+        assert own <= 6 and own < other / 2, (own, other)
+    assert not np.array_equal(decode(steps[0].previews[0]), decode(steps[-1].previews[0]))
+    # previews change nothing about the images themselves
+    unary = main.stub.Generate(request, timeout=30)
+    assert [i.data for i in unary.images] == [i.data for i in result.images]
+    # previews=false: the same steps, without images
+    quiet = list(main.stub.GenerateStream(pb2.GenerateRequest(prompt=PROMPT, steps=2, seed=1, previews=False),
+                                          timeout=30))
+    assert [(e.progress.step, len(e.progress.previews)) for e in quiet[:-1]] == [(0, 0), (1, 0), (2, 0)]
+
+
+def test_previews_are_decoded_for_the_asking_rows_only(sampler):
+    """One batch: a request with previews (2 rows) beside one without (1 row); the VAE sees 2 rows a step."""
+    config = BatcherConfig(max_batch_size=3, max_queue_rows=3, max_queue_delay_ms=60_000)
+    client = EngineClient(sampler, "tiny", config)
+    decoded: list[int] = []
+    decode_previews = client.decode_previews
+    client.decode_previews = lambda latents: decoded.append(len(latents)) or decode_previews(latents)
+    events: list[StepEvent] = []
+    client.start(warmup_steps=())
+    try:
+        asking = client.submit(GenerationRequest(PROMPT, num_images=2, steps=3, seed=5), on_step=events.append,
+                               previews=True)
+        plain = client.submit(GenerationRequest(PROMPT, steps=3, seed=9))  # fills the batch: it goes now
+        generation, alone = asking.result(30), plain.result(30)
+    finally:
+        client.close(0)
+    assert generation.batch_sizes == alone.batch_sizes == (3,)
+    assert decoded == [2, 2, 2]
+    assert [(e.step, e.total_steps, e.first_image, e.num_images, e.seeds) for e in events] == [
+        (i, 3, 0, 2, (5, 6)) for i in range(1, 4)]
+    # the last preview is the final image, before encoding
+    for preview, image in zip(events[-1].previews, generation.images):
+        assert torch.allclose(preview, image, atol=1e-4)
 
 
 class SteppingClient:
-    """A model-free client that exposes the step hook GenerateStream forwards."""
+    """A model-free client that reports steps (and previews when asked) like EngineClient."""
 
     model_name, ready = "fake", True
 
-    def submit(self, request, *, deadline=None, is_cancelled=None, on_step=None):
-        resolved = ResolvedRequest(prompt=request.prompt, steps=request.steps, width=8, height=8, seed=3)
+    def submit(self, request, *, deadline=None, is_cancelled=None, on_step=None, previews=False):
+        resolved = ResolvedRequest(prompt=request.prompt, num_images=2, steps=request.steps, width=8, height=8,
+                                   seed=3)
         future: Future = Future()
 
         def work():
-            for done in range(1, resolved.steps + 1):
-                on_step(done, resolved.steps)
-            future.set_result(Generation(resolved, [torch.zeros(3, 8, 8)], [3], 0.0, 0.0, (1,)))
+            for first in (0, 1):  # as if the request ran in two batches of one row
+                for done in range(1, resolved.steps + 1):
+                    images = [torch.full((3, 8, 8), done / resolved.steps)] if previews else None
+                    on_step(StepEvent(done, resolved.steps, first, 1, (3 + first,), images))
+            future.set_result(Generation(resolved, [torch.zeros(3, 8, 8)] * 2, [3, 4], 0.0, 0.0, (1, 1)))
 
         threading.Thread(target=work).start()
         return future
@@ -155,10 +212,15 @@ class SteppingClient:
 
 def test_stream_forwards_engine_steps():
     with serving(SteppingClient()) as (stub, _):
-        events = list(stub.GenerateStream(pb2.GenerateRequest(prompt="x", steps=4), timeout=10))
-    steps = [(e.progress.stage, e.progress.step, e.progress.total_steps) for e in events[:-1]]
-    assert steps == [(pb2.Progress.STAGE_QUEUED, 0, 4)] + [(pb2.Progress.STAGE_STEP, i, 4) for i in range(1, 5)]
-    assert events[-1].result.images[0].seed == 3
+        events = list(stub.GenerateStream(pb2.GenerateRequest(prompt="x", steps=2), timeout=10))
+    steps = [(e.progress.stage, e.progress.step, e.progress.total_steps, e.progress.first_image,
+              [i.seed for i in e.progress.previews]) for e in events[:-1]]
+    assert steps == [(pb2.Progress.STAGE_QUEUED, 0, 2, 0, [])] + [
+        (pb2.Progress.STAGE_STEP, i, 2, first, [3 + first]) for first in (0, 1) for i in (1, 2)]
+    # the preview shows the step's image: grey 0.5 after step 1 of 2, white after step 2
+    assert decode(events[1].progress.previews[0]).mean() == pytest.approx(128, abs=2)
+    assert decode(events[2].progress.previews[0]).mean() == pytest.approx(255, abs=2)
+    assert [i.seed for i in events[-1].result.images] == [3, 4]
 
 
 @pytest.mark.parametrize("field, fields", [
@@ -177,6 +239,85 @@ def test_invalid_argument_names_the_field(main, field, fields):
     with pytest.raises(grpc.RpcError) as info:
         list(main.stub.GenerateStream(pb2.GenerateRequest(prompt=PROMPT, **fields), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in info.value.details()
+    assert main.metrics.failures[-2:] == ["invalid_request", "invalid_request"]
+
+
+def test_api_key_guards_generation_but_not_health(main):
+    metrics = Recorder()
+    with serving(main.client, metrics, api_key=API_KEY) as (stub, channel):
+        request = pb2.GenerateRequest(prompt=PROMPT, steps=1, seed=0)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", API_KEY),),
+                         (("authorization", f"Basic {API_KEY}"),)):
+            for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(request, timeout=10, metadata=metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "authorization: Bearer <key>" in info.value.details()
+                assert trailer(info.value, "lcmserve-error-type") == "unauthorized"
+                assert trailer(info.value, "lcmserve-error-param") == "authorization"
+                assert trailer(info.value, "www-authenticate") == "Bearer"
+        good = (("authorization", f"Bearer {API_KEY}"),)
+        assert stub.Generate(request, timeout=30, metadata=good).images[0].seed == 0
+        assert list(stub.GenerateStream(request, timeout=30, metadata=good))[-1].result.images[0].seed == 0
+        health = health_pb2_grpc.HealthStub(channel)  # open without a key, like /healthz
+        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == (
+            health_pb2.HealthCheckResponse.SERVING)
+    assert ("grpc", "Generate", "UNAUTHENTICATED") in metrics.statuses()
+    assert metrics.failures.count("unauthorized") == 8
+
+
+class FailingSampler:
+    """The real sampler, except that batches holding the prompt 'boom' raise inside the engine."""
+
+    def __init__(self, sampler) -> None:
+        self.inner = sampler
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run_rows(self, rows, steps, width, height, on_step=None):
+        if any(row.prompt == "boom" for row in rows):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.inner.run_rows(rows, steps, width, height, on_step)
+
+
+def test_failing_batch_is_internal_and_the_next_call_succeeds(sampler):
+    client = EngineClient(FailingSampler(sampler), "tiny", BatcherConfig(max_queue_delay_ms=0))
+    client.start(warmup_steps=())
+    metrics = Recorder()
+    try:
+        with serving(client, metrics) as (stub, _):
+            for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(pb2.GenerateRequest(prompt="boom", steps=1), timeout=30)
+                assert info.value.code() == grpc.StatusCode.INTERNAL
+                assert "illegal memory access" in info.value.details()
+                assert trailer(info.value, "lcmserve-error-type") == "internal_error"
+                assert stub.Generate(pb2.GenerateRequest(prompt=PROMPT, steps=1, seed=2), timeout=30).images
+    finally:
+        client.close(0)
+    assert client.batcher.stats().failures == {"internal_error": 2}
+    assert [s for s in metrics.statuses() if s[2] == "INTERNAL"] == [
+        ("grpc", "Generate", "INTERNAL"), ("grpc", "GenerateStream", "INTERNAL")]
+
+
+def test_server_limits_apply_as_on_rest(main):
+    limits = SimpleNamespace(max_prompt_chars=10, max_pixels=64 * 64)
+    port = free_port()
+    server = build_grpc_server(main.client, SimpleNamespace(host="127.0.0.1", grpc_port=port, **vars(limits)))
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb2_grpc.ImageGenerationStub(channel)
+            for fields, param, text in (({"prompt": "x" * 11}, "prompt", "max_prompt_chars=10"),
+                                        ({"prompt": "x", "width": 72}, "width", "max_pixels=4096")):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Generate(pb2.GenerateRequest(steps=1, **fields), timeout=10)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details()
+                assert trailer(info.value, "lcmserve-error-param") == param
+            assert stub.Generate(pb2.GenerateRequest(prompt="x" * 10, steps=1), timeout=30).width == 64
+    finally:
+        server.stop(0)
 
 
 def test_unknown_errors_are_internal():

@@ -207,6 +207,7 @@ BAD_GENERATE = [
     ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
     ({"prompt": "x", "width": 65}, "width"),
+    ({"prompt": "x", "width": 0}, "width"),
     ({"prompt": "x", "width": 4096}, "width"),
     ({"prompt": "x", "width": 128, "height": 128}, "width"),  # over max_pixels=9216
     ({"prompt": "x", "num_images": 5}, "num_images"),  # over max_images=4
@@ -218,6 +219,9 @@ BAD_GENERATE = [
     ({"prompt": 3}, "prompt"),
     ({"steps": 4}, "prompt"),
     ({"prompt": "x", "negative": "y"}, "negative"),
+    ({"prompt": "x", "timeout_s": 0}, "timeout_s"),
+    ({"prompt": "x", "timeout_s": "5"}, "timeout_s"),
+    ({"prompt": "x", "timeout_s": 61.0}, "timeout_s"),  # over the server's request_timeout_s=60
 ]
 
 
@@ -283,6 +287,18 @@ def test_overloaded_429_then_deadline_504(servers):
     _assert_error(results["first"], 504, "deadline_exceeded", None)
 
 
+def test_request_timeout_s_is_the_deadline(servers):
+    slow = servers["slow"].url  # partial batches wait 3 s; the server's own deadline is 1 s
+    for path in ("/generate", "/v1/images/generations"):
+        started = time.monotonic()
+        response = httpx.post(slow + path, json={"prompt": "x", "timeout_s": 0.3}, timeout=30)
+        elapsed_s = time.monotonic() - started
+        assert "deadline passed" in _assert_error(response, 504, "deadline_exceeded", None)["message"]
+        assert 0.3 <= elapsed_s < 0.9, elapsed_s  # its own deadline, not the server's 1 s
+    too_long = httpx.post(slow + "/generate", json={"prompt": "x", "timeout_s": 2}, timeout=30)
+    assert "request_timeout_s" in _assert_error(too_long, 422, "invalid_request", "timeout_s")["message"]
+
+
 def test_disconnected_client_frees_its_rows(servers):
     slow = servers["slow"].url
     with pytest.raises(httpx.ReadTimeout):  # 3 of the 4 queue rows wait for mates; then this client goes away
@@ -343,6 +359,64 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(servers):
     assert [r.status_code for r in results] == [200, 200, 200], [r.text[:200] for r in results]
     assert all(len(r.json()["images"]) == 4 for r in results)
     assert server.proc.wait(30) == 0, server.log.read_text()[-3000:]
+
+
+# 3b. engine faults, on uvicorn in this process (the engine is wrapped to fail on demand) ----------------
+class FailingSampler:
+    """The real sampler, except that batches holding the prompt 'boom' raise inside the engine."""
+
+    def __init__(self, sampler) -> None:
+        self.inner = sampler
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run_rows(self, rows, steps, width, height, on_step=None):
+        if any(row.prompt == "boom" for row in rows):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.inner.run_rows(rows, steps, width, height, on_step)
+
+
+def test_failing_batch_is_500_and_the_next_request_succeeds():
+    import uvicorn
+
+    from lcmserve.engine.sampler import LCMSampler
+    from lcmserve.models import load_model
+    from lcmserve.server.client import EngineClient
+    from lcmserve.server.metrics import ServerMetrics
+    from lcmserve.server.rest import create_app
+
+    config = ServerConfig(warmup_steps=(), max_queue_delay_ms=0)
+    metrics = ServerMetrics()
+    sampler = FailingSampler(LCMSampler(load_model("preset:tiny-sd", device="cpu")))
+    client = EngineClient(sampler, "preset:tiny-sd", config.batcher_config, on_batch=metrics.on_batch,
+                          on_failure=metrics.on_failure)
+    metrics.bind_client(client)
+    client.start(())
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(client, config, metrics), host="127.0.0.1", port=port,
+                                           lifespan="off", log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        for path in ("/generate", "/v1/images/generations"):
+            failed = httpx.post(url + path, json={"prompt": "boom", "steps": 1}, timeout=60)
+            assert "illegal memory access" in _assert_error(failed, 500, "internal_error", None)["message"]
+            ok = httpx.post(url + path, json={"prompt": "fine", "steps": 1}, timeout=60)
+            assert ok.status_code == 200, ok.text[:300]
+        text = httpx.get(url + "/metrics").text
+        assert _metric(text, "lcmserve_failures_total", type="internal_error") == 2
+        assert _metric(text, "lcmserve_request_duration_seconds_count", endpoint="/generate", status="500") == 1
+        assert httpx.get(url + "/readyz").status_code == 200  # the worker survived
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        client.close(0)
 
 
 # 4. config -------------------------------------------------------------------------------------------

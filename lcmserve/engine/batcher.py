@@ -7,6 +7,11 @@ seed and guidance, so an image does not depend on its batch mates; rows of diffe
 requests are packed first come, first served, and a request larger than one batch is split
 over consecutive batches.
 
+A request may bring a step hook (``submit(..., on_step=...)``): the engine then reports each
+denoising step of the batches it runs in, and the hook gets its own rows' slice of the x0
+estimate only. Batches without such a request run the engine without a step callback, so
+nobody else pays for previews.
+
 The engine call is blocking torch code, so this is plain threads: ``submit`` may be called
 from any thread (the async server wraps the returned Future with ``asyncio.wrap_future``)
 and one worker thread calls the engine. Failures use the taxonomy of :mod:`lcmserve.errors`:
@@ -55,10 +60,18 @@ class RunBatch(Protocol):
     """The engine: one image per row, all rows sharing steps and resolution (``LCMSampler.run_rows``).
 
     Returns an object with ``.images`` indexable by row (a [B, ...] tensor or a sequence of
-    length B), and optionally ``.truncated`` (one bool per row) and ``.times``.
+    length B), and optionally ``.truncated`` (one bool per row) and ``.times``. ``on_step``
+    is passed only when a request of the batch has a step hook; the engine calls it as
+    ``on_step(i, x0)`` after step i (from 0) with the batch's x0 estimate ([B, ...]).
     """
 
-    def __call__(self, rows: list[Row], steps: int, width: int, height: int) -> Any: ...
+    def __call__(self, rows: list[Row], steps: int, width: int, height: int, **kwargs: Any) -> Any: ...
+
+
+#: A request's step hook: ``hook(i, first_row, x0_rows)`` after engine step i (from 0), where
+#: ``x0_rows`` is the slice of the batch's x0 estimate holding the request's rows
+#: ``first_row .. first_row + len(x0_rows) - 1``. Runs on the worker thread, inside the engine call.
+StepHook = Callable[[int, int, Any], None]
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -159,6 +172,7 @@ class _Pending:
     seq: int
     deadline: float | None
     is_cancelled: Callable[[], bool] | None
+    on_step: StepHook | None = None
     next_row: int = 0  # rows handed to batches so far
     rows_done: int = 0
     started_at: float | None = None
@@ -331,6 +345,7 @@ class Batcher:
         *,
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
+        on_step: StepHook | None = None,
     ) -> Future:
         """Queue ``rows`` (one image each) for bucket ``key``; the Future resolves to a RowsResult.
 
@@ -338,7 +353,9 @@ class Batcher:
         unless one was injected); None takes ``config.default_timeout_s`` from now.
         ``is_cancelled()`` is polled while the request waits and must be cheap and
         thread-safe; cancelling the Future works too. Raises OverloadedError when the queue
-        cannot take the rows, UnavailableError once draining has begun.
+        cannot take the rows, UnavailableError once draining has begun. ``on_step`` (a
+        ``StepHook``) hears every denoising step of this request's rows; if it raises, this
+        request alone fails with EngineError and its batch mates go on.
         """
         rows = tuple(rows)
         if not rows:
@@ -357,7 +374,7 @@ class Batcher:
             error = self._admit_locked(rows, now, dropped)
             if error is None:
                 self._seq += 1
-                pending = _Pending(key, rows, future, now, self._seq, deadline, is_cancelled)
+                pending = _Pending(key, rows, future, now, self._seq, deadline, is_cancelled, on_step)
                 self._buckets.setdefault(key, deque()).append(pending)
                 self._queued_rows += len(rows)
                 self._cond.notify_all()
@@ -572,8 +589,12 @@ class Batcher:
         waits = tuple(batch.started_at - s.pending.enqueued_at for s in batch.slices)
         t0 = self._clock()
         # 1. the engine call; whatever it raises fails this batch only
+        step_hook = self._step_hook(batch)
         try:
-            out = self._run_batch(rows, key.steps, key.width, key.height)
+            if step_hook is None:
+                out = self._run_batch(rows, key.steps, key.width, key.height)
+            else:
+                out = self._run_batch(rows, key.steps, key.width, key.height, on_step=step_hook)
             images = out.images
             truncated = getattr(out, "truncated", None)
             if len(images) != len(rows) or (truncated is not None and len(truncated) != len(rows)):
@@ -605,6 +626,32 @@ class Batcher:
         for p in done:
             _set_result(p.future, p.result())
 
+    def _step_hook(self, batch: _Batch) -> Callable[[int, Any], None] | None:
+        """The engine's ``on_step(i, x0)``, handing each hooked request its rows' slice; None when none has a hook."""
+        listeners: list[tuple[_Pending, int, int, int]] = []
+        offset = 0
+        for s in batch.slices:
+            if s.pending.on_step is not None:
+                listeners.append((s.pending, s.start, offset, offset + s.stop - s.start))
+            offset += s.stop - s.start
+        if not listeners:
+            return None
+
+        def on_step(i: int, x0: Any) -> None:
+            for p, first_row, lo, hi in listeners:
+                if p.future.done() or p.client_gone():  # failed already, or nobody is listening
+                    continue
+                try:
+                    p.on_step(i, first_row, x0[lo:hi])
+                except Exception as exc:
+                    logger.exception("the step hook of a request of %d rows raised; failing that request", len(p.rows))
+                    error = EngineError(f"the request's step hook failed at step {i + 1}: {exc!r}")
+                    error.__cause__ = exc
+                    self._record_failure(error.type)
+                    _set_exception(p.future, error)
+
+        return on_step
+
     def _fail_batch(self, batch: _Batch, cause: BaseException) -> None:
         """Fail every request of ``batch`` with its own EngineError caused by ``cause``."""
         key, n_rows = batch.key, sum(s.stop - s.start for s in batch.slices)
@@ -622,4 +669,5 @@ class Batcher:
             _set_exception(s.pending.future, error)
 
 
-__all__ = ["BatchInfo", "Batcher", "BatcherConfig", "BatcherStats", "BucketKey", "RowsResult", "RunBatch"]
+__all__ = ["BatchInfo", "Batcher", "BatcherConfig", "BatcherStats", "BucketKey", "RowsResult", "RunBatch",
+           "StepHook"]

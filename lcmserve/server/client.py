@@ -4,6 +4,10 @@ REST and gRPC are thin adapters over ``EngineClient``: they translate their wire
 ``GenerationRequest``, call ``generate`` (async) or ``submit`` (a Future), and encode the
 ``Generation`` they get back. Validation happens here, before a request joins a batch, so a
 bad value fails only its own request (422 / INVALID_ARGUMENT).
+
+A caller that wants progress passes ``on_step``: it gets a ``StepEvent`` per denoising step,
+and with ``previews=True`` the step's x0 estimate of its own images decoded by the model's
+VAE (a VAE pass per step, paid by that request's rows only).
 """
 
 from __future__ import annotations
@@ -27,14 +31,31 @@ IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def encode_image(image: torch.Tensor, fmt: str = "png") -> bytes:
-    """float [3, H, W] in [0, 1] -> encoded bytes."""
+def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 95) -> bytes:
+    """float [3, H, W] in [0, 1] -> encoded bytes; ``quality`` (1-95) applies to JPEG and WebP."""
     from PIL import Image
 
     array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=IMAGE_FORMATS[fmt], **({"quality": 95} if fmt != "png" else {}))
+    Image.fromarray(array).save(buffer, format=IMAGE_FORMATS[fmt], **({"quality": quality} if fmt != "png" else {}))
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One denoising step done for images ``first_image .. first_image + num_images - 1`` of a request.
+
+    A request larger than one batch runs in several batches, each reporting its own steps.
+    ``previews`` holds the step's x0 estimate of those images decoded to float [3, H, W] in
+    [0, 1], when the request asked for previews; None otherwise.
+    """
+
+    step: int  # steps done, 1..total_steps
+    total_steps: int
+    first_image: int
+    num_images: int
+    seeds: tuple[int, ...]
+    previews: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -82,14 +103,40 @@ class EngineClient:
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         return self.sampler.resolve(request)
 
+    @torch.inference_mode()
+    def decode_previews(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """x0 estimates [n, C, h, w] -> images float [3, H, W] in [0, 1] on the CPU, by the model's VAE.
+
+        The same decode as the torch backend's last stage, so the preview of the last step is
+        the final image (before its encoding).
+        """
+        vae = self.sampler.model.vae
+        scaled = (latents / vae.config.scaling_factor).to(vae.device, vae.dtype)
+        images = vae.decode(scaled, return_dict=False)[0]
+        return list((images.float() / 2 + 0.5).clamp(0, 1).cpu())
+
     def submit(self, request: GenerationRequest, *, deadline: float | None = None,
-               is_cancelled: Callable[[], bool] | None = None) -> Future:
-        """Check the request, queue its rows; the Future resolves to a ``Generation``."""
+               is_cancelled: Callable[[], bool] | None = None,
+               on_step: Callable[[StepEvent], None] | None = None, previews: bool = False) -> Future:
+        """Check the request, queue its rows; the Future resolves to a ``Generation``.
+
+        ``on_step`` (called on the engine's thread; must be quick and thread-safe) gets a
+        ``StepEvent`` per denoising step; ``previews`` adds the decoded x0 estimates to it.
+        """
         started = time.monotonic()
         resolved = self.resolve(request)
         key = BucketKey(self.model_name, resolved.steps, resolved.width, resolved.height)
         rows_in = resolved.rows()
-        inner = self.batcher.submit(key, rows_in, deadline=deadline, is_cancelled=is_cancelled)
+        hook = None
+        if on_step is not None:
+            def hook(i: int, first_row: int, x0_rows: torch.Tensor) -> None:
+                n = len(x0_rows)
+                on_step(StepEvent(
+                    step=i + 1, total_steps=resolved.steps, first_image=first_row, num_images=n,
+                    seeds=tuple(r.seed for r in rows_in[first_row : first_row + n]),
+                    previews=self.decode_previews(x0_rows) if previews else None,
+                ))
+        inner = self.batcher.submit(key, rows_in, deadline=deadline, is_cancelled=is_cancelled, on_step=hook)
         outer: Future = Future()
 
         def done(f: Future) -> None:

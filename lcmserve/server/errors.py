@@ -1,10 +1,12 @@
-"""The error taxonomy mapped once: lcmserve errors -> HTTP status + JSON body, and gRPC codes."""
+"""The error taxonomy mapped once: lcmserve errors -> HTTP status, headers and JSON body, and gRPC codes."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from lcmserve.errors import (
+    AuthError,
+    BodyTooLargeError,
     DeadlineExceededError,
     EngineError,
     InvalidInputError,
@@ -13,9 +15,13 @@ from lcmserve.errors import (
     UnavailableError,
 )
 
-# (HTTP status, gRPC status code name) per error class; the first match in MRO order wins.
+# (HTTP status, gRPC status code name) per error class; the first match in list order wins,
+# so a subclass sits above its parent. gRPC has no body size of its own to refuse (its
+# message size limit answers RESOURCE_EXHAUSTED before the servicer runs).
 _MAPPING: list[tuple[type[LCMServeError], int, str]] = [
+    (BodyTooLargeError, 413, "INVALID_ARGUMENT"),
     (InvalidInputError, 422, "INVALID_ARGUMENT"),
+    (AuthError, 401, "UNAUTHENTICATED"),
     (OverloadedError, 429, "RESOURCE_EXHAUSTED"),
     (DeadlineExceededError, 504, "DEADLINE_EXCEEDED"),
     (UnavailableError, 503, "UNAVAILABLE"),
@@ -53,3 +59,14 @@ def retry_after_header(error: LCMServeError) -> dict[str, str]:
     if isinstance(error, OverloadedError):
         return {"Retry-After": str(max(1, round(error.retry_after_s)))}
     return {}
+
+
+def error_headers(error: LCMServeError) -> dict[str, str]:
+    """HTTP headers an error carries: Retry-After on 429, the auth scheme on 401 (RFC 9110, 11.6.1).
+
+    gRPC sends the same pairs, lower-cased, as trailing metadata.
+    """
+    headers = retry_after_header(error)
+    if isinstance(error, AuthError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers

@@ -9,18 +9,19 @@ module is imported, into a cache folder keyed by a hash of the proto and the pro
 grpcio-tools versions; none are written by hand or committed.
 
 ``GenerateStream`` sends one ``STAGE_QUEUED`` progress event when the request is accepted,
-one ``STAGE_STEP`` event per denoising step when the client exposes a step hook
-(``submit(..., on_step=callable(done, total))``; ``EngineClient`` does not yet, so today
-the stream is the queued event and then the result), and the images last. No image
-previews: decoding an x0 estimate costs a VAE pass per step.
+one ``STAGE_STEP`` event per denoising step (``EngineClient.submit(..., on_step=...)``), each
+with a low-quality JPEG preview of every image's current x0 estimate unless the request sets
+``previews = false`` (a VAE decode per step, paid by that request's rows only), and the
+images last. When the server has an API key, the generation RPCs require the metadata
+``authorization: Bearer <key>`` (UNAUTHENTICATED otherwise); health and reflection are open.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import importlib.util
-import inspect
 import logging
 import os
 import queue
@@ -41,9 +42,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lcmserve.engine.request import GenerationRequest
-from lcmserve.errors import DeadlineExceededError, InvalidInputError, LCMServeError
-from lcmserve.server.client import IMAGE_FORMATS, MEDIA_TYPES, EngineClient, Generation, encode_image
-from lcmserve.server.errors import classify, grpc_code_name, retry_after_header
+from lcmserve.errors import AuthError, DeadlineExceededError, InvalidInputError, LCMServeError
+from lcmserve.server.client import IMAGE_FORMATS, MEDIA_TYPES, EngineClient, Generation, StepEvent, encode_image
+from lcmserve.server.errors import classify, error_headers, grpc_code_name
+from lcmserve.server.protocol import check_pixels, check_prompt_length
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ _DEADLINE_SLACK_S = 0.05
 # time_remaining() of a call without a deadline is about the age of the universe.
 _NO_DEADLINE_S = 1e7
 _OPTIONAL_FIELDS = ("num_images", "steps", "guidance_scale", "width", "height", "seed")
+# Previews are for eyes, not for keeping: small JPEGs keep a stream of 8 steps x 4 images light.
+PREVIEW_JPEG_QUALITY = 50
 
 
 # 1. stubs from the proto, cached by hash -------------------------------------------------------
@@ -134,6 +138,17 @@ def to_generation_request(message: Any) -> GenerationRequest:
     return GenerationRequest(prompt=message.prompt, **fields)
 
 
+def check_limits(request: GenerationRequest, limits: Any, client: EngineClient) -> None:
+    """The server's public limits that REST checks in its protocol: prompt length and pixels per image.
+
+    ``limits`` is the server's config (any object); a limit it does not have is not checked.
+    """
+    if getattr(limits, "max_prompt_chars", None) is not None:
+        check_prompt_length(request.prompt, limits)
+    if getattr(limits, "max_pixels", None) is not None:
+        check_pixels("width", request.width, request.height, client.sampler.model.native_size, limits)
+
+
 def check_output_format(value: str) -> str:
     fmt = value or "png"
     if fmt not in IMAGE_FORMATS:
@@ -155,6 +170,16 @@ def to_response(generation: Generation, fmt: str, model: str) -> Any:
     )
 
 
+def to_progress(event: StepEvent) -> Any:
+    """A StepEvent as a STAGE_STEP progress message, its previews as JPEGs with their seeds."""
+    previews = [
+        pb2.Image(data=encode_image(image, "jpeg", quality=PREVIEW_JPEG_QUALITY), seed=seed, media_type="image/jpeg")
+        for image, seed in zip(event.previews or (), event.seeds)
+    ]
+    return pb2.Progress(stage=pb2.Progress.STAGE_STEP, step=event.step, total_steps=event.total_steps,
+                        first_image=event.first_image, num_images=event.num_images, previews=previews)
+
+
 def _expired(context: grpc.ServicerContext) -> bool:
     return context.time_remaining() <= _DEADLINE_SLACK_S
 
@@ -167,7 +192,7 @@ def _abort(context: grpc.ServicerContext, error: LCMServeError) -> NoReturn:
     trailers = [("lcmserve-error-type", error.type)]
     if error.param:
         trailers.append(("lcmserve-error-param", error.param))
-    trailers += [(k.lower(), v) for k, v in retry_after_header(error).items()]
+    trailers += [(k.lower(), v) for k, v in error_headers(error).items()]
     context.set_trailing_metadata(tuple(trailers))
     context.abort(getattr(grpc.StatusCode, grpc_code_name(error)), message)
 
@@ -178,13 +203,16 @@ _FINISHED = object()
 class _Call:
     """One call's request in the engine: submitted with the call's deadline and cancellation."""
 
-    def __init__(self, client: EngineClient, message: Any, context: grpc.ServicerContext, with_steps: bool) -> None:
+    def __init__(self, client: EngineClient, message: Any, context: grpc.ServicerContext, *, limits: Any = None,
+                 with_steps: bool = False, previews: bool = False) -> None:
         self.context = context
         self.request = to_generation_request(message)
+        if limits is not None:
+            check_limits(self.request, limits, client)
         remaining_s = context.time_remaining()
         deadline = None if remaining_s is None or remaining_s > _NO_DEADLINE_S else time.monotonic() + remaining_s
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        hook = {"on_step": lambda done, total: self.events.put((done, total))} if with_steps else {}
+        hook = {"on_step": self.events.put, "previews": previews} if with_steps else {}
         self.future: Future = client.submit(self.request, deadline=deadline, is_cancelled=self._client_gone, **hook)
         self.future.add_done_callback(lambda _f: self.events.put(_FINISHED))
         if not context.add_callback(self._on_call_end):
@@ -200,7 +228,7 @@ class _Call:
         self.events.put(_FINISHED)  # wakes the handler thread even when the batch still runs
 
     def steps(self):
-        """(done, total) per denoising step reported by the engine, until the call finishes."""
+        """The StepEvents the engine reports, until the call finishes."""
         while (event := self.events.get()) is not _FINISHED:
             yield event
 
@@ -218,31 +246,47 @@ class ImageGenerationServicer(pb2_grpc.ImageGenerationServicer):
     per call, and ``track_in_flight("grpc")`` is entered around each call when it has one.
     """
 
-    def __init__(self, client: EngineClient, metrics: Any = None, health_servicer: "ReadinessHealth | None" = None):
+    def __init__(self, client: EngineClient, metrics: Any = None, health_servicer: "ReadinessHealth | None" = None,
+                 api_key: str | None = None, limits: Any = None):
         self.client = client
         self.metrics = metrics
         self.health = health_servicer
-        self._step_hook = "on_step" in inspect.signature(client.submit).parameters
+        self.limits = limits  # the server config's max_prompt_chars / max_pixels, when given
+        self._api_key = None if api_key is None else api_key.encode()
 
     def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         with self._rpc("Generate", context):
+            self._authenticate(context)
             fmt = check_output_format(request.output_format)
-            call = _Call(self.client, request, context, with_steps=False)
+            call = _Call(self.client, request, context, limits=self.limits)
             for _ in call.steps():
                 pass
             return to_response(call.result(), fmt, self.client.model_name)
 
     def GenerateStream(self, request, context):  # noqa: N802
         with self._rpc("GenerateStream", context):
+            self._authenticate(context)
             fmt = check_output_format(request.output_format)
-            call = _Call(self.client, request, context, with_steps=self._step_hook)
+            previews = request.previews if request.HasField("previews") else True
+            call = _Call(self.client, request, context, limits=self.limits, with_steps=True, previews=previews)
             total = call.request.steps
             yield pb2.GenerateEvent(progress=pb2.Progress(stage=pb2.Progress.STAGE_QUEUED, step=0, total_steps=total))
-            for done, total in call.steps():
-                yield pb2.GenerateEvent(
-                    progress=pb2.Progress(stage=pb2.Progress.STAGE_STEP, step=done, total_steps=total)
-                )
+            for event in call.steps():
+                yield pb2.GenerateEvent(progress=to_progress(event))
             yield pb2.GenerateEvent(result=to_response(call.result(), fmt, self.client.model_name))
+
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        """With an API key set, the call must carry ``authorization: Bearer <key>`` metadata."""
+        if self._api_key is None:
+            return
+        given = ""
+        for key, value in context.invocation_metadata() or ():
+            if key.lower() == "authorization":
+                given = value if isinstance(value, str) else value.decode("latin-1")
+        scheme, _, token = given.strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
+            raise AuthError("missing or wrong API key: send the metadata 'authorization: Bearer <key>'",
+                            param="authorization")
 
     @contextlib.contextmanager
     def _rpc(self, endpoint: str, context: grpc.ServicerContext):
@@ -269,10 +313,22 @@ class ImageGenerationServicer(pb2_grpc.ImageGenerationServicer):
             error = classify(exc)
             if not isinstance(exc, LCMServeError):
                 logger.exception("%s failed with an unexpected error", endpoint)
+            # the batcher counts what it refuses or fails; what never reached it is counted here
+            if not isinstance(exc, LCMServeError) or isinstance(exc, (InvalidInputError, AuthError)):
+                self._count_failure(error.type)
             code = grpc_code_name(error)
             _abort(context, error)
         finally:
             self._observe(endpoint, code, time.monotonic() - started)
+
+    def _count_failure(self, error_type: str) -> None:
+        on_failure = getattr(self.metrics, "on_failure", None)
+        if on_failure is None:
+            return
+        try:
+            on_failure(error_type)
+        except Exception:  # metrics must never fail a call
+            logger.exception("metrics.on_failure raised; ignored")
 
     def _observe(self, endpoint: str, code: str, seconds: float) -> None:
         if self.metrics is None:
@@ -318,7 +374,9 @@ def build_grpc_server(client: EngineClient, config: Any, metrics: Any = None) ->
     """A bound, not yet started gRPC server with ImageGeneration, health and reflection.
 
     Reads from ``config`` (any object): ``host`` (default 127.0.0.1), ``grpc_port`` (50051),
-    ``max_message_bytes`` (128 MiB, both directions) and ``grpc_workers`` (32 threads).
+    ``max_message_bytes`` (128 MiB, both directions), ``grpc_workers`` (32 threads),
+    ``api_key`` (None: generation calls are open) and the request limits ``max_prompt_chars``
+    and ``max_pixels`` (unchecked when absent; the engine's own limits always apply).
     The caller calls ``start()`` and, on shutdown, ``client.drain()`` then ``stop(grace)``.
     """
     host = getattr(config, "host", None) or DEFAULT_HOST
@@ -334,7 +392,9 @@ def build_grpc_server(client: EngineClient, config: Any, metrics: Any = None) ->
         ],
     )
     health_servicer = ReadinessHealth(client)
-    pb2_grpc.add_ImageGenerationServicer_to_server(ImageGenerationServicer(client, metrics, health_servicer), server)
+    servicer = ImageGenerationServicer(client, metrics, health_servicer, api_key=getattr(config, "api_key", None),
+                                       limits=config)
+    pb2_grpc.add_ImageGenerationServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -352,4 +412,4 @@ def build_grpc_server(client: EngineClient, config: Any, metrics: Any = None) ->
 
 
 __all__ = ["SERVICE_NAME", "ImageGenerationServicer", "ReadinessHealth", "build_grpc_server", "load_stubs",
-           "pb2", "pb2_grpc", "to_generation_request"]
+           "pb2", "pb2_grpc", "to_generation_request", "to_progress"]

@@ -18,6 +18,15 @@ from lcmserve.errors import InvalidInputError
 from lcmserve.server.config import ServerConfig
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+# A deadline shorter than this is below the time a request takes to reach the engine at all.
+MIN_TIMEOUT_S = 0.1
+MAX_TIMEOUT_S = 3600.0
+
+
+def _timeout_field():
+    return Field(None, ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S, description=(
+        "deadline in seconds from arrival, queue time included (at most the server's request_timeout_s); "
+        "a request still queued at it gets 504. null: the server's request_timeout_s"))
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*x\s*(\d{1,6})\s*$")
 
 
@@ -38,6 +47,7 @@ class GenerateRequest(_Strict):
     height: int | None = Field(None, ge=8, le=8192, description="pixels, a multiple of 8; null: the model's size")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image; null: random")
     output_format: OutputFormat = Field("png", description="encoding of the returned images")
+    timeout_s: float | None = _timeout_field()
 
 
 class ImageOut(BaseModel):
@@ -79,6 +89,7 @@ class OpenAIImageRequest(_Strict):
     steps: int = Field(4, ge=MIN_STEPS, le=MAX_STEPS)
     guidance_scale: float = Field(8.0, ge=0, le=MAX_GUIDANCE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    timeout_s: float | None = _timeout_field()
 
 
 class OpenAIImage(BaseModel):
@@ -128,6 +139,15 @@ def check_pixels(param: str, width: int | None, height: int | None, native: int,
             f"{param}: {w}x{h} is {w * h} pixels; at most max_pixels={config.max_pixels} per image", param=param)
 
 
+def check_timeout(timeout_s: float | None, config: ServerConfig) -> float | None:
+    """A request's own deadline may be shorter than the server's request_timeout_s, never longer."""
+    if timeout_s is not None and timeout_s > config.request_timeout_s:
+        raise InvalidInputError.out_of_range(
+            "timeout_s", timeout_s,
+            f"a number of seconds in [{MIN_TIMEOUT_S}, {config.request_timeout_s}] (the server's request_timeout_s)")
+    return timeout_s
+
+
 def parse_size(size: str | None, limits: Limits) -> tuple[int | None, int | None]:
     """'WxH' -> (W, H), each a multiple of 8 in the model's range; errors name ``size``."""
     if size is None:
@@ -171,5 +191,6 @@ def openai_to_engine(body: OpenAIImageRequest, config: ServerConfig, model_name:
 
 __all__ = [
     "ErrorBody", "GenerateRequest", "GenerateResponse", "ImageOut", "ModelCard", "ModelList", "OpenAIImage",
-    "OpenAIImageRequest", "OpenAIImagesResponse", "Timings", "generate_to_engine", "openai_to_engine", "parse_size",
+    "OpenAIImageRequest", "OpenAIImagesResponse", "Timings", "check_timeout", "generate_to_engine", "openai_to_engine",
+    "parse_size",
 ]

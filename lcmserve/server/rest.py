@@ -28,11 +28,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lcmserve import __version__
-from lcmserve.errors import InvalidInputError, LCMServeError, UnavailableError
+from lcmserve.errors import AuthError, BodyTooLargeError, InvalidInputError, LCMServeError, UnavailableError
 from lcmserve.server import protocol as p
 from lcmserve.server.client import MEDIA_TYPES, EngineClient, Generation, encode_image
 from lcmserve.server.config import ServerConfig
-from lcmserve.server.errors import classify, error_body, http_status, retry_after_header
+from lcmserve.server.errors import classify, error_body, error_headers, http_status
 from lcmserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -41,34 +41,13 @@ RAW_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "
 _ERRORS = {401: ("unauthorized", "Authorization: Bearer <key> missing or wrong"),
            413: ("invalid_request", "body over max_body_bytes"), 422: ("invalid_request", "a value is invalid"),
            429: ("overloaded", "queue full; see Retry-After"), 503: ("unavailable", "starting or draining"),
-           504: ("deadline_exceeded", "request_timeout_s passed in the queue")}
+           504: ("deadline_exceeded", "timeout_s (or the server's request_timeout_s) passed in the queue")}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": p.ErrorBody, "description": f"{kind}: {text}"} for status, (kind, text) in _ERRORS.items()}
 
 
-class AuthError(LCMServeError):
-    """The API key is missing or wrong (401); REST-only, so it is not part of the engine's taxonomy."""
-
-    type = "unauthorized"
-
-
-class BodyTooLargeError(InvalidInputError):
-    """Invalid input that is refused before it is read: 413 instead of 422."""
-
-
-def _status(error: LCMServeError) -> int:
-    if isinstance(error, AuthError):
-        return 401
-    if isinstance(error, BodyTooLargeError):
-        return 413
-    return http_status(error)
-
-
 def _error_response(error: LCMServeError) -> JSONResponse:
-    headers = retry_after_header(error)
-    if isinstance(error, AuthError):
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error_body(error), status_code=_status(error), headers=headers)
+    return JSONResponse(error_body(error), status_code=http_status(error), headers=error_headers(error))
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidInputError:
@@ -239,14 +218,17 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
         return UnavailableError(f"the server is {doing} and takes no generation requests now; retry shortly "
                                 "or on another replica")
 
-    async def run(request: Request, engine_request) -> Generation | None:
-        """Queue one request; None when the HTTP client went away before its images were ready."""
+    async def run(request: Request, engine_request, timeout_s: float | None) -> Generation | None:
+        """Queue one request; None when the HTTP client went away before its images were ready.
+
+        ``timeout_s`` (None: the server's request_timeout_s) counts from here, queue time included.
+        """
         if not client.ready:
             metrics.on_failure(UnavailableError.type)
             raise not_ready_error()
         async with _watch_disconnect(request) as gone:
             try:
-                return await client.generate(engine_request, is_cancelled=gone.is_set)
+                return await client.generate(engine_request, timeout_s=timeout_s, is_cancelled=gone.is_set)
             except (asyncio.CancelledError, concurrent.futures.CancelledError):
                 if gone.is_set():
                     return None
@@ -288,7 +270,7 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
             raise InvalidInputError.out_of_range(
                 "num_images", body.num_images, "1 for a raw image response (or send Accept: application/json)")
         engine_request = p.generate_to_engine(body, config, model.native_size)
-        generation = await run(request, engine_request)
+        generation = await run(request, engine_request, p.check_timeout(body.timeout_s, config))
         if generation is None:
             return Response(status_code=499)
         fmt = body.output_format if raw in (None, "*") else raw
@@ -312,7 +294,7 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
         """OpenAI-compatible image generation (``response_format`` b64_json only)."""
         engine_request = p.openai_to_engine(body, config, client.model_name, client.sampler.limits,
                                             model.native_size)
-        generation = await run(request, engine_request)
+        generation = await run(request, engine_request, p.check_timeout(body.timeout_s, config))
         if generation is None:
             return Response(status_code=499)
         images = await encode(generation, body.output_format)
@@ -348,7 +330,8 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
         model_json = json.dumps(client.model_name).replace("<", "\\u003c")  # no </script> from a model name
-        return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_json))
+        return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_json)
+                            .replace("{{MAX_IMAGES}}", str(config.max_images)))
 
     # 2.5 middleware, innermost first
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)
@@ -370,48 +353,71 @@ PLAYGROUND_HTML = """<!doctype html>
  #prompt{width:100%;box-sizing:border-box;padding:.4rem} button{font:inherit;padding:.4rem 1.2rem}
  #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:.6rem;margin-top:1rem}
  #grid figure{margin:0} #grid img{width:100%;image-rendering:pixelated;border:1px solid #ccc}
- #grid figcaption{font-size:.8rem;color:#555} #status{margin-left:1rem;color:#555} .err{color:#b00020}
+ #grid figcaption{font-size:.8rem;color:#555} #status{margin-left:1rem;color:#555}
+ #error{color:#b00020;margin-top:.6rem} #error:empty{display:none}
 </style></head><body>
 <h1>lcmserve playground</h1><p>Model: <code id="model"></code> &middot; <a href="/docs">API docs</a></p>
 <form id="form">
- <input id="prompt" placeholder="a red circle at the top left" value="a red circle at the top left"><br>
- <label>steps <input id="steps" type="number" min="1" max="8" value="4"></label>
- <label>guidance <input id="guidance" type="number" min="0" max="50" step="0.5" value="8"></label>
- <label>seed <input id="seed" type="number" min="0" placeholder="random"></label>
- <label>images <input id="n" type="number" min="1" value="1"></label>
- <label>API key <input id="key" type="password" placeholder="if the server has one"></label><br>
- <button id="go" type="submit">Generate</button><span id="status"></span>
+ <label for="prompt">prompt</label>
+ <input id="prompt" placeholder="a red circle at the top left" value="a red circle at the top left" required><br>
+ <label>steps <input id="steps" type="number" min="1" max="8" step="1" value="4" required></label>
+ <label>guidance <input id="guidance" type="number" min="0" max="50" step="0.5" value="8" required></label>
+ <label>seed <input id="seed" type="number" min="0" max="9007199254740991" step="1" placeholder="random"></label>
+ <label>images <input id="n" type="number" min="1" max="{{MAX_IMAGES}}" step="1" value="1" required></label>
+ <label>API key <input id="key" type="password" placeholder="if the server has one" autocomplete="off"></label><br>
+ <button id="go" type="submit">Generate</button><span id="status" aria-live="polite"></span>
 </form>
-<div id="grid"></div>
+<div id="error" role="alert"></div>
+<div id="grid" aria-live="polite"></div>
 <script>
 const $ = (id) => document.getElementById(id);
 $("model").textContent = {{MODEL}};
+
+async function errorText(response) {
+  // every lcmserve error is {"error": {type, message, param}}; a proxy in between may send anything
+  try {
+    const error = (await response.json()).error;
+    return response.status + " " + error.type + ": " + error.message;
+  } catch (_) {
+    return response.status + " " + response.statusText;
+  }
+}
+
+function show(data) {
+  const figures = data.images.map((image) => {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = "data:image/" + data.output_format + ";base64," + image.b64;
+    img.alt = $("prompt").value + " (seed " + image.seed + ")";
+    const caption = document.createElement("figcaption");
+    caption.textContent = "seed " + image.seed + ", " + data.steps + " steps, w " + data.guidance_scale;
+    figure.append(img, caption);
+    return figure;
+  });
+  $("grid").replaceChildren(...figures);
+}
+
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const seed = $("seed").value;
-  const body = {prompt: $("prompt").value, steps: +$("steps").value, guidance_scale: +$("guidance").value,
-                num_images: +$("n").value, seed: seed === "" ? null : +seed};
-  const headers = {"Content-Type": "application/json"};
+  const body = {prompt: $("prompt").value, steps: Number($("steps").value),
+                guidance_scale: Number($("guidance").value), num_images: Number($("n").value),
+                seed: seed === "" ? null : Number(seed)};
+  const headers = {"Content-Type": "application/json", "Accept": "application/json"};
   if ($("key").value) headers["Authorization"] = "Bearer " + $("key").value;
-  $("go").disabled = true; $("status").className = ""; $("status").textContent = "generating...";
+  $("go").disabled = true; $("error").textContent = ""; $("status").textContent = "generating...";
   try {
     const response = await fetch("/generate", {method: "POST", headers, body: JSON.stringify(body)});
+    if (!response.ok) throw new Error(await errorText(response));
     const data = await response.json();
-    if (!response.ok) throw new Error(data.error.type + ": " + data.error.message);
-    for (const image of data.images) {
-      const figure = document.createElement("figure");
-      const img = document.createElement("img");
-      img.src = "data:image/" + data.output_format + ";base64," + image.b64;
-      const caption = document.createElement("figcaption");
-      caption.textContent = "seed " + image.seed + ", " + data.steps + " steps, w " + data.guidance_scale;
-      figure.append(img, caption); $("grid").prepend(figure);
-    }
-    $("status").textContent = "done in " + data.timings.total_s.toFixed(2) + " s";
+    show(data);
+    $("status").textContent = data.images.length + " image(s) in " + data.timings.total_s.toFixed(2) + " s";
   } catch (error) {
-    $("status").className = "err"; $("status").textContent = error.message;
+    $("status").textContent = "";
+    $("error").textContent = error.message;
   } finally { $("go").disabled = false; }
 });
 </script></body></html>
 """
 
-__all__ = ["PLAYGROUND_HTML", "AuthError", "BodyTooLargeError", "create_app"]
+__all__ = ["PLAYGROUND_HTML", "create_app"]

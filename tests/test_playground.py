@@ -1,0 +1,137 @@
+"""The playground page at / in headless Chromium, against a real server of preset:tiny-sd on 127.0.0.1.
+
+The browser is the system's Chromium and chromedriver (Debian: ``apt-get install chromium
+chromium-driver``; ``.ci/run`` installs them), driven by selenium; nothing is downloaded.
+Without them the tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+
+import httpx
+import pytest
+
+from lcmserve.server.loadtest import local_server
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev extra) is not installed")
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+API_KEY = "play-key"
+MAX_PROMPT_CHARS = 40
+WAIT_S = 60
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                       reason="no chromium and chromedriver on PATH "
+                              "(Debian: apt-get install chromium chromium-driver; .ci/run installs them)"),
+    pytest.mark.timeout(300),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("playground") / "server.log"
+    flags = ("--model", "preset:tiny-sd", "--device", "cpu", "--api-key", API_KEY, "--max-images", "4",
+             "--max-prompt-chars", str(MAX_PROMPT_CHARS), "--warmup-steps", "1", "--max-queue-delay-ms", "5")
+    with local_server(*flags, log_path=log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1200,900"):
+        options.add_argument(flag)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager look for a browser or driver online
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_until(browser, predicate, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, WAIT_S, poll_frequency=0.1).until(lambda _: predicate(), message=what)
+
+
+def fill(browser, **values: str) -> None:
+    """Type each value into the input of that id, replacing what was there."""
+    for field, value in values.items():
+        element = browser.find_element("id", field)
+        element.clear()
+        element.send_keys(value)
+
+
+def generate(browser) -> None:
+    browser.find_element("id", "go").click()
+    wait_until(browser, lambda: browser.find_element("id", "go").is_enabled(), "the request to finish")
+
+
+def figures(browser) -> list:
+    return browser.find_elements("css selector", "#grid figure")
+
+
+def test_generate_shows_the_images_of_the_request(server, browser):
+    browser.get(server + "/")
+    assert browser.title == "lcmserve playground"
+    assert browser.find_element("id", "model").text == "preset:tiny-sd"
+    assert browser.find_element("id", "n").get_attribute("max") == "4"  # the server's max_images
+    fill(browser, prompt="a blue square", steps="2", guidance="3.5", seed="42", n="3", key=API_KEY)
+    generate(browser)
+    assert browser.find_element("id", "error").text == ""
+    assert len(figures(browser)) == 3
+    captions = [f.find_element("tag name", "figcaption").text for f in figures(browser)]
+    assert captions == [f"seed {s}, 2 steps, w 3.5" for s in (42, 43, 44)]
+    images = browser.find_elements("css selector", "#grid img")
+    sizes = [browser.execute_script("return [arguments[0].complete, arguments[0].naturalWidth]", i) for i in images]
+    assert sizes == [[True, 64]] * 3  # the browser decoded each PNG
+    assert "3 image(s) in" in browser.find_element("id", "status").text
+    # the page sent what was typed: the same request by hand gives the same PNGs
+    by_hand = httpx.post(server + "/generate", timeout=60, headers={"Authorization": f"Bearer {API_KEY}"},
+                         json={"prompt": "a blue square", "steps": 2, "guidance_scale": 3.5, "seed": 42,
+                               "num_images": 3}).json()
+    assert [i.get_attribute("src") for i in images] == [
+        "data:image/png;base64," + image["b64"] for image in by_hand["images"]]
+    assert base64.b64decode(by_hand["images"][0]["b64"]).startswith(b"\x89PNG")
+    # a new request replaces the grid
+    fill(browser, n="1", seed="7")
+    generate(browser)
+    assert [f.find_element("tag name", "figcaption").text for f in figures(browser)] == ["seed 7, 2 steps, w 3.5"]
+
+
+def test_errors_are_shown_to_the_user(server, browser):
+    browser.get(server + "/")
+    error = browser.find_element("id", "error")
+    # 1. a wrong API key: the server's 401, type and message
+    fill(browser, prompt="a red circle", steps="1", key="wrong")
+    generate(browser)
+    assert error.is_displayed() and error.text.startswith("401 unauthorized: missing or wrong API key")
+    assert figures(browser) == []
+    # 2. a value the server refuses: its message names the field and the limit
+    fill(browser, prompt="x" * (MAX_PROMPT_CHARS + 1), key=API_KEY)
+    generate(browser)
+    assert error.text == (f"422 invalid_request: prompt has {MAX_PROMPT_CHARS + 1} characters; "
+                          f"at most max_prompt_chars={MAX_PROMPT_CHARS}")
+    assert figures(browser) == []
+    # 3. out of the form's own range: the browser refuses to send it and says why
+    fill(browser, prompt="a red circle", steps="9")
+    browser.find_element("id", "go").click()
+    steps = browser.find_element("id", "steps")
+    assert browser.execute_script("return arguments[0].validity.rangeOverflow", steps)
+    assert steps.get_attribute("validationMessage")
+    assert browser.find_element("id", "status").text == ""  # nothing was sent
+    # 4. fixed, the same form succeeds and the error goes away
+    fill(browser, steps="1")
+    generate(browser)
+    assert error.text == "" and not error.is_displayed()
+    assert len(figures(browser)) == 1
