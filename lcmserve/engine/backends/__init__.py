@@ -1,6 +1,55 @@
-"""Engine backends: one contract (``Backend.run``), one file per backend."""
+"""Engine backends: one contract (``Backend.run``), one file per backend, one factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 from lcmserve.engine.backends.base import Backend, BackendOutput, Bucket, DenoiseBatch, StageTimes
+from lcmserve.engine.backends.buckets import BucketSet, pad_batch
+from lcmserve.engine.backends.cuda_graph import CudaGraphBackend, CudaGraphConfig
 from lcmserve.engine.backends.torch_backend import TorchBackend
+from lcmserve.errors import InvalidInputError
 
-__all__ = ["Backend", "BackendOutput", "Bucket", "DenoiseBatch", "StageTimes", "TorchBackend"]
+BACKENDS = ("torch", "cuda-graph", "onnx", "tensorrt")
+
+
+def create_backend(
+    name: str,
+    model,
+    *,
+    buckets: BucketSet | None = None,
+    cache_dir: str | Path | None = None,
+    compile: bool = False,
+    exporter: str = "dynamo",
+    build: bool = True,
+    threads: int | None = None,
+    progress: bool = False,
+) -> Backend:
+    """The named backend over ``model``.
+
+    ``buckets`` are the shapes cuda-graph and tensorrt build at start-up; ``cache_dir`` holds
+    exported ONNX graphs and TensorRT engines (default ``$LCMSERVE_CACHE`` or
+    ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph; ``exporter`` and
+    ``build`` apply to onnx (``build=False``: use cached graphs only), ``threads`` to its
+    CPU provider (None: ONNX Runtime's default).
+    """
+    if name == "torch":
+        return TorchBackend(model)
+    if name == "cuda-graph":
+        return CudaGraphBackend(model, CudaGraphConfig(buckets=buckets or BucketSet(), compile=compile), progress)
+    if name == "onnx":
+        from lcmserve.engine.backends.onnx_backend import OnnxBackend
+
+        onnx_dir = None if cache_dir is None else Path(cache_dir) / "onnx"
+        return OnnxBackend(model, onnx_dir, exporter=exporter, build=build, threads=threads)
+    if name == "tensorrt":
+        from lcmserve.engine.backends.tensorrt_backend import TensorRTBackend, TensorRTConfig
+
+        return TensorRTBackend(model, TensorRTConfig(buckets=buckets or BucketSet()), cache_dir, progress)
+    raise InvalidInputError.out_of_range("backend", name, "one of " + ", ".join(BACKENDS))
+
+
+__all__ = [
+    "BACKENDS", "Backend", "BackendOutput", "Bucket", "BucketSet", "CudaGraphBackend", "CudaGraphConfig",
+    "DenoiseBatch", "StageTimes", "TorchBackend", "create_backend", "pad_batch",
+]

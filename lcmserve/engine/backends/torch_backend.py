@@ -26,7 +26,7 @@ class TextConditioning:
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
 
-    def expand(self, batch_size: int) -> "TextConditioning":
+    def expand(self, batch_size: int) -> TextConditioning:
         pooled = None if self.pooled is None else self.pooled.expand(batch_size, -1)
         return TextConditioning(self.hidden.expand(batch_size, -1, -1), pooled)
 
@@ -45,20 +45,49 @@ class TorchBackend(Backend):
         self.model = model
         self._uncond: TextConditioning | None = None
 
+    # -- the three networks: accelerated backends that reuse this logic override these -------
+    def text_forward(self, index: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder ``index``: its last (SD) or penultimate (SDXL) hidden states, and its pooled projection if any."""
+        m = self.model
+        encoder = m.text_encoders[index]
+        ids = input_ids.to(m.device)
+        if m.family == "sd":
+            return encoder(ids)[0], None
+        out = encoder(ids, output_hidden_states=True)
+        return out.hidden_states[-2], (out[0] if out[0].ndim == 2 else None)
+
+    def unet_forward(
+        self,
+        sample: torch.Tensor,
+        timestep: int | torch.Tensor,
+        hidden: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+        added: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One UNet call: the model output (epsilon, v or x0) for ``sample`` at ``timestep``."""
+        return self.model.unet(
+            sample, timestep, encoder_hidden_states=hidden, timestep_cond=timestep_cond,
+            added_cond_kwargs=added, return_dict=False,
+        )[0]
+
+    def vae_forward(self, scaled_latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode of latents already divided by the scaling factor; images in [-1, 1]."""
+        vae = self.model.vae
+        return vae.decode(scaled_latents.to(vae.dtype), return_dict=False)[0]
+
     # -- text -----------------------------------------------------------------------------
     def encode_text(self, input_ids: tuple[torch.Tensor, ...]) -> TextConditioning:
         m = self.model
-        if m.family == "sd":
-            hidden = m.text_encoders[0](input_ids[0].to(m.device))[0]
-            return TextConditioning(hidden.to(m.dtype))
-        # SDXL: penultimate hidden states of both encoders side by side; pooled from the second.
+        # SDXL: the hidden states of both encoders side by side; pooled from the second.
         states, pooled = [], None
-        for encoder, ids in zip(m.text_encoders, input_ids):
-            out = encoder(ids.to(m.device), output_hidden_states=True)
-            if out[0].ndim == 2:
-                pooled = out[0]
-            states.append(out.hidden_states[-2])
-        return TextConditioning(torch.cat(states, dim=-1).to(m.dtype), pooled.to(m.dtype))
+        for index, ids in enumerate(input_ids):
+            hidden, row_pooled = self.text_forward(index, ids)
+            states.append(hidden)
+            pooled = row_pooled if row_pooled is not None else pooled
+        hidden = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+        if m.family == "sd":
+            return TextConditioning(hidden.to(m.dtype))
+        return TextConditioning(hidden.to(m.dtype), pooled.to(m.dtype))
 
     def unconditional(self) -> TextConditioning:
         """Features of the empty prompt (zeros where SDXL asks for them), computed once."""
@@ -78,60 +107,66 @@ class TorchBackend(Backend):
         ).input_ids
 
     # -- the pieces of one batch ---------------------------------------------------------------
-    def _added_cond(self, cond: TextConditioning, batch: DenoiseBatch) -> dict[str, torch.Tensor] | None:
+    def time_ids(self, height: int, width: int, batch_size: int) -> torch.Tensor | None:
+        """SDXL micro-conditioning (original size, crop top-left (0, 0), target size); None for SD."""
         if self.model.family != "sdxl":
             return None
-        # SDXL micro-conditioning: original size, crop top-left (0, 0), target size.
-        ids = [batch.height, batch.width, 0, 0, batch.height, batch.width]
-        time_ids = torch.tensor([ids], dtype=self.model.dtype, device=self.model.device)
-        return {"text_embeds": cond.pooled, "time_ids": time_ids.expand(cond.hidden.shape[0], -1)}
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.model.dtype, device=self.model.device)
+        return ids.expand(batch_size, -1)
 
-    def _denoiser(self, cond: TextConditioning, batch: DenoiseBatch):
+    def guidance_condition(self, guidance_scale: torch.Tensor) -> torch.Tensor:
+        """The UNet's guidance embedding of each row's w: diffusers' Imagen-style w is LCM's w + 1."""
+        return guidance_embedding(guidance_scale.float() - 1, self.model.unet.config.time_cond_proj_dim)
+
+    @staticmethod
+    def _added(cond: TextConditioning, time_ids: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        return None if time_ids is None else {"text_embeds": cond.pooled, "time_ids": time_ids}
+
+    def embedding_denoiser(self, cond: TextConditioning, w_emb: torch.Tensor, time_ids: torch.Tensor | None):
+        """Guidance through the UNet's embedding: one pass per step (a full LCM)."""
         m = self.model
-        w = batch.guidance_scale.to(m.device, torch.float32)
-        unet = m.unet
-        if m.guidance_mode == "embedding":
-            # The Imagen-style scale w of diffusers is LCM's w + 1 (diffusers' LCM pipelines do the same).
-            w_emb = guidance_embedding(w - 1, unet.config.time_cond_proj_dim).to(m.dtype)
-            added = self._added_cond(cond, batch)
+        w_emb = w_emb.to(m.device, m.dtype)
+        added = self._added(cond, time_ids)
+        return lambda latents, t: self.unet_forward(latents.to(m.dtype), t, cond.hidden, w_emb, added)
 
-            def denoise(latents: torch.Tensor, t: int) -> torch.Tensor:
-                return unet(
-                    latents.to(m.dtype), t, encoder_hidden_states=cond.hidden, timestep_cond=w_emb,
-                    added_cond_kwargs=added, return_dict=False,
-                )[0]
+    def plain_denoiser(self, cond: TextConditioning, time_ids: torch.Tensor | None):
+        """No guidance: the conditional prediction alone (w <= 1 for every row)."""
+        m = self.model
+        added = self._added(cond, time_ids)
+        return lambda latents, t: self.unet_forward(latents.to(m.dtype), t, cond.hidden, None, added)
 
-            return denoise
-
-        guided = w > 1
-        if not bool(guided.any()):
-            added = self._added_cond(cond, batch)
-            return lambda latents, t: unet(
-                latents.to(m.dtype), t, encoder_hidden_states=cond.hidden, added_cond_kwargs=added, return_dict=False
-            )[0]
-
+    def cfg_denoiser(self, cond: TextConditioning, w: torch.Tensor, time_ids: torch.Tensor | None):
+        """Classifier-free guidance in one doubled batch; rows with w <= 1 take the conditional output."""
+        m = self.model
         size = cond.hidden.shape[0]
         uncond = self.unconditional().expand(size)
         pooled = None if cond.pooled is None else torch.cat([uncond.pooled, cond.pooled])
         both = TextConditioning(torch.cat([uncond.hidden, cond.hidden]), pooled)
-        added = self._added_cond(both, batch)
+        added = self._added(both, None if time_ids is None else torch.cat([time_ids, time_ids]))
+        w = w.to(m.device, torch.float32)
         scale = w.view(-1, 1, 1, 1)
-        mask = guided.view(-1, 1, 1, 1)
+        mask = (w > 1).view(-1, 1, 1, 1)
 
-        def denoise_cfg(latents: torch.Tensor, t: int) -> torch.Tensor:
+        def denoise_cfg(latents: torch.Tensor, t) -> torch.Tensor:
             x = latents.to(m.dtype)
-            out = unet(torch.cat([x, x]), t, encoder_hidden_states=both.hidden, added_cond_kwargs=added,
-                       return_dict=False)[0].float()
+            out = self.unet_forward(torch.cat([x, x]), t, both.hidden, None, added).float()
             out_uncond, out_cond = out.chunk(2)
             # Rows with w <= 1 take the conditional prediction unchanged, as they would alone.
             return torch.where(mask, cfg_combine(out_cond, out_uncond, scale), out_cond)
 
         return denoise_cfg
 
+    def _denoiser(self, cond: TextConditioning, batch: DenoiseBatch):
+        m = self.model
+        time_ids = self.time_ids(batch.height, batch.width, cond.hidden.shape[0])
+        if m.guidance_mode == "embedding":
+            return self.embedding_denoiser(cond, self.guidance_condition(batch.guidance_scale), time_ids)
+        if not bool((batch.guidance_scale > 1).any()):
+            return self.plain_denoiser(cond, time_ids)
+        return self.cfg_denoiser(cond, batch.guidance_scale, time_ids)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.model.vae
-        scaled = latents / vae.config.scaling_factor
-        images = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+        images = self.vae_forward(latents / self.model.vae.config.scaling_factor)
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # -- the contract -----------------------------------------------------------------------

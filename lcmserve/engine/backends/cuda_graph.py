@@ -1,0 +1,331 @@
+"""CUDA-graph backend: each bucket's whole request (text encoder, every UNet call, VAE decode)
+captured once and replayed, fp16 by default (bf16 or fp32 as the model was loaded).
+
+Per bucket (rows, steps, resolution) the backend owns static buffers: token ids, the
+[steps, B, C, h, w] noise, the guidance condition (the embedding of each row's w, or w itself
+for classifier-free guidance), the x0 estimate of every step and the decoded images. A
+request copies its rows into the input buffers (through pinned memory, asynchronously),
+replays three graphs (text, the unrolled LCM loop, VAE) and copies the images back; the only
+host-device synchronisation is that final copy. Because the sampler draws every row's noise
+on the CPU from the row's own seed, replaying a graph gives each row the same image as eager.
+
+Why three graphs and not one: CUDA events between them give the per-stage split for free,
+and a text encoder that cannot be captured (``capture_text=False``) can run eagerly into the
+same buffers. The three share one memory pool per bucket and are replayed in capture order.
+
+Trade-offs (the flags): graphs take memory per bucket and minutes to warm up at start-up;
+``compile=True`` adds ``torch.compile`` of the UNet and VAE (longer warm-up, faster
+kernels). A batch that falls between buckets pads to the next one. ``capture=False`` runs
+the same static-buffer program without graphs: the way to tell a capture problem from a
+model problem, and the only mode on a CPU (used by the CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lcmserve.engine.backends.base import BackendOutput, Bucket, DenoiseBatch, StageTimes
+from lcmserve.engine.backends.buckets import BucketSet, pad_batch
+from lcmserve.engine.backends.torch_backend import TextConditioning, TorchBackend
+from lcmserve.engine.loop import StepCallback, lcm_sample
+from lcmserve.errors import EngineError, InvalidInputError
+from lcmserve.models.model import LCMModel
+
+logger = logging.getLogger(__name__)
+
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+COMPILE_MODE = "max-autotune-no-cudagraphs"  # inductor kernels inside our own graphs
+
+
+@dataclass(frozen=True)
+class CudaGraphConfig:
+    """How the cuda-graph backend builds its buckets."""
+
+    buckets: BucketSet = dataclasses.field(default_factory=BucketSet)
+    """Shapes captured at start-up; a batch runs in the smallest bucket that holds it."""
+    capture: bool = True
+    """Capture CUDA graphs; False runs the same static-buffer program eagerly (debugging, CPU)."""
+    capture_text: bool = True
+    """Capture the text encoder too; False runs it eagerly into the static buffers."""
+    compile: bool = False
+    """torch.compile the UNet and VAE decoder (mode max-autotune-no-cudagraphs) before capture."""
+    warmup: bool = True
+    """Build every bucket at construction instead of on its first request."""
+    warmup_iters: int = 2
+    """Eager runs before each capture (lazy initialisation, cuDNN/cuBLAS autotuning, compilation)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.buckets, BucketSet):
+            raise InvalidInputError.out_of_range("buckets", self.buckets, "a BucketSet")
+        if isinstance(self.warmup_iters, bool) or not isinstance(self.warmup_iters, int) or self.warmup_iters < 1:
+            raise InvalidInputError.out_of_range("warmup_iters", self.warmup_iters, "an integer >= 1")
+
+
+@dataclass
+class _Program:
+    """Static buffers and stage graphs of one bucket."""
+
+    bucket: Bucket
+    timesteps: tuple[int, ...]
+    input_ids: tuple[torch.Tensor, ...]
+    host_ids: tuple[torch.Tensor, ...]
+    noise: torch.Tensor
+    host_noise: torch.Tensor
+    guidance: torch.Tensor  # [B, dim] embedding (model dtype) or [B] w (float32) for CFG
+    host_guidance: torch.Tensor
+    time_ids: torch.Tensor | None
+    timestep_values: dict[int, torch.Tensor]
+    hidden: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    x0: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    host_images: torch.Tensor | None = None
+    graphs: dict[str, torch.cuda.CUDAGraph] | None = None
+
+
+class _Clock:
+    """Stage boundaries: CUDA events on a GPU (no sync until read), wall time on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+class CudaGraphBackend(TorchBackend):
+    """Whole-request CUDA graphs per bucket over the eager backend's own stage code."""
+
+    name = "cuda-graph"
+
+    def __init__(self, model: LCMModel, config: CudaGraphConfig | None = None, progress: bool = False) -> None:
+        super().__init__(model)
+        self.config = config or CudaGraphConfig()
+        self.device = model.device
+        self._check_device_dtype()
+        self.schedule = dataclasses.replace(
+            model.schedule, alphas_cumprod=model.schedule.alphas_cumprod.to(self.device)
+        )
+        self._programs: dict[Bucket, _Program] = {}
+        self.builds = 0  # buckets built so far; requests after warm-up must not add any
+        self.captures = 0  # CUDA graphs captured so far
+        self._unet_fn, self._vae_fn = self._compiled() if self.config.compile else (None, None)
+        if self.config.warmup:
+            self.warmup(progress)
+
+    def _check_device_dtype(self) -> None:
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        if self.config.capture:
+            if self.device.type != "cuda":
+                raise InvalidInputError(
+                    f"backend: cuda-graph captures CUDA graphs and needs the model on a CUDA GPU (it is on "
+                    f"{self.device.type}); use --backend torch or onnx here, or --device cuda",
+                    param="backend",
+                )
+            if self.model.dtype not in GPU_DTYPES:
+                raise InvalidInputError.out_of_range("dtype", dtype, "float16 (default), bfloat16 or float32")
+        elif self.device.type == "cpu" and self.model.dtype not in (torch.float32, torch.bfloat16):
+            raise InvalidInputError.out_of_range("dtype", dtype, "float32 or bfloat16 on CPU")
+
+    def _compiled(self):
+        vae = self.model.vae
+        unet = torch.compile(self.model.unet, mode=COMPILE_MODE, dynamic=False)
+        decode = torch.compile(lambda z: vae.decode(z, return_dict=False)[0], mode=COMPILE_MODE, dynamic=False)
+        return unet, decode
+
+    # -- the networks, compiled when asked ----------------------------------------------------
+    def unet_forward(self, sample, timestep, hidden, timestep_cond=None, added=None) -> torch.Tensor:
+        if self._unet_fn is None:
+            return super().unet_forward(sample, timestep, hidden, timestep_cond, added)
+        return self._unet_fn(sample, timestep, encoder_hidden_states=hidden, timestep_cond=timestep_cond,
+                             added_cond_kwargs=added, return_dict=False)[0]
+
+    def vae_forward(self, scaled_latents: torch.Tensor) -> torch.Tensor:
+        if self._vae_fn is None:
+            return super().vae_forward(scaled_latents)
+        return self._vae_fn(scaled_latents.to(self.model.vae.dtype))
+
+    # -- building a bucket ------------------------------------------------------------------
+    @torch.inference_mode()
+    def warmup(self, progress: bool = False) -> None:
+        """Build (and capture) every configured bucket."""
+        from tqdm import tqdm
+
+        for bucket in tqdm(self.config.buckets.buckets(), desc="cuda-graph warm-up", unit="bucket",
+                           disable=not progress):
+            self._program(bucket)
+
+    def _program(self, bucket: Bucket) -> _Program:
+        program = self._programs.get(bucket)
+        if program is None:
+            if self.config.warmup:
+                logger.warning("bucket %s was not warmed up; building it now", bucket)
+            program = self._build(bucket)
+            self._programs[bucket] = program
+        return program
+
+    def _allocate(self, bucket: Bucket) -> _Program:
+        from lcmserve.consistency import lcm_timesteps
+
+        m, dev = self.model, self.device
+        pin = dev.type == "cuda"
+        b, f = bucket.batch_size, m.vae_scale_factor
+        ids = tuple(torch.zeros(b, tok.model_max_length, dtype=torch.int64, device=dev) for tok in m.tokenizers)
+        noise = torch.zeros(bucket.steps, b, m.latent_channels, bucket.height // f, bucket.width // f, device=dev)
+        if m.guidance_mode == "embedding":
+            guidance = torch.zeros(b, m.unet.config.time_cond_proj_dim, dtype=m.dtype, device=dev)
+        else:
+            guidance = torch.zeros(b, device=dev)
+        timesteps = tuple(lcm_timesteps(bucket.steps, m.schedule.num_train_timesteps, m.schedule.original_steps))
+        time_ids = self.time_ids(bucket.height, bucket.width, b)
+        return _Program(
+            bucket=bucket, timesteps=timesteps, input_ids=ids,
+            host_ids=tuple(torch.zeros_like(t, device="cpu").pin_memory() if pin else torch.zeros_like(t) for t in ids),
+            noise=noise, host_noise=torch.zeros_like(noise, device="cpu").pin_memory() if pin else noise.new_zeros(0),
+            guidance=guidance,
+            host_guidance=torch.zeros_like(guidance, device="cpu").pin_memory() if pin else guidance.new_zeros(0),
+            time_ids=None if time_ids is None else time_ids.contiguous(),
+            # Timesteps as device tensors: a Python int would be copied host-to-device inside the graph.
+            timestep_values={t: torch.tensor(float(t), device=dev) for t in timesteps},
+        )
+
+    def _stages(self, p: _Program):
+        m = self.model
+
+        def text() -> None:
+            cond = self.encode_text(p.input_ids)
+            p.hidden.copy_(cond.hidden)
+            if p.pooled is not None:
+                p.pooled.copy_(cond.pooled)
+
+        def loop() -> None:
+            cond = TextConditioning(p.hidden, p.pooled)
+            if m.guidance_mode == "embedding":
+                base = self.embedding_denoiser(cond, p.guidance, p.time_ids)
+            else:  # every row through CFG; rows with w <= 1 keep the conditional output, as eager
+                base = self.cfg_denoiser(cond, p.guidance, p.time_ids)
+            # Every step's x0 estimate lands in p.x0; the last one is the loop's result.
+            lcm_sample(
+                lambda x, t: base(x, p.timestep_values[t]), p.noise, p.timesteps, self.schedule,
+                on_step=lambda i, x0: p.x0[i].copy_(x0),
+            )
+
+        def vae() -> None:
+            p.images.copy_(self.decode(p.x0[-1]))
+
+        return {"text": text, "loop": loop, "vae": vae}
+
+    def _build(self, bucket: Bucket) -> _Program:
+        m = self.model
+        p = self._allocate(bucket)
+        if m.guidance_mode == "cfg":
+            self.unconditional()  # cached eagerly: no host-to-device copies during capture
+        # Output buffers take their shapes from one eager pass.
+        cond = self.encode_text(p.input_ids)
+        p.hidden = cond.hidden.clone()
+        p.pooled = None if cond.pooled is None else cond.pooled.clone()
+        p.x0 = torch.zeros_like(p.noise)
+        f = m.vae_scale_factor
+        p.images = torch.zeros(bucket.batch_size, 3, p.noise.shape[-2] * f, p.noise.shape[-1] * f, device=self.device)
+        p.host_images = p.images.new_zeros(0) if self.device.type != "cuda" else \
+            torch.zeros_like(p.images, device="cpu").pin_memory()
+        stages = self._stages(p)
+        if self.config.capture:
+            p.graphs = self._capture(stages)
+        self.builds += 1
+        return p
+
+    def _capture(self, stages) -> dict[str, torch.cuda.CUDAGraph]:
+        # 1. warm up on a side stream (the recipe of torch.cuda.graphs' documentation)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.config.warmup_iters):
+                for fn in stages.values():
+                    fn()
+        torch.cuda.current_stream().wait_stream(side)
+        # 2. capture each stage into one shared pool, in the order they are replayed
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        for name, fn in stages.items():
+            if name == "text" and not self.config.capture_text:
+                continue
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    fn()
+            except Exception as exc:
+                hint = " (capture_text=False runs the text encoder eagerly)" if name == "text" else ""
+                raise EngineError(
+                    f"cuda-graph: capturing the {name} stage failed: {exc}{hint}; --backend torch avoids graphs"
+                ) from exc
+            graphs[name] = graph
+            self.captures += 1
+        return graphs
+
+    # -- the contract -----------------------------------------------------------------------
+    def _upload(self, p: _Program, batch: DenoiseBatch) -> None:
+        if self.model.guidance_mode == "embedding":
+            guidance = self.guidance_condition(batch.guidance_scale).to(self.model.dtype)
+        else:
+            guidance = batch.guidance_scale.float()
+        if self.device.type != "cuda":
+            for static, ids in zip(p.input_ids, batch.input_ids):
+                static.copy_(ids)
+            p.noise.copy_(batch.noise)
+            p.guidance.copy_(guidance)
+            return
+        # Pinned staging buffers make the host-to-device copies asynchronous.
+        for host, static, ids in zip(p.host_ids, p.input_ids, batch.input_ids):
+            host.copy_(ids)
+            static.copy_(host, non_blocking=True)
+        p.host_noise.copy_(batch.noise)
+        p.noise.copy_(p.host_noise, non_blocking=True)
+        p.host_guidance.copy_(guidance)
+        p.guidance.copy_(p.host_guidance, non_blocking=True)
+
+    @torch.inference_mode()
+    def run(self, batch: DenoiseBatch, on_step: StepCallback | None = None) -> BackendOutput:
+        rows = batch.noise.shape[1]
+        bucket = self.config.buckets.choose(rows, len(batch.timesteps), batch.height, batch.width)
+        p = self._program(bucket)
+        if tuple(batch.timesteps) != p.timesteps:
+            raise InvalidInputError.out_of_range(
+                "timesteps", list(batch.timesteps), f"the schedule the bucket was built for, {list(p.timesteps)}"
+            )
+        padded = pad_batch(batch, bucket.batch_size)
+        stages = self._stages(p)
+        clock = _Clock(self.device)
+        clock.mark()
+        self._upload(p, padded)
+        for name in ("text", "loop", "vae"):
+            if p.graphs is not None and name in p.graphs:
+                p.graphs[name].replay()
+            else:
+                stages[name]()
+            if name == "vae" and self.device.type == "cuda":
+                p.host_images.copy_(p.images, non_blocking=True)
+            clock.mark()
+        text_s, unet_s, vae_s = clock.seconds()
+        images = (p.host_images if self.device.type == "cuda" else p.images)[:rows].clone()
+        if on_step is not None:
+            for i in range(len(p.timesteps)):
+                on_step(i, p.x0[i, :rows])
+        return BackendOutput(images, StageTimes(text_s, unet_s, vae_s))

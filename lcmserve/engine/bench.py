@@ -1,0 +1,369 @@
+"""``lcmserve bench``: latency and throughput of the backends, side by side with diffusers.
+
+For every backend and every (resolution, steps, batch size) the benchmark runs ``warmup``
+untimed and ``iters`` timed batches through LCMSampler (tokenization, per-row noise, the
+backend), and records p50/p90/p99 latency, throughput, the backend's per-stage split
+(text, UNet loop, VAE) and peak memory (CUDA ``max_memory_allocated`` on a GPU; the
+process's peak RSS on a CPU, a high-water mark over the whole run). In the same run the
+same modules go through diffusers' ``LatentConsistencyModelPipeline`` (eager, same dtype)
+as the baseline. Results: ``NAME.json``, ``NAME.md`` and ``NAME.png``; ``compare`` merges
+result files from several machines into one table and plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lcmserve.engine.backends import BACKENDS, BucketSet, create_backend
+from lcmserve.engine.cache import library_versions
+from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Row
+from lcmserve.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+BASELINE = "diffusers"
+MAX_BENCH_BATCH = 32
+_LIBRARIES = ("lcmserve", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One bounded benchmark run."""
+
+    model: str = "preset:tiny-sd"
+    """Model to load (folder, Hub id or preset:NAME)."""
+    backends: tuple[str, ...] = ("torch",)
+    """Backends to measure, from torch, cuda-graph, onnx, tensorrt."""
+    batch_sizes: tuple[int, ...] = (1, 8)
+    """Rows per batch, 1 to 32."""
+    steps: tuple[int, ...] = (4,)
+    """LCM step counts, 1 to 8."""
+    resolutions: tuple[tuple[int, int], ...] = ()
+    """(height, width) pairs; empty: the model's native size."""
+    warmup: int = 1
+    """Untimed batches before the timed ones, per configuration."""
+    iters: int = 5
+    """Timed batches per configuration."""
+    baseline: bool = True
+    """Also run diffusers' pipeline (eager, same dtype) on the same modules."""
+    device: str = "auto"
+    dtype: str = "auto"
+    guidance: float = 8.0
+    cache_dir: str | None = None
+    """ONNX graphs and TensorRT engines (default: $LCMSERVE_CACHE or ~/.cache/lcmserve)."""
+    compile: bool = False
+    """torch.compile inside the cuda-graph backend."""
+    exporter: str = "dynamo"
+    """torch.onnx exporter of the onnx backend (dynamo or legacy)."""
+    threads: int | None = None
+    """CPU threads of torch and ONNX Runtime (None: their defaults). On a shared CPU, 1 avoids
+    the OpenMP barrier stalls that many threads suffer when other processes hold the cores."""
+    out: str = "docs/results"
+    name: str = "bench"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for backend in self.backends:
+            if backend not in BACKENDS:
+                raise InvalidInputError.out_of_range("backends", backend, "each one of " + ", ".join(BACKENDS))
+        if not self.backends and not self.baseline:
+            raise InvalidInputError("backends: give at least one backend or keep the diffusers baseline",
+                                    param="backends")
+        if not self.batch_sizes or any(not 1 <= b <= MAX_BENCH_BATCH for b in self.batch_sizes):
+            raise InvalidInputError.out_of_range(
+                "batch_sizes", list(self.batch_sizes), f"integers in [1, {MAX_BENCH_BATCH}]"
+            )
+        if not self.steps or any(not MIN_STEPS <= s <= MAX_STEPS for s in self.steps):
+            raise InvalidInputError.out_of_range("steps", list(self.steps), f"integers in [{MIN_STEPS}, {MAX_STEPS}]")
+        if self.warmup < 0:
+            raise InvalidInputError.out_of_range("warmup", self.warmup, "an integer >= 0")
+        if not 1 <= self.iters <= 1000:
+            raise InvalidInputError.out_of_range("iters", self.iters, "an integer in [1, 1000]")
+        if self.resolutions:
+            BucketSet(resolutions=self.resolutions)  # same checks as the compiled backends
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise InvalidInputError.out_of_range("threads", self.threads, "an integer in [1, 1024] or None")
+
+
+# -- measuring ----------------------------------------------------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {
+        "device": name, "device_type": device.type, "machine": platform.node(), "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {k: v for k, v in library_versions(_LIBRARIES).items() if v != "absent"},
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(latencies_s: list[float], batch_size: int) -> dict[str, float]:
+    ms = np.asarray(latencies_s) * 1000
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
+            "throughput_img_s": float(batch_size / (ms.mean() / 1000))}
+
+
+def _rows(batch_size: int, guidance: float) -> list[Row]:
+    return [Row(f"a benchmark prompt number {i}", 1000 + i, guidance) for i in range(batch_size)]
+
+
+def diffusers_pipeline(model):
+    """diffusers' own pipeline over the very same modules (no copy), with LCMScheduler."""
+    from diffusers import (
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    scheduler = LCMScheduler.from_config(model.scheduler_config)
+    if model.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
+            tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler,
+        )
+    else:
+        cls = LatentConsistencyModelPipeline if model.guidance_mode == "embedding" else StableDiffusionPipeline
+        pipe = cls(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
+                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _time_config(run_once, cfg: BenchConfig, device: torch.device, bar) -> tuple[list[float], list, float]:
+    for _ in range(cfg.warmup):
+        run_once()
+        bar.update(1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    latencies, stages = [], []
+    for _ in range(cfg.iters):
+        _sync(device)
+        start = time.perf_counter()
+        times = run_once()
+        _sync(device)
+        latencies.append(time.perf_counter() - start)
+        stages.append(times)
+        bar.update(1)
+    return latencies, stages, _peak_memory_mb(device)
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the sweep, write NAME.json / .md / .png under cfg.out, return the result."""
+    from tqdm import tqdm
+
+    from lcmserve.engine.sampler import LCMSampler
+    from lcmserve.models import load_model
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    device = model.device
+    resolutions = cfg.resolutions or ((model.native_size, model.native_size),)
+    shapes = [(r, s, b) for r in resolutions for s in cfg.steps for b in cfg.batch_sizes]
+    per_config = cfg.warmup + cfg.iters
+    runners = list(cfg.backends) + ([BASELINE] if cfg.baseline else [])
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=len(runners) * len(shapes) * per_config, desc="bench", unit="batch",
+              disable=not cfg.progress) as bar:
+        for runner in runners:
+            bar.set_postfix_str(runner)
+            started = time.perf_counter()
+            if runner == BASELINE:
+                pipe = diffusers_pipeline(model)
+            else:
+                buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
+                backend = create_backend(runner, model, buckets=buckets, cache_dir=cfg.cache_dir, compile=cfg.compile,
+                                         exporter=cfg.exporter, threads=cfg.threads)
+                sampler = LCMSampler(model, backend=backend, max_batch_size=max(cfg.batch_sizes))
+            setup_s = time.perf_counter() - started
+            for (height, width), steps, batch_size in shapes:
+                batch_rows = _rows(batch_size, cfg.guidance)
+                if runner == BASELINE:
+                    def run_once(rows=batch_rows, steps=steps, h=height, w=width, pipe=pipe):
+                        pipe([r.prompt for r in rows], num_inference_steps=steps, guidance_scale=cfg.guidance,
+                             height=h, width=w, output_type="pt",
+                             generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows])
+                else:
+                    if runner == "onnx":
+                        backend.prepare(height, width)  # export / load outside the timed runs
+                    def run_once(rows=batch_rows, steps=steps, h=height, w=width, sampler=sampler):
+                        return sampler.run_rows(rows, steps, w, h).times
+
+                with torch.inference_mode():
+                    latencies, stages, peak_mb = _time_config(run_once, cfg, device, bar)
+                row = {
+                    "backend": runner, "batch_size": batch_size, "steps": steps, "height": height, "width": width,
+                    "dtype": str(model.dtype).removeprefix("torch."), "iters": cfg.iters,
+                    "setup_s": round(setup_s, 3), **summarize(latencies, batch_size),
+                    "peak_memory_mb": round(peak_mb, 1),
+                    "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+                }
+                if stages and stages[0] is not None:
+                    for stage in ("text_s", "unet_s", "vae_s"):
+                        row[f"{stage[:-2]}_ms"] = float(np.mean([getattr(t, stage) for t in stages]) * 1000)
+                rows.append(row)
+            # Written after every runner, so an interrupted run keeps what it measured.
+            result = _result(cfg, resolutions, model, device, rows)
+            write_results(result, Path(cfg.out), cfg.name)
+    return result
+
+
+def _result(cfg: BenchConfig, resolutions, model, device: torch.device, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    _add_speedups(rows)
+    return {"config": {**dataclasses.asdict(cfg), "resolutions": [list(r) for r in resolutions]},
+            "model": model.describe(), "environment": environment(device), "rows": rows}
+
+
+def _add_speedups(rows: list[dict[str, Any]]) -> None:
+    base = {(r["batch_size"], r["steps"], r["height"], r["width"]): r for r in rows if r["backend"] == BASELINE}
+    for r in rows:
+        ref = base.get((r["batch_size"], r["steps"], r["height"], r["width"]))
+        if ref is not None:
+            r["speedup_vs_diffusers"] = round(ref["mean_ms"] / r["mean_ms"], 3)
+
+
+# -- reporting -----------------------------------------------------------------------------
+def _fmt(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], with_device: bool = False) -> str:
+    head = ["backend", "batch", "steps", "size", "p50 ms", "p90 ms", "p99 ms", "img/s", "text ms", "unet ms",
+            "vae ms", "x diffusers", "peak MB"]
+    if with_device:
+        head.insert(0, "device")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["backend"], str(r["batch_size"]), str(r["steps"]), f"{r['height']}x{r['width']}",
+                 _fmt(r["p50_ms"]), _fmt(r["p90_ms"]), _fmt(r["p99_ms"]), _fmt(r["throughput_img_s"], 2),
+                 _fmt(r.get("text_ms")), _fmt(r.get("unet_ms")), _fmt(r.get("vae_ms")),
+                 _fmt(r.get("speedup_vs_diffusers"), 2), _fmt(r.get("peak_memory_mb"), 0)]
+        if with_device:
+            cells.insert(0, r.get("device", "?"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    env, cfg = result["environment"], result["config"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    return (
+        f"# lcmserve bench: {cfg['model']}\n\n"
+        f"- device: {env['device']} ({env['device_type']}), machine {env['machine']}, {env['platform']}, "
+        f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']}\n"
+        f"- date: {env['date']}\n- versions: {versions}\n"
+        f"- {cfg['warmup']} warm-up + {cfg['iters']} timed batches per row; guidance {cfg['guidance']}; latency is "
+        "end to end per batch (tokenize, noise, text encoder, LCM loop, VAE decode); stage times are the backend's "
+        "own split; peak memory is CUDA max_memory_allocated on a GPU and the process's peak RSS on a CPU\n\n"
+        + markdown_table(result["rows"])
+    )
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{r['backend']} {r['steps']} steps {r['height']}x{r['width']}"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str, label=_label) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(label(r), []).append(r)
+    for name, items in series.items():
+        items = sorted(items, key=lambda r: r["batch_size"])
+        xs = [r["batch_size"] for r in items]
+        axes[0].plot(xs, [r["p50_ms"] for r in items], marker="o", label=name)
+        axes[1].plot(xs, [r["throughput_img_s"] for r in items], marker="o", label=name)
+    for ax, ylabel in zip(axes, ("p50 latency per batch (ms)", "throughput (images/s)")):
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(result: dict[str, Any], out: Path, name: str) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["md"].write_text(_markdown(result))
+    env = result["environment"]
+    plot(result["rows"], paths["png"], f"{result['config']['model']} on {env['device']} ({env['date'][:10]})")
+    return paths
+
+
+def compare(files: list[str | Path], out: str | Path, name: str = "bench-compare") -> dict[str, Any]:
+    """Merge bench result files (any machines, any GPUs) into one table and one plot."""
+    if len(files) < 1:
+        raise InvalidInputError("files: give at least one bench JSON file", param="files")
+    merged, sources = [], []
+    for file in files:
+        path = Path(file)
+        try:
+            result = json.loads(path.read_text())
+            rows, env = result["rows"], result["environment"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InvalidInputError(f"files: {path} is not a bench result ({exc})", param="files") from exc
+        sources.append({"file": str(path), "device": env["device"], "machine": env["machine"], "date": env["date"],
+                        "model": result["config"]["model"]})
+        merged.extend({**r, "device": env["device"], "machine": env["machine"]} for r in rows)
+    merged.sort(key=lambda r: (r["steps"], r["height"], r["width"], r["batch_size"], r["device"], r["backend"]))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"sources": sources, "rows": merged}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    listing = "\n".join(f"- {s['file']}: {s['model']} on {s['device']} ({s['machine']}, {s['date']})" for s in sources)
+    (out / f"{name}.md").write_text(f"# lcmserve bench comparison\n\n{listing}\n\n" + markdown_table(merged, True))
+    plot(merged, out / f"{name}.png", "lcmserve bench comparison",
+         label=lambda r: f"{r['device']}: {_label(r)}")
+    return result
+
+
+__all__ = ["BASELINE", "BenchConfig", "compare", "run_bench"]

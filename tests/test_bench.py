@@ -1,0 +1,78 @@
+"""`lcmserve bench` end to end on a tiny preset (1 iteration) and `bench compare`."""
+
+import json
+
+import pytest
+
+from lcmserve.cli import main
+from lcmserve.engine.bench import BenchConfig, compare, summarize
+from lcmserve.errors import InvalidInputError
+
+
+def test_summarize_percentiles_and_throughput():
+    stats = summarize([0.1, 0.2, 0.3, 0.4], batch_size=4)
+    assert stats["p50_ms"] == pytest.approx(250.0)
+    assert stats["p99_ms"] == pytest.approx(397.0)
+    assert stats["throughput_img_s"] == pytest.approx(4 / 0.25)
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"backends": ("tvm",)}, "backends"), ({"batch_sizes": (33,)}, "batch_sizes"), ({"steps": (0,)}, "steps"),
+    ({"iters": 0}, "iters"), ({"warmup": -1}, "warmup"), ({"resolutions": ((100, 64),)}, "resolutions"),
+    ({"backends": (), "baseline": False}, "backends"),
+    ({"threads": 0}, "threads"),
+])
+def test_bench_config_checks(kwargs, param):
+    with pytest.raises(InvalidInputError) as info:
+        BenchConfig(**kwargs)
+    assert info.value.param == param
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("bench")
+    code = main(["bench", "--model", "preset:tiny-sd", "--backends", "torch,onnx", "--batch-sizes", "1,2",
+                 "--steps", "1", "--resolutions", "32x32", "--warmup", "0", "--iters", "2", "--device", "cpu",
+                 "--cache-dir", str(out / "cache"), "--exporter", "legacy", "--out", str(out), "--name", "run", "-q"])
+    assert code == 0
+    return out
+
+
+def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
+    result = json.loads((bench_run / "run.json").read_text())
+    rows = result["rows"]
+    assert {(r["backend"], r["batch_size"]) for r in rows} == {
+        (b, n) for b in ("torch", "onnx", "diffusers") for n in (1, 2)
+    }
+    for r in rows:
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["throughput_img_s"] > 0 and r["peak_memory_mb"] > 0
+        assert r["speedup_vs_diffusers"] > 0
+        if r["backend"] != "diffusers":
+            assert r["unet_ms"] > 0 and r["vae_ms"] > 0 and r["text_ms"] > 0
+    env = result["environment"]
+    assert env["device_type"] == "cpu" and env["versions"]["torch"] and env["date"]
+    assert "| onnx | 2 | 1 | 32x32 |" in (bench_run / "run.md").read_text()
+    assert (bench_run / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_merges_runs_from_two_machines(bench_run, tmp_path):
+    first = json.loads((bench_run / "run.json").read_text())
+    second = json.loads(json.dumps(first))
+    second["environment"]["device"] = "NVIDIA A6000"
+    for r in second["rows"]:
+        r["p50_ms"] /= 10
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    assert main(["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path),
+                 "--name", "both"]) == 0
+    merged = json.loads((tmp_path / "both.json").read_text())
+    assert len(merged["rows"]) == 2 * len(first["rows"])
+    assert {r["device"] for r in merged["rows"]} == {first["environment"]["device"], "NVIDIA A6000"}
+    table = (tmp_path / "both.md").read_text()
+    assert "| NVIDIA A6000 | torch | 1 | 1 | 32x32 |" in table
+    assert (tmp_path / "both.png").stat().st_size > 0
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(InvalidInputError, match="is not a bench result"):
+        compare([tmp_path / "junk.json"], tmp_path)

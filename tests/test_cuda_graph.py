@@ -1,0 +1,143 @@
+"""CUDA-graph backend: buckets, padding and the static-buffer program (CPU); capture itself on a GPU."""
+
+import pytest
+import torch
+
+from lcmserve.engine import LCMSampler, Row
+from lcmserve.engine.backends import BucketSet, CudaGraphBackend, CudaGraphConfig, TorchBackend, pad_batch
+from lcmserve.errors import InvalidInputError
+from lcmserve.models import load_model
+from lcmserve.models.loading import _to_lcm_model
+from lcmserve.models.presets import build_preset_pipeline
+
+ROWS = [Row("a red circle", 1, 8.0), Row("a cat", 2, 1.0), Row("blue square", 3, 3.5)]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("preset:tiny-sd", device="cpu", dtype="float32")
+
+
+def test_bucket_set_sorts_and_checks():
+    buckets = BucketSet.parse("8,1,4,2", "4,2", "64x64,32")
+    assert buckets.batch_sizes == (1, 2, 4, 8) and buckets.steps == (2, 4)
+    assert buckets.resolutions == ((32, 32), (64, 64))
+    assert len(buckets.buckets()) == 4 * 2 * 2
+    for kwargs, param in [
+        ({"batch_sizes": ()}, "batch_sizes"), ({"batch_sizes": (0, 2)}, "batch_sizes"),
+        ({"batch_sizes": (65,)}, "batch_sizes"), ({"steps": (9,)}, "steps"),
+        ({"resolutions": ((100, 64),)}, "resolutions"), ({"resolutions": ((64,),)}, "resolutions"),
+    ]:
+        with pytest.raises(InvalidInputError) as info:
+            BucketSet(**kwargs)
+        assert info.value.param == param
+    with pytest.raises(InvalidInputError, match="HEIGHTxWIDTH"):
+        BucketSet.parse("1", "4", "64xbig")
+
+
+def test_choose_picks_the_smallest_bucket_that_holds_the_batch():
+    buckets = BucketSet((1, 2, 4, 8), (4,), ((64, 64),))
+    assert [buckets.choose(n, 4, 64, 64).batch_size for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+    largest = r"batch_size must be in \[1, 8\] \(the largest built bucket\); got 9"
+    with pytest.raises(InvalidInputError, match=largest) as info:
+        buckets.choose(9, 4, 64, 64)
+    assert info.value.param == "batch_size"
+    with pytest.raises(InvalidInputError, match=r"steps must be one of the built step counts \[4\]; got 2"):
+        buckets.choose(1, 2, 64, 64)
+    with pytest.raises(InvalidInputError, match="built resolution .64x64.; got 64x128"):
+        buckets.choose(1, 4, 64, 128)
+
+
+def test_pad_batch_repeats_the_last_row_and_keeps_the_others(tiny):
+    sampler = LCMSampler(tiny)
+    batch, _ = sampler.make_batch(ROWS, 2, 32, 32)
+    padded = pad_batch(batch, 5)
+    assert padded.noise.shape[1] == 5 and padded.input_ids[0].shape[0] == 5
+    torch.testing.assert_close(padded.noise[:, :3], batch.noise, rtol=0, atol=0)
+    torch.testing.assert_close(padded.noise[:, 4], batch.noise[:, 2], rtol=0, atol=0)
+    assert padded.guidance_scale.tolist() == [8.0, 1.0, 3.5, 3.5, 3.5]
+    assert pad_batch(batch, 3) is batch
+    with pytest.raises(ValueError):
+        pad_batch(batch, 2)
+
+
+def test_capture_needs_a_gpu_and_cpu_rejects_float16(tiny):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(InvalidInputError, match="needs the model on a CUDA GPU") as info:
+        CudaGraphBackend(tiny, CudaGraphConfig(BucketSet((1,), (2,), ((32, 32),))))
+    assert info.value.param == "backend"
+    half = load_model("preset:tiny-sd", device="cpu", dtype="float32")
+    half.unet.half()
+    with pytest.raises(InvalidInputError, match="dtype must be float32 or bfloat16 on CPU; got 'float16'"):
+        CudaGraphBackend(half, CudaGraphConfig(BucketSet((1,), (2,), ((32, 32),)), capture=False))
+    with pytest.raises(InvalidInputError, match="warmup_iters"):
+        CudaGraphConfig(warmup_iters=0)
+
+
+def _static_backend(model, **kwargs):
+    buckets = BucketSet((1, 4), (2,), ((32, 32),))
+    return CudaGraphBackend(model, CudaGraphConfig(buckets, capture=False, **kwargs))
+
+
+def test_static_program_matches_eager_and_never_rebuilds(tiny):
+    backend = _static_backend(tiny)
+    assert backend.builds == 2  # both buckets at start-up
+    eager, graphed = LCMSampler(tiny), LCMSampler(tiny, backend=backend)
+    steps_seen = []
+    for rows in (ROWS, ROWS[:1], ROWS[1:], ROWS):  # 3 rows pad to 4; 1 row; 2 rows pad to 4
+        expected = eager.run_rows(rows, 2, 32, 32).images
+        got = graphed.run_rows(rows, 2, 32, 32, on_step=lambda i, x: steps_seen.append((i, x.shape[0]))).images
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert backend.builds == 2
+    assert steps_seen[:2] == [(0, 3), (1, 3)]
+    result = graphed.run_rows(ROWS, 2, 32, 32)
+    assert result.times.unet_s > 0 and result.times.vae_s > 0
+
+
+def test_static_program_classifier_free_guidance_matches_eager():
+    """A base model (LCM-LoRA style) takes CFG: the graph always runs it; w <= 1 rows keep the conditional."""
+    model = _to_lcm_model(build_preset_pipeline("tiny-sd", lcm=False, seed=2), "tiny-base", None, torch.device("cpu"))
+    assert model.guidance_mode == "cfg"
+    backend = _static_backend(model)
+    for rows in (ROWS, [Row("a cat", 5, 1.0)]):
+        expected = LCMSampler(model).run_rows(rows, 2, 32, 32).images
+        got = LCMSampler(model, backend=backend).run_rows(rows, 2, 32, 32).images
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_unbuilt_shapes_are_clear_errors(tiny):
+    sampler = LCMSampler(tiny, backend=_static_backend(tiny))
+    with pytest.raises(InvalidInputError, match="batch_size must be in \\[1, 4\\]"):
+        sampler.run_rows(ROWS + ROWS, 2, 32, 32)
+    with pytest.raises(InvalidInputError, match="steps must be one of the built step counts"):
+        sampler.run_rows(ROWS, 4, 32, 32)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol", [("float16", 2e-2), ("bfloat16", 6e-2)])
+def test_captured_matches_eager_on_gpu(dtype, atol):
+    model = load_model("preset:tiny-sd", device="cuda", dtype=dtype)
+    backend = CudaGraphBackend(model, CudaGraphConfig(BucketSet((1, 2, 4), (1, 4), ((64, 64),))))
+    captures = backend.captures
+    assert captures == 3 * 3 * 2  # text, loop, vae per bucket
+    eager, graphed = LCMSampler(model, backend=TorchBackend(model)), LCMSampler(model, backend=backend)
+    for rows, steps in ((ROWS, 4), (ROWS[:1], 4), (ROWS[:2], 1), (ROWS, 4)):
+        expected = eager.run_rows(rows, steps, 64, 64).images
+        got = graphed.run_rows(rows, steps, 64, 64).images
+        torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+    assert backend.captures == captures and backend.builds == 6  # no capture per request
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [False, True])
+def test_captured_cfg_and_compiled_on_gpu(compile_):
+    pipe = build_preset_pipeline("tiny-sd", lcm=False, seed=2, dtype=torch.float16)
+    model = _to_lcm_model(pipe, "tiny-base", None, torch.device("cuda"))
+    backend = CudaGraphBackend(model, CudaGraphConfig(BucketSet((4,), (2,), ((64, 64),)), compile=compile_))
+    expected = LCMSampler(model).run_rows(ROWS, 2, 64, 64).images
+    got = LCMSampler(model, backend=backend).run_rows(ROWS, 2, 64, 64).images
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)
