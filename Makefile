@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned first so that no dependency can pull a multi-GB CUDA build of torch on a CPU machine;
 # on a GPU machine run e.g. `make TORCH_SPEC="torch==2.13.0" EXTRAS=dev,server,onnx,gpu`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,server
+EXTRAS ?= dev,server,onnx
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))

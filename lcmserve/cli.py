@@ -69,7 +69,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt, num_images=args.num_images, steps=args.steps, guidance_scale=args.guidance,
         width=args.width, height=args.height, seed=args.seed,
     )
-    sampler.resolve(request)  # every bad value is reported before any work
+    resolved = sampler.resolve(request)  # every bad value is reported before any work
+    if args.backend != "torch":
+        sampler.backend = _generate_backend(args, model, resolved)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = -(-args.num_images // args.batch_size)
@@ -97,6 +99,96 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_backend(args: argparse.Namespace, model, resolved):
+    from lcmserve.engine.backends import BucketSet, create_backend
+
+    # Compiled backends build just what this run needs: its steps, its size, batch buckets up to --batch-size.
+    sizes = tuple(sorted({min(2**i, args.batch_size) for i in range(7)}))
+    buckets = BucketSet(sizes, (resolved.steps,), ((resolved.height, resolved.width),))
+    return create_backend(args.backend, model, buckets=buckets, cache_dir=args.cache_dir, compile=args.compile,
+                          exporter=args.exporter, progress=not args.quiet)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lcmserve.engine.cache import default_cache_dir
+    from lcmserve.engine.export import export_model, write_export_index
+
+    model = _load(args)
+    height = args.height or model.native_size
+    width = args.width or model.native_size
+    out = Path(args.out) if args.out else default_cache_dir()
+    paths = export_model(model, out / "onnx", height, width, exporter=args.exporter, progress=True)
+    index = write_export_index(model, out, paths, height, width)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    print(f"wrote {index}; use it with --backend onnx --cache-dir {out}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    from lcmserve.engine.export import EXPORTERS
+
+    ex = sub.add_parser("export", help="export text encoder(s), UNet and VAE decoder to ONNX (dynamic batch), cached")
+    _add_model_args(ex, None)
+    ex.add_argument("--out", default=None, help="cache folder (default: $LCMSERVE_CACHE or ~/.cache/lcmserve)")
+    ex.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
+    ex.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
+    ex.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
+                    help="torch.onnx exporter: dynamo (default) or legacy (TorchScript tracer, faster, deprecated)")
+    ex.set_defaults(func=cmd_export)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lcmserve.engine.backends.buckets import parse_resolutions
+    from lcmserve.engine.bench import BenchConfig, compare, run_bench
+
+    if args.bench_command == "compare":
+        compare(args.files, args.out, args.name)
+        print((Path(args.out) / f"{args.name}.md").read_text())
+        return 0
+    cfg = BenchConfig(
+        model=args.model, backends=tuple(b for b in args.backends.split(",") if b), batch_sizes=tuple(args.batch_sizes),
+        steps=tuple(args.steps), resolutions=parse_resolutions(args.resolutions), warmup=args.warmup, iters=args.iters,
+        baseline=not args.no_baseline, device=args.device, dtype=args.dtype, guidance=args.guidance,
+        cache_dir=args.cache_dir, compile=args.compile, exporter=args.exporter, threads=args.threads,
+        out=args.out, name=args.name,
+        progress=not args.quiet,
+    )
+    run_bench(cfg)
+    print((Path(cfg.out) / f"{cfg.name}.md").read_text())
+    return 0
+
+
+def _add_bench(sub) -> None:
+    bn = sub.add_parser("bench", help="latency/throughput of the backends vs diffusers (JSON, markdown, plot); "
+                        "`bench compare A.json B.json` merges runs")
+    bn.add_argument("--model", default="preset:tiny-sd", help="model to load (default preset:tiny-sd)")
+    bn.add_argument("--backends", default="torch", help="comma list of torch, cuda-graph, onnx, tensorrt")
+    bn.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma list in [1, 32] (default 1,8)")
+    bn.add_argument("--steps", type=_int_list, default=[4], help="comma list in [1, 8] (default 4)")
+    bn.add_argument("--resolutions", default="", help="comma list HEIGHTxWIDTH (default: the model's size)")
+    bn.add_argument("--warmup", type=int, default=1, help="untimed batches per row (default 1)")
+    bn.add_argument("--iters", type=int, default=5, help="timed batches per row (default 5)")
+    bn.add_argument("--no-baseline", action="store_true", help="skip diffusers' pipeline")
+    bn.add_argument("--device", default="auto")
+    bn.add_argument("--dtype", default="auto")
+    bn.add_argument("--guidance", type=float, default=8.0)
+    bn.add_argument("--cache-dir", default=None, help="ONNX/TensorRT cache (default $LCMSERVE_CACHE)")
+    bn.add_argument("--compile", action="store_true", help="torch.compile inside cuda-graph")
+    bn.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
+    bn.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of torch and ONNX Runtime (default: theirs; 1 on a shared CPU)")
+    bn.add_argument("--out", default="docs/results")
+    bn.add_argument("--name", default="bench", help="file stem of the results (default bench)")
+    bn.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bn.set_defaults(func=cmd_bench, bench_command=None)
+    bsub = bn.add_subparsers(dest="bench_command")
+    cp = bsub.add_parser("compare", help="merge bench JSON files (several machines/GPUs) into one table and plot")
+    cp.add_argument("files", nargs="+", help="bench result JSON files")
+    cp.add_argument("--out", default="docs/results")
+    cp.add_argument("--name", default="bench-compare")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     info = _load(args).describe()
     if args.json:
@@ -115,6 +207,7 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
     cfg = StageConfig(
         stage=args.stage, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every, bf16=args.bf16, clip_dir=args.clip, vae_dir=args.vae,
+        latent_cache=args.latent_cache, init_unet=args.init_unet, warmup_steps=args.warmup_steps,
     )
     print(f"trained {cfg.stage}: {train(cfg)}")
     return 0
@@ -233,12 +326,17 @@ def _add_shapes(sub) -> None:
     tr.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     tr.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
     tr.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only with native bf16 support)")
-    tr.add_argument("--clip", default=None, help="teacher: the trained clip run folder")
-    tr.add_argument("--vae", default=None, help="teacher: the trained vae run folder")
+    tr.add_argument("--clip", default=None, help="teacher: the trained clip run folder, or `shipped`")
+    tr.add_argument("--vae", default=None, help="teacher: the trained vae run folder, or `shipped`")
+    tr.add_argument("--latent-cache", type=int, default=20000,
+                    help="teacher: training scenes VAE-encoded once up front (0: render and encode every step)")
+    tr.add_argument("--init-unet", default=None,
+                    help="teacher: start from this UNet (a unet folder or a pipeline folder, e.g. the shipped teacher)")
+    tr.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps of the learning rate")
     tr.set_defaults(func=cmd_shapes_train)
     bd = ssub.add_parser("bundle", help="assemble trained runs into the shipped float16 weights")
     for flag in ("clip", "vae", "teacher", "classifier"):
-        bd.add_argument(f"--{flag}", required=True, help=f"the {flag} run folder")
+        bd.add_argument(f"--{flag}", required=True, help=f"the {flag} run folder, or `shipped` to keep the shipped one")
     bd.add_argument("-o", "--output", default=None, help="destination (default: the package's weights folder)")
     bd.set_defaults(func=cmd_shapes_bundle)
     rd = ssub.add_parser("render", help="render captioned scenes (PNG files, captions.jsonl, grid.png)")
@@ -265,6 +363,28 @@ def _add_serve(sub) -> None:
     sv.set_defaults(func=cmd_serve)
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from lcmserve.distill import distill
+    from lcmserve.distill.config import from_args
+
+    result = distill(from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not per process under torchrun / accelerate launch
+        print(f"distilled ({args.mode}) steps {result.start_step}..{result.steps} in {result.wall_s:.0f} s: "
+              f"{result.out}")
+    return 0
+
+
+def _add_distill(sub) -> None:
+    from lcmserve.distill.config import add_arguments
+
+    ds = sub.add_parser("distill", help="distil a teacher into an LCM (lcd), an LCM-LoRA (lora), or fine-tune an "
+                        "LCM (lcf); resumable, multi-process with accelerate launch / torchrun",
+                        description="See docs/distill.md. Re-running with the same --out resumes from its newest "
+                        "checkpoint.")
+    add_arguments(ds)
+    ds.set_defaults(func=cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lcmserve.models import DEFAULT_MODEL
 
@@ -287,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=["png", "jpeg", "webp"], default="png", help="image file format")
     gen.add_argument("-o", "--output", default="out", help="output folder (default out/)")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--backend", choices=["torch", "cuda-graph", "onnx", "tensorrt"], default="torch",
+                     help="engine backend (default torch, the eager reference)")
+    gen.add_argument("--cache-dir", default=None,
+                     help="ONNX/TensorRT cache (default $LCMSERVE_CACHE or ~/.cache/lcmserve)")
+    gen.add_argument("--compile", action="store_true", help="cuda-graph: torch.compile the UNet and VAE")
+    gen.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="describe a model: family, guidance mode, sizes, parameter counts")
@@ -297,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_serve(sub)
     _add_loadtest(sub)
+    _add_export(sub)
+    _add_bench(sub)
+    _add_distill(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ limits), ``slow`` (a 4-row queue whose batches wait 3 s and a 1 s deadline: 429 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 import signal
@@ -425,10 +426,10 @@ def test_config_layers_and_errors():
     assert (config.host, config.port, config.grpc_port, config.api_key) == ("127.0.0.1", 8000, 50051, None)
     config = ServerConfig.load({"port": "9000"}, {"LCMSERVE_PORT": "8001", "LCMSERVE_MAX_IMAGES": "2",
                                                   "LCMSERVE_CORS_ORIGINS": "http://a.test,http://b.test",
-                                                  "LCMSERVE_AUTH_METRICS": "true", "LCMSERVE_API_KEY": "k"})
+                                                  "LCMSERVE_AUTH_METRICS": "true", "LCMSERVE_API_KEY": "s3cr3t"})
     assert (config.port, config.max_images, config.auth_metrics) == (9000, 2, True)
     assert config.cors_origins == ("http://a.test", "http://b.test")
-    assert "k" not in repr(config) and config.to_dict()["api_key"] == "<redacted>"
+    assert "s3cr3t" not in repr(config) and config.to_dict()["api_key"] == "<redacted>"
     with pytest.raises(InvalidInputError, match="LCMSERVE_PORT: port must be an integer") as info:
         ServerConfig.load({}, {"LCMSERVE_PORT": "http"})
     assert info.value.param == "port"
@@ -488,3 +489,32 @@ def test_schemathesis_no_server_errors():
     finally:
         client.close(5.0)
         torch.set_num_threads(threads)
+
+
+def test_backend_flag_picks_the_engine_backend(monkeypatch):
+    import lcmserve.engine.backends as backends
+    from lcmserve.server.app import build_client
+    from lcmserve.server.metrics import ServerMetrics
+
+    with pytest.raises(InvalidInputError, match="--backend: backend must be one of torch, cuda-graph, onnx, tensorrt"):
+        ServerConfig.load({"backend": "jax"}, {})
+    config = ServerConfig.load({}, {"LCMSERVE_BACKEND": "cuda-graph", "LCMSERVE_MAX_BATCH_SIZE": "6"})
+    config = dataclasses.replace(config, model="preset:tiny-sd", device="cpu", dtype="float32")
+    with pytest.raises(InvalidInputError, match="needs the model on a CUDA GPU") as info:
+        build_client(config, ServerMetrics())
+    assert info.value.param == "backend"
+    # What the server asks of a compiled backend: every batch size it can form, every step count, native size.
+    seen = {}
+
+    def fake_create(name, model, **kwargs):
+        seen.update(name=name, **kwargs)
+        return backends.TorchBackend(model)
+
+    monkeypatch.setattr(backends, "create_backend", fake_create)
+    build_client(dataclasses.replace(config, backend="tensorrt", cache_dir="/tmp/x"), ServerMetrics())
+    buckets = seen["buckets"]
+    assert seen["name"] == "tensorrt" and seen["cache_dir"] == "/tmp/x"
+    assert buckets.batch_sizes == (1, 2, 4, 6) and buckets.steps == tuple(range(1, 9))
+    assert buckets.resolutions == ((64, 64),)
+    default = build_client(dataclasses.replace(config, backend="torch"), ServerMetrics())
+    assert isinstance(default.sampler.backend, backends.TorchBackend)

@@ -47,7 +47,13 @@ def test_full_chain_writes_a_pipeline_diffusers_loads(tmp_path):
 
     clip = T.train(tiny("clip", tmp_path / "clip"))
     vae = T.train(tiny("vae", tmp_path / "vae"))
-    teacher = T.train(tiny("teacher", tmp_path / "teacher", clip_dir=str(clip), vae_dir=str(vae)))
+    teacher = T.train(tiny("teacher", tmp_path / "teacher", clip_dir=str(clip), vae_dir=str(vae), latent_cache=8))
+    cache = torch.load(tmp_path / "teacher" / "latent-cache.pt", weights_only=False)
+    assert cache["mean"].shape == (8, 4, 16, 16) and (cache["std"] > 0).all()
+    # Rendering and encoding every step trains too, and a second UNet can start from the first.
+    again = T.train(tiny("teacher", tmp_path / "teacher2", clip_dir=str(clip), vae_dir=str(vae), latent_cache=0,
+                         init_unet=str(teacher / "unet")))
+    assert not (again / "latent-cache.pt").exists() and (again / "unet" / "config.json").exists()
     classifier = T.train(tiny("classifier", tmp_path / "cls"))
     out = bundle(clip, vae, teacher, classifier, tmp_path / "weights")
     assert json.loads((out / "training-configs.json").read_text())["teacher"]["steps"] == 4

@@ -39,3 +39,24 @@ def test_shipped_files_match_the_builder(tmp_path):
 
 def test_vocabulary_is_deterministic():
     assert build_clip_bpe(["b", "a", "ab"]) == build_clip_bpe(["ab", "a", "b"])
+
+
+def test_every_listed_word_is_one_token_even_when_merges_overlap(tmp_path):
+    # BPE merges by rank over the whole word: "a n" (from "and") once split "triangle" and
+    # "orange" into pieces, and long shapes captions were cut at the model's 32 tokens.
+    words = ["and", "an", "right", "triangle", "orange", "yellow", "low", "lower", "tri", "angle"]
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(words, tmp_path))
+    for word in words:
+        assert tok.tokenize(word) == [word + "</w>"], word
+    for word in PRESET_WORDS:
+        assert len(CLIPTokenizer.from_pretrained(tokenizer_path()).tokenize(word)) == 1, word
+
+
+def test_every_shapes_caption_fits_the_domain_tokenizer(tmp_path):
+    from lcmserve.shapes.models import MAX_TOKENS, write_tokenizer
+    from lcmserve.shapes.scenes import caption_for_index, vocabulary
+
+    tok = write_tokenizer(tmp_path)
+    assert [w for w in vocabulary() if len(tok.tokenize(w)) != 1] == []
+    lengths = [len(tok(caption_for_index(i, split)[1]).input_ids) for split in ("train", "heldout") for i in range(2000)]
+    assert max(lengths) <= MAX_TOKENS

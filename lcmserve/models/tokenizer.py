@@ -42,25 +42,45 @@ def _byte_symbols() -> list[str]:
     return [chr(codes[i]) for i in order]
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
 def build_clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
-    """Vocabulary and merge list in CLIP's format: byte symbols, word merge chains, specials."""
+    """Vocabulary and merge list in CLIP's format: byte symbols, merges that make each word one token, specials.
+
+    BPE applies merges by rank across the whole word, not left to right, so a merge added for
+    one word ("a n" for "and") can split another ("triangle" -> "tri", "an", ...). Each word is
+    therefore run through the merges so far and only the merges still missing are appended:
+    a later merge has a larger rank than every merge an earlier word uses, so it never changes
+    how an earlier word splits, and every listed word ends as exactly one token.
+    """
     symbols = _byte_symbols()
     vocab_tokens = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     seen = set(vocab_tokens)
     for word in sorted({w.lower() for w in words if w}):
-        # CLIP marks the last symbol of a word with </w>, then merges left to right.
+        # CLIP marks the last symbol of a word with </w>.
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         if any(p.replace("</w>", "") not in symbols for p in pieces):
             raise ValueError(f"words: {word!r} has characters outside CLIP's byte table; use ASCII words")
+        pieces = _bpe(pieces, ranks)
         while len(pieces) > 1:
-            pair = f"{pieces[0]} {pieces[1]}"
+            ranks[(pieces[0], pieces[1])] = len(merges)
+            merges.append(f"{pieces[0]} {pieces[1]}")
             merged = pieces[0] + pieces[1]
             if merged not in seen:
-                merges.append(pair)
                 vocab_tokens.append(merged)
                 seen.add(merged)
-            pieces = [merged] + pieces[2:]
+            pieces = _bpe([merged] + pieces[2:], ranks)
     vocab_tokens += [BOS_TOKEN, EOS_TOKEN]
     return {tok: i for i, tok in enumerate(vocab_tokens)}, merges
 

@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from lcmserve.engine.request import Limits
+from lcmserve.engine.request import MAX_STEPS, MIN_STEPS
 from lcmserve.engine.sampler import LCMSampler
 from lcmserve.server.client import EngineClient
 from lcmserve.server.config import ServerConfig
@@ -41,6 +42,12 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
         logger.warning("model %s has random weights: its images are noise (use it to measure speed)", config.model)
     limits = Limits.for_native_size(model.native_size, max_images=config.max_images)
     sampler = LCMSampler(model, limits=limits, max_batch_size=config.max_batch_size)
+    if config.backend != "torch":
+        from lcmserve.engine.backends import BucketSet, create_backend
+
+        sizes = tuple(sorted({min(2**i, config.max_batch_size) for i in range(11)}))
+        buckets = BucketSet(sizes, tuple(range(MIN_STEPS, MAX_STEPS + 1)), ((model.native_size, model.native_size),))
+        sampler.backend = create_backend(config.backend, model, buckets=buckets, cache_dir=config.cache_dir)
     client = EngineClient(sampler, config.model, config.batcher_config,
                           on_batch=metrics.on_batch, on_failure=metrics.on_failure)
     metrics.bind_client(client)
@@ -111,8 +118,9 @@ async def _serve(config: ServerConfig, client: EngineClient, metrics: ServerMetr
         # 1. readyz and new requests answer 503 from here on; queued work runs without waiting to fill
         client.drain()
         # 2. in-flight work finishes (or fails with 503 after the grace); then the listeners stop
-        await grpc_server.stop(config.drain_grace_s)
-        finished = await asyncio.to_thread(client.close, config.drain_grace_s)
+        # (both within one grace period: a Kubernetes termination grace sized to it stays enough)
+        _, finished = await asyncio.gather(grpc_server.stop(config.drain_grace_s),
+                                           asyncio.to_thread(client.close, config.drain_grace_s))
         logger.info("engine drained (%s); stopping HTTP", "all work finished" if finished else
                     f"drain_grace_s={config.drain_grace_s} passed; the rest got 503")
         server.should_exit = True

@@ -43,6 +43,11 @@ class ServerConfig:
     unet: str | None = field(default=None, metadata=_doc("an LCM UNet folder that replaces the pipeline's UNet"))
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     dtype: str = field(default="auto", metadata=_doc("auto, float32, bfloat16 or float16"))
+    backend: str = field(default="torch", metadata=_doc(
+        "engine backend: torch, cuda-graph, onnx or tensorrt (compiled ones build every batch size "
+        "up to max_batch_size in powers of two, steps 1-8, the model's native size, at start-up)"))
+    cache_dir: str | None = field(default=None, metadata=_doc(
+        "where exported ONNX graphs and TensorRT engines are kept (default $LCMSERVE_CACHE or ~/.cache/lcmserve)"))
     # 3. batching ----------------------------------------------------------------------------
     max_batch_size: int = field(default=8, metadata=_doc("rows (images) per engine call, 1-1024"))
     max_queue_delay_ms: float = field(default=10.0, metadata=_doc(
@@ -77,6 +82,10 @@ class ServerConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidInputError.out_of_range("model", self.model, "a diffusers folder, Hub id or preset:NAME")
         _check_float("lora_scale", self.lora_scale, 0.0, 10.0)
+        from lcmserve.engine.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise InvalidInputError.out_of_range("backend", self.backend, "one of " + ", ".join(BACKENDS))
         _check_int("max_batch_size", self.max_batch_size, 1, 1024)
         _check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 60000.0)
         _check_int("max_queue_rows", self.max_queue_rows, 1, 1_000_000)

@@ -110,6 +110,7 @@ def load_stubs() -> tuple[ModuleType, ModuleType]:
         # compile into a private folder and rename it into place, so racing processes never
         # import a half-written stub
         work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+        work.chmod(0o755)  # mkdtemp makes it private; a shared cache (a container image) must be readable
         (work / "lcmserve.proto").write_bytes(source)
         include = str(resources.files("grpc_tools") / "_proto")
         rc = protoc.main(["grpc_tools.protoc", f"-I{work}", f"-I{include}", f"--python_out={work}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +31,20 @@ def bundled(name: str) -> Path:
     return path
 
 
+def model_dir(run: str | Path, part: str = "model") -> Path:
+    """A stage's weights: ``run/model`` for a training run folder, else the folder itself (shipped layout)."""
+    run = Path(run)
+    return run / part if (run / part).is_dir() else run
+
+
+def resolve_run(run: str | Path | None, stage: str) -> Path | None:
+    """``shipped`` names the component inside the package (to retrain one stage on top of the others)."""
+    if run != "shipped":
+        return Path(run) if run else None
+    return {"clip": bundled(CLIP), "vae": bundled(TEACHER) / "vae", "teacher": bundled(TEACHER),
+            "classifier": bundled(CLASSIFIER)}[stage]
+
+
 def assemble_teacher(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, out: str | Path,
                      dtype: torch.dtype = torch.float16) -> Path:
     """A diffusers StableDiffusionPipeline folder: domain CLIP text tower, VAE, teacher UNet, DDIM."""
@@ -38,15 +53,15 @@ def assemble_teacher(clip_run: str | Path, vae_run: str | Path, teacher_run: str
 
     from lcmserve.shapes.models import scheduler_config
 
-    clip = CLIPModel.from_pretrained(Path(clip_run) / "model")
+    clip = CLIPModel.from_pretrained(model_dir(clip_run), dtype=torch.float32)
     text_encoder = CLIPTextModel(clip.config.text_config)
     # transformers 5 nests a CLIPTextModel in CLIPModel; 4.x nests the bare transformer.
     getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(Path(vae_run) / "model"),
+        vae=AutoencoderKL.from_pretrained(model_dir(vae_run), dtype=torch.float32),
         text_encoder=text_encoder.eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(Path(clip_run) / "tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(Path(teacher_run) / "unet"),
+        tokenizer=CLIPTokenizer.from_pretrained(model_dir(clip_run, "tokenizer")),
+        unet=UNet2DConditionModel.from_pretrained(model_dir(teacher_run, "unet"), dtype=torch.float32),
         scheduler=DDIMScheduler(**scheduler_config(), timestep_spacing="trailing"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -63,14 +78,26 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
 
     out = Path(out) if out else weights_dir()
     out.mkdir(parents=True, exist_ok=True)
-    for name in (TEACHER, CLIP):
-        shutil.rmtree(out / name, ignore_errors=True)
-    assemble_teacher(clip_run, vae_run, teacher_run, out / TEACHER)
-    CLIPModel.from_pretrained(Path(clip_run) / "model").to(torch.float16).save_pretrained(out / CLIP)
-    CLIPTokenizer.from_pretrained(Path(clip_run) / "tokenizer").save_pretrained(out / CLIP)
-    state = load_file(Path(classifier_run) / "classifier.safetensors")
-    save_file({k: v.to(torch.float16) for k, v in state.items()}, out / CLASSIFIER)
+    clip_run, vae_run, teacher_run, classifier_run = (
+        resolve_run(r, s) for r, s in ((clip_run, "clip"), (vae_run, "vae"), (teacher_run, "teacher"),
+                                       (classifier_run, "classifier")))
+    classifier_file = classifier_run if classifier_run.is_file() else classifier_run / "classifier.safetensors"
+    # Build in a temporary folder first: the inputs may be the shipped weights being replaced.
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        assemble_teacher(clip_run, vae_run, teacher_run, tmp / TEACHER)
+        CLIPModel.from_pretrained(model_dir(clip_run)).to(torch.float16).save_pretrained(tmp / CLIP)
+        CLIPTokenizer.from_pretrained(model_dir(clip_run, "tokenizer")).save_pretrained(tmp / CLIP)
+        state = load_file(classifier_file)
+        save_file({k: v.to(torch.float16) for k, v in state.items()}, tmp / CLASSIFIER)
+        for name in (TEACHER, CLIP, CLASSIFIER):
+            shutil.rmtree(out / name, ignore_errors=True)
+            (tmp / name).rename(out / name)
     runs = {"clip": str(clip_run), "vae": str(vae_run), "teacher": str(teacher_run), "classifier": str(classifier_run)}
-    configs = {k: json.loads((Path(v) / "config.json").read_text()) for k, v in runs.items()}
+    configs = {k: json.loads((Path(v) / "config.json").read_text()) for k, v in runs.items()
+               if (Path(v) / "config.json").is_file() and "stage" in (Path(v) / "config.json").read_text()}
+    previous = out / "training-configs.json"
+    if previous.exists():  # a stage taken from the shipped weights keeps its recorded recipe
+        configs = {**json.loads(previous.read_text()), **configs}
     (out / "training-configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     return out

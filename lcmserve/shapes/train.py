@@ -54,6 +54,8 @@ class StageConfig:
     vae_dir: str | None = None  # teacher: the trained VAE
     caption_dropout: float = 0.1  # teacher: empty captions, for classifier-free guidance
     ema_decay: float = 0.999  # teacher
+    latent_cache: int = 20000  # teacher: scenes pre-encoded by the VAE once (0: render and encode every step)
+    init_unet: str | None = None  # teacher: start from this UNet (a diffusers unet folder or a pipeline folder)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,12 +71,26 @@ class StageConfig:
             raise InvalidInputError.out_of_range("lr", self.lr, "a finite number > 0")
         if not 0 <= self.caption_dropout < 1:
             raise InvalidInputError.out_of_range("caption_dropout", self.caption_dropout, "in [0, 1)")
+        if self.warmup_steps < 0:
+            raise InvalidInputError.out_of_range("warmup_steps", self.warmup_steps, "an integer >= 0")
+        if self.latent_cache < 0:
+            raise InvalidInputError.out_of_range("latent_cache", self.latent_cache, "an integer >= 0")
+        if self.init_unet == "shipped":
+            from lcmserve.shapes.bundle import resolve_run
+
+            self.init_unet = str(resolve_run("shipped", "teacher"))
+        if self.init_unet and not Path(self.init_unet).is_dir():
+            raise InvalidInputError(f"init_unet: no such folder {self.init_unet!r}", param="init_unet")
         if not 0 < self.ema_decay < 1:
             raise InvalidInputError.out_of_range("ema_decay", self.ema_decay, "in (0, 1)")
         if self.stage == "teacher":
+            from lcmserve.shapes.bundle import resolve_run
+
             for key in ("clip_dir", "vae_dir"):
                 path = getattr(self, key)
-                if not path or not Path(path).is_dir():
+                if path == "shipped":
+                    setattr(self, key, str(resolve_run(path, key[:-4])))
+                elif not path or not Path(path).is_dir():
                     raise InvalidInputError(
                         f"{key}: the teacher needs a trained {key[:-4]} folder (train it first with "
                         f"`lcmserve shapes train {key[:-4]}`); got {path!r}", param=key,
@@ -203,23 +219,92 @@ def train_vae(cfg: StageConfig) -> Path:
 
 
 # -- stage 3: the teacher -------------------------------------------------------------------
+def _file_digest(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_latent_cache(vae, vae_dir: Path, seed: int, n: int, path: Path, batch_size: int = 64) -> dict:
+    """Render and VAE-encode ``n`` training scenes once (the encoder costs as much as a UNet step).
+
+    Scenes are ``scene_for_index(i, "train", seed)``; the posterior's mean and std are kept so
+    every step still samples a fresh latent, and captions are still drawn afresh every step.
+    The file is keyed by the VAE's weights, the seed and ``n``: another VAE rebuilds it.
+    """
+    from lcmserve.shapes.data import to_tensor
+    from lcmserve.shapes.scenes import render, scene_for_index
+
+    key = f"{_file_digest(vae_dir)}:{seed}:{n}"
+    if path.exists():
+        cache = torch.load(path, weights_only=False)
+        if cache.get("key") == key:
+            return cache
+        logger.warning("latent cache %s was built for another VAE or size; rebuilding", path)
+    means, stds = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, n, batch_size), desc="encode scenes", unit="batch", dynamic_ncols=True):
+            scenes = [scene_for_index(i, "train", seed) for i in range(start, min(n, start + batch_size))]
+            dist = vae.encode(to_tensor([render(sc) for sc in scenes]) * 2 - 1).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    cache = {"key": key, "mean": torch.cat(means), "std": torch.cat(stds)}
+    _save_atomic(cache, path)
+    return cache
+
+
 def train_teacher(cfg: StageConfig) -> Path:
+    import random
+
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
     from transformers import CLIPModel, CLIPTokenizer
 
+    from lcmserve.shapes.scenes import caption, scene_for_index
+
+    from lcmserve.shapes.bundle import model_dir
+
     out = Path(cfg.out)
-    tokenizer = CLIPTokenizer.from_pretrained(Path(cfg.clip_dir) / "tokenizer")
-    text_encoder = CLIPModel.from_pretrained(Path(cfg.clip_dir) / "model").text_model.eval().requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(Path(cfg.vae_dir) / "model").eval().requires_grad_(False)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir(cfg.clip_dir, "tokenizer"))
+    clip = CLIPModel.from_pretrained(model_dir(cfg.clip_dir), dtype=torch.float32)
+    text_encoder = clip.text_model.eval().requires_grad_(False)
+    vae_dir = model_dir(cfg.vae_dir)
+    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).eval().requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(M.scheduler_config())
     torch.manual_seed(cfg.seed)
-    unet = UNet2DConditionModel(**M.unet_config()).train()
+    if cfg.init_unet:
+        init = Path(cfg.init_unet)
+        init = init / "unet" if (init / "unet").is_dir() else init
+        unet = UNet2DConditionModel.from_pretrained(init, dtype=torch.float32).train()
+    else:
+        unet = UNet2DConditionModel(**M.unet_config()).train()
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
+    cache = None
+    if cfg.latent_cache:
+        cache = build_latent_cache(vae, vae_dir, cfg.seed, cfg.latent_cache, out / "latent-cache.pt")
+        scenes = [scene_for_index(i, "train", cfg.seed) for i in range(cfg.latent_cache)]
+
+    def data(step: int, gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
+        if cache is None:
+            _, captions, images = batch_for_step(cfg.seed, "teacher", step, cfg.batch_size)
+            with torch.no_grad():
+                return captions, vae.encode(images * 2 - 1).latent_dist.sample(generator=gen)
+        rng = random.Random(f"{cfg.seed}:teacher:{step}")
+        idx = [rng.randrange(cfg.latent_cache) for _ in range(cfg.batch_size)]
+        captions = [caption(scenes[i], rng) for i in idx]
+        mean, std = cache["mean"][idx], cache["std"][idx]
+        return captions, mean + std * torch.randn(mean.shape, generator=gen)
 
     def step_fn(step: int) -> torch.Tensor:
-        _, captions, images = batch_for_step(cfg.seed, "teacher", step, cfg.batch_size)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        captions, latents = data(step, gen)
+        latents = latents * vae.config.scaling_factor
         # 1. caption dropout: the unconditional model for classifier-free guidance
         drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -227,7 +312,6 @@ def train_teacher(cfg: StageConfig) -> Path:
             ids = tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
                             return_tensors="pt").input_ids
             states = text_encoder(ids)[0]
-            latents = vae.encode(images * 2 - 1).latent_dist.sample(generator=gen) * vae.config.scaling_factor
         # 2. forward diffusion to a uniform random timestep, epsilon target
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
