@@ -15,7 +15,7 @@ from torch import nn
 from lcmserve.models.tokenizer import write_clip_tokenizer
 from lcmserve.shapes.scenes import BACKGROUNDS, CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, vocabulary
 
-MAX_TOKENS = 32  # the longest caption is 27 tokens with start and end
+MAX_TOKENS = 32  # the longest caption is 28 tokens with start and end (tests/test_tokenizer.py)
 LATENT_SIZE = 16
 TEXT_DIM = 128
 
