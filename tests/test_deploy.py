@@ -209,6 +209,13 @@ def scraped(prometheus, traffic):
     """Prometheus after it has scraped the traffic: the p50 of /generate is a finite number."""
     query = ('histogram_quantile(0.5, sum by (le) '
              '(rate(lcmserve_request_duration_seconds_bucket{endpoint="/generate"}[1m])))')
+    # The labelled series first appears with all the traffic already counted, so rate() is 0/0
+    # until it moves: send more requests once Prometheus has scraped the series.
+    prometheus.wait_for('lcmserve_request_duration_seconds_count{endpoint="/generate"}')
+    with httpx.Client(base_url=traffic.url, timeout=60) as http:
+        for seed in range(2):
+            response = http.post("/generate", json={"prompt": "a red circle", "steps": 1, "seed": 100 + seed})
+            assert response.status_code == 200, response.text
     result = prometheus.wait_for(query)
     return prometheus, float(result[0]["value"][1])
 
