@@ -73,3 +73,18 @@ def lora_sd_dir(base_sd_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def lora_sdxl_dir(base_sdxl_dir, tmp_path_factory):
     return make_lora(base_sdxl_dir, tmp_path_factory.mktemp("lora-sdxl"), seed=6)
+
+
+class FailingSampler:
+    """The real sampler, except that batches holding the prompt 'boom' raise inside the engine."""
+
+    def __init__(self, sampler) -> None:
+        self.inner = sampler
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run_rows(self, rows, steps, width, height, on_step=None):
+        if any(row.prompt == "boom" for row in rows):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.inner.run_rows(rows, steps, width, height, on_step)

@@ -24,6 +24,7 @@ from lcmserve.engine.sampler import LCMSampler
 from lcmserve.models import load_model
 from lcmserve.server.client import EngineClient, Generation, StepEvent
 from lcmserve.server.grpc import SERVICE_NAME, build_grpc_server, pb2, pb2_grpc
+from conftest import FailingSampler
 
 PROMPT = "a red circle at the top left"
 API_KEY = "grpc-key-1"
@@ -264,21 +265,6 @@ def test_api_key_guards_generation_but_not_health(main):
             health_pb2.HealthCheckResponse.SERVING)
     assert ("grpc", "Generate", "UNAUTHENTICATED") in metrics.statuses()
     assert metrics.failures.count("unauthorized") == 8
-
-
-class FailingSampler:
-    """The real sampler, except that batches holding the prompt 'boom' raise inside the engine."""
-
-    def __init__(self, sampler) -> None:
-        self.inner = sampler
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def run_rows(self, rows, steps, width, height, on_step=None):
-        if any(row.prompt == "boom" for row in rows):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return self.inner.run_rows(rows, steps, width, height, on_step)
 
 
 def test_failing_batch_is_internal_and_the_next_call_succeeds(sampler):

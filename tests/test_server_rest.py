@@ -24,6 +24,7 @@ import pytest
 
 from lcmserve.errors import InvalidInputError
 from lcmserve.server.config import ServerConfig
+from conftest import FailingSampler
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -363,21 +364,6 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(servers):
 
 
 # 3b. engine faults, on uvicorn in this process (the engine is wrapped to fail on demand) ----------------
-class FailingSampler:
-    """The real sampler, except that batches holding the prompt 'boom' raise inside the engine."""
-
-    def __init__(self, sampler) -> None:
-        self.inner = sampler
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def run_rows(self, rows, steps, width, height, on_step=None):
-        if any(row.prompt == "boom" for row in rows):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return self.inner.run_rows(rows, steps, width, height, on_step)
-
-
 def test_failing_batch_is_500_and_the_next_request_succeeds():
     import uvicorn
 
