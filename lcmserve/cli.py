@@ -208,6 +208,7 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
         stage=args.stage, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every, bf16=args.bf16, clip_dir=args.clip, vae_dir=args.vae,
         latent_cache=args.latent_cache, init_unet=args.init_unet, warmup_steps=args.warmup_steps,
+        device=args.device, num_workers=args.num_workers, max_minutes=args.max_minutes,
     )
     print(f"trained {cfg.stage}: {train(cfg)}")
     return 0
@@ -251,6 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=args.model, samplers=[s.strip() for s in args.sampler.split(",") if s.strip()], steps=args.steps,
         guidance=args.guidance, num_images=args.num_images, split=args.split, seed=args.seed,
         batch_size=args.batch_size, out=args.output, clip_dir=args.clip, classifier=args.classifier,
+        device=args.device,
     )
     result = run_eval(cfg)
     print((Path(cfg.out) / "eval.md").read_text())
@@ -295,6 +297,8 @@ def _add_eval(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--clip", default=None, help="domain CLIP folder (default: the bundled one)")
     ev.add_argument("--classifier", default=None, help="classifier safetensors (default: the bundled one)")
+    ev.add_argument("--device", default="auto", help="where the samplers run: auto (the GPU when there is one), "
+                    "cpu, cuda or cuda:N; the judges run on the CPU")
     ev.add_argument("-o", "--output", default="out/eval")
     ev.set_defaults(func=cmd_eval)
 
@@ -302,10 +306,13 @@ def _add_eval(sub) -> None:
 def cmd_shapes_bundle(args: argparse.Namespace) -> int:
     from lcmserve.shapes.bundle import bundle
 
-    for flag in ("clip", "vae", "teacher", "classifier"):
-        if not Path(getattr(args, flag)).is_dir():
-            raise InvalidInputError(f"{flag}: run folder {getattr(args, flag)!r} does not exist", param=flag)
-    out = bundle(args.clip, args.vae, args.teacher, args.classifier, args.output)
+    for flag in ("clip", "vae", "teacher", "classifier", "lcm"):
+        value = getattr(args, flag)
+        if value is not None and value != "shipped" and not Path(value).exists():
+            raise InvalidInputError(f"{flag}: run folder {value!r} does not exist (or give `shipped`)", param=flag)
+    if args.lcm is not None and not (Path(args.lcm) / "unet").is_dir():
+        raise InvalidInputError(f"lcm: {args.lcm!r} is not a distillation output folder (no unet/)", param="lcm")
+    out = bundle(args.clip, args.vae, args.teacher, args.classifier, args.output, lcm_run=args.lcm)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     print(f"bundled the shapes models in {out} ({size / 2**20:.1f} MiB)")
     return 0
@@ -333,10 +340,16 @@ def _add_shapes(sub) -> None:
     tr.add_argument("--init-unet", default=None,
                     help="teacher: start from this UNet (a unet folder or a pipeline folder, e.g. the shipped teacher)")
     tr.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps of the learning rate")
+    tr.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    tr.add_argument("--num-workers", type=int, default=0,
+                    help="teacher: data-loader processes for captions and noise (and scene rendering)")
+    tr.add_argument("--max-minutes", type=float, default=0.0,
+                    help="fit the run into this wall time: the step count is cut to the measured speed (0: off)")
     tr.set_defaults(func=cmd_shapes_train)
     bd = ssub.add_parser("bundle", help="assemble trained runs into the shipped float16 weights")
     for flag in ("clip", "vae", "teacher", "classifier"):
         bd.add_argument(f"--{flag}", required=True, help=f"the {flag} run folder, or `shipped` to keep the shipped one")
+    bd.add_argument("--lcm", default=None, help="also ship this distilled LCM (a `lcmserve distill lcd` output folder)")
     bd.add_argument("-o", "--output", default=None, help="destination (default: the package's weights folder)")
     bd.set_defaults(func=cmd_shapes_bundle)
     rd = ssub.add_parser("render", help="render captioned scenes (PNG files, captions.jsonl, grid.png)")

@@ -66,6 +66,7 @@ class DistillConfig:
     mixed_precision: str = _f("no", "no, fp16 (GPU) or bf16", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, slower)")
     cpu: bool = _f(False, "train on the CPU even when a GPU is visible")
+    tf32: bool = _f(True, "TF32 matrix units for the float32 work on a GPU (Ampere and newer)")
     seed: int = _f(0, "seed of every random draw (data order, t, w, noise): a pure function of (seed, step, rank)")
     checkpoint_every: int = _f(100, "steps between checkpoints (and at the end)")
     checkpoints_keep: int = _f(2, "how many checkpoints to keep")
@@ -79,6 +80,8 @@ class DistillConfig:
     cache: str = _f("", "file of pre-encoded latents + text states, built once and reused across epochs")
     overfit_batches: int = _f(0, "debugging aid: repeat the data and draws of the first N steps (0: off)")
     num_samples: int = _f(0, "shapes: size of a fixed scene set (0: a new scene every draw; needed with --cache)")
+    max_minutes: float = _f(0.0, "stop after this wall time (minutes from the start) with a checkpoint and the "
+                            "final model, even short of --steps (0: off)")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -114,6 +117,8 @@ class DistillConfig:
             )
         if not (self.huber_c > 0 and math.isfinite(self.huber_c)):
             raise InvalidInputError.out_of_range("huber_c", self.huber_c, "a finite number > 0")
+        if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
+            raise InvalidInputError.out_of_range("max_minutes", self.max_minutes, "a finite number >= 0 (0: off)")
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise InvalidInputError.out_of_range("max_grad_norm", self.max_grad_norm, "a finite number > 0")
         if not self.lr:

@@ -255,6 +255,9 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+FINISH_RESERVE_S = 15.0  # kept back from max_minutes for the final checkpoint, samples and model
+
+
 def distill(cfg: DistillConfig, on_step=None) -> DistillResult:
     """Distil (or fine-tune) as ``cfg`` says; resumes from the newest checkpoint in ``cfg.out``."""
     from accelerate import Accelerator
@@ -276,6 +279,8 @@ def _run(cfg: DistillConfig, plan: Plan, out: Path, accelerator, started: float,
     from diffusers.optimization import get_scheduler
 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -325,6 +330,15 @@ def _run(cfg: DistillConfig, plan: Plan, out: Path, accelerator, started: float,
     bar = tqdm(total=cfg.steps, initial=start, desc=f"distill {cfg.mode}", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
 
+    deadline = started + cfg.max_minutes * 60 - FINISH_RESERVE_S if cfg.max_minutes else None
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:  # one device-to-host copy every few steps keeps the GPU queue full
+        if pending:
+            losses.extend(torch.stack(pending).float().cpu().tolist())
+            pending.clear()
+
+    last = cfg.steps
     for step in range(start, cfg.steps):
         # 4. one step: data, draws, loss, update, EMA
         data_step = step % cfg.overfit_batches if cfg.overfit_batches else step
@@ -344,31 +358,44 @@ def _run(cfg: DistillConfig, plan: Plan, out: Path, accelerator, started: float,
         optimizer.zero_grad(set_to_none=True)
         if target is not None:
             update_ema(target, student, cfg.ema_decay)
-        losses.append(float(accelerator.reduce(loss.detach(), "mean")))
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
+        pending.append(accelerator.reduce(loss.detach(), "mean"))
         done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        bar.update(1)
+        if on_step is not None or done % 10 == 0:
+            flush()
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
+        stop = False
+        if deadline is not None:
+            flag = torch.tensor(float(time.perf_counter() > deadline), device=device)
+            stop = bool(accelerator.reduce(flag, "max") > 0) if world > 1 else bool(flag > 0)
+            if stop:
+                last = done
+                logger.warning("max_minutes=%g reached: stopping at step %d of %d", cfg.max_minutes, done, cfg.steps)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
+            flush()
             checkpointer.save(done, student, target, optimizer, lr_schedule, losses)
         if prompts and cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps and \
-                accelerator.is_main_process:
+                accelerator.is_main_process and not stop:
             write_samples(out / SAMPLES / f"step-{done:07d}.png", teacher,
                           target if target is not None else student, cfg, math, prompts, plan.resolution)
         if on_step is not None:
             on_step(done, losses[-1])
+        if stop:
+            break
     bar.close()
+    flush()
 
     # 5. the final model (the EMA target where there is one) and a summary of the run
     final = target if target is not None else student
     if accelerator.is_main_process:
         if prompts:
-            write_samples(out / SAMPLES / f"step-{cfg.steps:07d}.png", teacher, final, cfg, math, prompts,
+            write_samples(out / SAMPLES / f"step-{last:07d}.png", teacher, final, cfg, math, prompts,
                           plan.resolution)
         export_model(out, teacher, final, cfg)
         wall_s = time.perf_counter() - started
-        summary = {"mode": cfg.mode, "teacher": cfg.teacher, "steps": cfg.steps, "resumed_from": start,
-                   "processes": world, "device": str(device), "wall_s": round(wall_s, 2),
+        summary = {"mode": cfg.mode, "teacher": cfg.teacher, "steps": last, "steps_asked": cfg.steps,
+                   "resumed_from": start, "processes": world, "device": str(device), "wall_s": round(wall_s, 2),
                    "final_loss_mean_20": sum(losses[-20:]) / max(1, len(losses[-20:])), "losses": losses}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
-    return DistillResult(out, start, cfg.steps, losses, time.perf_counter() - started, final)
+    return DistillResult(out, start, last, losses, time.perf_counter() - started, final)

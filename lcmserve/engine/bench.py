@@ -199,20 +199,27 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     resolutions = cfg.resolutions or ((model.native_size, model.native_size),)
     shapes = [(r, s, b) for r in resolutions for s in cfg.steps for b in cfg.batch_sizes]
     per_config = cfg.warmup + cfg.iters
-    runners = list(cfg.backends) + ([BASELINE] if cfg.baseline else [])
+    runners = ([BASELINE] if cfg.baseline else []) + list(cfg.backends)  # the baseline first: a cut run keeps it
     rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
     with tqdm(total=len(runners) * len(shapes) * per_config, desc="bench", unit="batch",
               disable=not cfg.progress) as bar:
         for runner in runners:
             bar.set_postfix_str(runner)
             started = time.perf_counter()
-            if runner == BASELINE:
-                pipe = diffusers_pipeline(model)
-            else:
-                buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
-                backend = create_backend(runner, model, buckets=buckets, cache_dir=cfg.cache_dir, compile=cfg.compile,
-                                         exporter=cfg.exporter, threads=cfg.threads)
-                sampler = LCMSampler(model, backend=backend, max_batch_size=max(cfg.batch_sizes))
+            try:
+                if runner == BASELINE:
+                    pipe = diffusers_pipeline(model)
+                else:
+                    buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
+                    backend = create_backend(runner, model, buckets=buckets, cache_dir=cfg.cache_dir,
+                                             compile=cfg.compile, exporter=cfg.exporter, threads=cfg.threads)
+                    sampler = LCMSampler(model, backend=backend, max_batch_size=max(cfg.batch_sizes))
+            except Exception as exc:  # one broken backend must not cost the rows of the others
+                logger.exception("bench: %s could not be set up", runner)
+                errors.append({"backend": runner, "stage": "setup", "error": f"{type(exc).__name__}: {exc}"})
+                bar.update(len(shapes) * per_config)
+                continue
             setup_s = time.perf_counter() - started
             for (height, width), steps, batch_size in shapes:
                 batch_rows = _rows(batch_size, cfg.guidance)
@@ -222,13 +229,20 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                              height=h, width=w, output_type="pt",
                              generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows])
                 else:
-                    if runner == "onnx":
-                        backend.prepare(height, width)  # export / load outside the timed runs
                     def run_once(rows=batch_rows, steps=steps, h=height, w=width, sampler=sampler):
                         return sampler.run_rows(rows, steps, w, h).times
 
-                with torch.inference_mode():
-                    latencies, stages, peak_mb = _time_config(run_once, cfg, device, bar)
+                try:
+                    if runner == "onnx":
+                        backend.prepare(height, width)  # export / load outside the timed runs
+                    with torch.inference_mode():
+                        latencies, stages, peak_mb = _time_config(run_once, cfg, device, bar)
+                except Exception as exc:
+                    logger.exception("bench: %s failed at batch %d, %d steps, %dx%d", runner, batch_size, steps,
+                                     height, width)
+                    errors.append({"backend": runner, "stage": "run", "batch_size": batch_size, "steps": steps,
+                                   "height": height, "width": width, "error": f"{type(exc).__name__}: {exc}"})
+                    continue
                 row = {
                     "backend": runner, "batch_size": batch_size, "steps": steps, "height": height, "width": width,
                     "dtype": str(model.dtype).removeprefix("torch."), "iters": cfg.iters,
@@ -241,15 +255,18 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                         row[f"{stage[:-2]}_ms"] = float(np.mean([getattr(t, stage) for t in stages]) * 1000)
                 rows.append(row)
             # Written after every runner, so an interrupted run keeps what it measured.
-            result = _result(cfg, resolutions, model, device, rows)
+            result = _result(cfg, resolutions, model, device, rows, errors)
             write_results(result, Path(cfg.out), cfg.name)
+    result = _result(cfg, resolutions, model, device, rows, errors)
+    write_results(result, Path(cfg.out), cfg.name)
     return result
 
 
-def _result(cfg: BenchConfig, resolutions, model, device: torch.device, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _result(cfg: BenchConfig, resolutions, model, device: torch.device, rows: list[dict[str, Any]],
+            errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     _add_speedups(rows)
     return {"config": {**dataclasses.asdict(cfg), "resolutions": [list(r) for r in resolutions]},
-            "model": model.describe(), "environment": environment(device), "rows": rows}
+            "model": model.describe(), "environment": environment(device), "rows": rows, "errors": errors or []}
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -294,6 +311,9 @@ def _markdown(result: dict[str, Any]) -> str:
         "end to end per batch (tokenize, noise, text encoder, LCM loop, VAE decode); stage times are the backend's "
         "own split; peak memory is CUDA max_memory_allocated on a GPU and the process's peak RSS on a CPU\n\n"
         + markdown_table(result["rows"])
+        + "".join(f"\n- {e['backend']} failed ({e['stage']}"
+                  + (f", batch {e['batch_size']}, {e['steps']} steps, {e['height']}x{e['width']}" if "steps" in e else "")
+                  + f"): {e['error']}\n" for e in result.get("errors", []))
     )
 
 

@@ -45,9 +45,13 @@ class EvalConfig:
     grid_images: int = 8
     clip_dir: str | None = None  # judges; the bundled ones by default
     classifier: str | None = None
+    device: str = "auto"  # where the samplers run (auto: the GPU when there is one); the judges run on the CPU
 
     def __post_init__(self) -> None:
         from lcmserve.shapes.scenes import SPLITS
+        from lcmserve.shapes.train import resolve_device
+
+        resolve_device(self.device)
 
         bad = [s for s in self.samplers if s not in SAMPLERS]
         if bad or not self.samplers:
@@ -118,7 +122,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     from lcmserve.eval.sampling import sample
     from lcmserve.shapes.scenes import scene_for_index
 
+    from lcmserve.shapes.train import resolve_device
+
     model = resolve_model(cfg.model)
+    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     judge = ShapesJudge(cfg.clip_dir, cfg.classifier)
@@ -137,7 +144,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         for sampler in cfg.samplers:
             for steps in cfg.steps:
                 started = time.perf_counter()
-                images = sample(model, sampler, steps, cfg.guidance, captions, seeds, cfg.batch_size, bar.update)
+                images = sample(model, sampler, steps, cfg.guidance, captions, seeds, cfg.batch_size, bar.update,
+                                device=device)
                 elapsed = time.perf_counter() - started
                 row = {"sampler": sampler, "steps": steps, **score(judge, images, captions, targets, ref_feats),
                        "s_per_image": elapsed / cfg.num_images}
@@ -147,13 +155,21 @@ def run_eval(cfg: EvalConfig) -> dict:
     result = {
         "config": asdict(cfg), "model_path": model, "rows": rows, "date": date.today().isoformat(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(), "device": _device_name(device)},
         "versions": _versions(),
     }
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "eval.md").write_text(markdown_table(result))
     plot(result, out / "eval.png")
     return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from lcmserve.engine.bench import _cpu_name
+
+    return _cpu_name()
 
 
 def _versions() -> dict[str, str]:
@@ -168,7 +184,8 @@ def markdown_table(result: dict) -> str:
     cfg = result["config"]
     lines = [
         f"Model `{cfg['model']}`, guidance {cfg['guidance']}, {cfg['num_images']} {cfg['split']} prompts, "
-        f"{result['date']}, {result['machine']['processor']}, torch {result['versions']['torch']}.",
+        f"{result['date']}, sampled on {result['machine'].get('device', result['machine']['processor'])}, "
+        f"torch {result['versions']['torch']}.",
         "",
         "| sampler | steps | FID | CLIP score | accuracy | shape | colour | size | layout | background | s/image |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -33,8 +33,13 @@ def teacher_pipeline(model: str, sampler: str):
 
 
 def sample(model: str, sampler: str, steps: int, guidance: float, captions: Sequence[str], seeds: Sequence[int],
-           batch_size: int = 64, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-    """float32 [N, 3, H, W] images in [0, 1], one per (caption, seed)."""
+           batch_size: int = 64, on_batch: Callable[[int], None] | None = None,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [N, 3, H, W] images in [0, 1] on the CPU, one per (caption, seed).
+
+    Noise is drawn on the CPU from each row's seed on any ``device``, so a GPU run samples the
+    same starting points as a CPU run.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     images = []
@@ -42,15 +47,15 @@ def sample(model: str, sampler: str, steps: int, guidance: float, captions: Sequ
         from lcmserve.engine import LCMSampler, Row
         from lcmserve.models import load_model
 
-        engine = LCMSampler(load_model(model, device="cpu", dtype="float32"), max_batch_size=batch_size)
+        engine = LCMSampler(load_model(model, device=str(device), dtype="float32"), max_batch_size=batch_size)
         size = engine.model.native_size
         for i in range(0, len(captions), batch_size):
             rows = [Row(c, s, guidance) for c, s in zip(captions[i : i + batch_size], seeds[i : i + batch_size])]
-            images.append(engine.run_rows(rows, steps, size, size).images)
+            images.append(engine.run_rows(rows, steps, size, size).images.float().cpu())
             if on_batch:
                 on_batch(len(rows))
         return torch.cat(images)
-    pipe = teacher_pipeline(model, sampler)
+    pipe = teacher_pipeline(model, sampler).to(device)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     for i in range(0, len(captions), batch_size):
         chunk = list(captions[i : i + batch_size])

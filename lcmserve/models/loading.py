@@ -193,8 +193,10 @@ def _to_lcm_model(pipe, name: str, lora: str | None, device: torch.device) -> LC
     tokenizers = (pipe.tokenizer, pipe.tokenizer_2) if family == "sdxl" else (pipe.tokenizer,)
     for module in (pipe.unet, pipe.vae, *encoders):
         module.to(device).eval().requires_grad_(False)
-    if pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
-        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16; diffusers upcasts it too
+    if family == "sdxl" and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        # The SDXL VAE overflows in fp16; diffusers' SDXL pipelines upcast it too. SD 1.x/2.x VAEs decode
+        # fine in fp16 (diffusers' SD pipelines never upcast them), although their configs say force_upcast.
+        pipe.vae.to(torch.float32)
     scheduler_config = dict(pipe.scheduler.config)
     return LCMModel(
         name=name,

@@ -14,6 +14,7 @@ from lcmserve.errors import ModelLoadError
 
 WEIGHTS = "weights"
 TEACHER, CLIP, CLASSIFIER = "shapes-teacher", "shapes-clip", "shapes-classifier.safetensors"
+LCM = "shapes-lcm"
 
 
 def weights_dir() -> Path:
@@ -70,9 +71,23 @@ def assemble_teacher(clip_run: str | Path, vae_run: str | Path, teacher_run: str
     return Path(out)
 
 
+def assemble_lcm(lcm_run: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """The distilled LCM (a ``lcmserve distill lcd`` output folder) as a float16 diffusers folder."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(lcm_run, dtype=torch.float32, safety_checker=None,
+                                                          requires_safety_checker=False)
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
 def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, classifier_run: str | Path,
-           out: str | Path | None = None) -> Path:
-    """Write the teacher, domain CLIP and classifier (float16) where the package looks for them."""
+           out: str | Path | None = None, lcm_run: str | Path | None = None) -> Path:
+    """Write the teacher, domain CLIP and classifier (float16) where the package looks for them.
+
+    ``lcm_run`` (a distillation output folder) also writes the shipped LCM, ``shapes-lcm``.
+    """
     from safetensors.torch import load_file, save_file
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -90,14 +105,31 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
         CLIPTokenizer.from_pretrained(model_dir(clip_run, "tokenizer")).save_pretrained(tmp / CLIP)
         state = load_file(classifier_file)
         save_file({k: v.to(torch.float16) for k, v in state.items()}, tmp / CLASSIFIER)
-        for name in (TEACHER, CLIP, CLASSIFIER):
+        names = [TEACHER, CLIP, CLASSIFIER]
+        if lcm_run is not None:
+            assemble_lcm(lcm_run, tmp / LCM)
+            names.append(LCM)
+        for name in names:
             shutil.rmtree(out / name, ignore_errors=True)
             (tmp / name).rename(out / name)
     runs = {"clip": str(clip_run), "vae": str(vae_run), "teacher": str(teacher_run), "classifier": str(classifier_run)}
     configs = {k: json.loads((Path(v) / "config.json").read_text()) for k, v in runs.items()
                if (Path(v) / "config.json").is_file() and "stage" in (Path(v) / "config.json").read_text()}
     previous = out / "training-configs.json"
-    if previous.exists():  # a stage taken from the shipped weights keeps its recorded recipe
-        configs = {**json.loads(previous.read_text()), **configs}
+    recorded = json.loads(previous.read_text()) if previous.exists() else {}
+    teacher_cfg = configs.get("teacher", {})
+    if str(teacher_cfg.get("init_unet") or "").startswith(str(weights_dir())) and "teacher" in recorded:
+        # continued from the shipped teacher: keep the recipe of the weights it started from
+        teacher_cfg["init_unet_recipe"] = recorded["teacher"]
+    if lcm_run is not None:
+        from lcmserve.distill.train import CONFIG_FILE, SUMMARY_FILE
+
+        lcm_cfg = {}
+        for name in (CONFIG_FILE, SUMMARY_FILE):
+            if (Path(lcm_run) / name).is_file():
+                lcm_cfg.update(json.loads((Path(lcm_run) / name).read_text()))
+        lcm_cfg.pop("losses", None)
+        configs["lcm"] = lcm_cfg
+    configs = {**recorded, **configs}  # a stage taken from the shipped weights keeps its recorded recipe
     (out / "training-configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     return out

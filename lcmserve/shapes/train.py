@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -56,6 +57,9 @@ class StageConfig:
     ema_decay: float = 0.999  # teacher
     latent_cache: int = 20000  # teacher: scenes pre-encoded by the VAE once (0: render and encode every step)
     init_unet: str | None = None  # teacher: start from this UNet (a diffusers unet folder or a pipeline folder)
+    device: str = "auto"  # auto: the CUDA GPU when there is one, else the CPU
+    num_workers: int = 0  # teacher: data-loader processes that draw captions, tokens and noise
+    max_minutes: float = 0.0  # fit the whole run into this wall time (0: off); see run_loop
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,6 +79,11 @@ class StageConfig:
             raise InvalidInputError.out_of_range("warmup_steps", self.warmup_steps, "an integer >= 0")
         if self.latent_cache < 0:
             raise InvalidInputError.out_of_range("latent_cache", self.latent_cache, "an integer >= 0")
+        if self.num_workers < 0:
+            raise InvalidInputError.out_of_range("num_workers", self.num_workers, "an integer >= 0")
+        if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
+            raise InvalidInputError.out_of_range("max_minutes", self.max_minutes, "a finite number >= 0 (0: off)")
+        resolve_device(self.device)
         if self.init_unet == "shipped":
             from lcmserve.shapes.bundle import resolve_run
 
@@ -97,8 +106,25 @@ class StageConfig:
                     )
 
 
-def _autocast(cfg: StageConfig):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec != "cpu" and not (spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit())):
+        raise InvalidInputError.out_of_range("device", spec, "auto, cpu, cuda or cuda:N")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"device: {spec!r} asked for, but torch sees no CUDA GPU; use --device cpu",
+                                param="device")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        # TF32 matrix units for the float32 recipes: the models are small and the loss noisy.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def _autocast(cfg: StageConfig, device: torch.device | None = None):
+    return torch.autocast(device.type if device else "cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -107,20 +133,45 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step_fn: Callable[[int], torch.Tensor],
-             extra_state: dict | None = None) -> list[float]:
-    """The shared loop: AdamW + warmup/cosine, checkpoints, resume, progress. Returns the losses."""
-    from diffusers.optimization import get_cosine_schedule_with_warmup
+def _cosine_lambda(warmup: int, plan: dict):
+    """diffusers' cosine-with-warm-up schedule, with a total that ``max_minutes`` may set after the start."""
 
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, plan["total"] - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
+
+
+MEASURE_STEPS = 100  # steps timed before max_minutes fixes the run's length
+FINISH_RESERVE_S = 20.0  # kept back from max_minutes for the final checkpoint and weights
+
+
+def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step_fn: Callable[[int], torch.Tensor],
+             extra_state: dict | None = None, device: torch.device | None = None,
+             started: float | None = None) -> list[float]:
+    """The shared loop: AdamW + warm-up/cosine, checkpoints, resume, progress. Returns the losses.
+
+    With ``cfg.max_minutes`` the run fits a wall-time budget counted from ``started``: after
+    ``MEASURE_STEPS`` steps the total is cut to what the measured speed allows (never raised
+    above ``cfg.steps``), so the cosine schedule still ends at zero; the total is recorded in
+    the checkpoint and in config.json. A run that still overruns stops at the budget.
+    """
+    device = device or torch.device("cpu")
+    started = time.monotonic() if started is None else started
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=device.type == "cuda")
+    plan = {"total": cfg.steps}
+    # Our own LambdaLR rather than diffusers' get_cosine_schedule_with_warmup: its total is fixed at creation.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(cfg.warmup_steps, plan))
     start, losses = 0, []
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         optimizer.load_state_dict(state["optimizer"])
@@ -128,18 +179,29 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
         for name, obj in (extra_state or {}).items():
             obj.load_state_dict(state["extra"][name])
         start, losses = state["step"], state["losses"]
+        plan["total"] = min(cfg.steps, state.get("total_steps", cfg.steps))
         logger.info("resuming %s from step %d", cfg.stage, start)
 
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:  # one device-to-host copy per few steps, not one per step
+        if pending:
+            losses.extend(torch.stack(pending).float().cpu().tolist())
+            pending.clear()
+
     def save(step: int) -> None:
+        flush()
         _save_atomic({
-            "step": step, "losses": losses, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "modules": {n: m.state_dict() for n, m in modules.items()},
+            "step": step, "total_steps": plan["total"], "losses": losses, "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "modules": {n: m.state_dict() for n, m in modules.items()},
             "extra": {n: o.state_dict() for n, o in (extra_state or {}).items()},
         }, ckpt)
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
-    started = time.perf_counter()
-    for step in range(start, cfg.steps):
+    deadline = started + cfg.max_minutes * 60 - FINISH_RESERVE_S if cfg.max_minutes else None
+    bar = tqdm(total=plan["total"], initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
+    loop_started = time.monotonic()
+    step = start
+    while step < plan["total"]:
         loss = step_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,45 +211,64 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
         for obj in (extra_state or {}).values():
             if hasattr(obj, "step"):
                 obj.step(params)
-        losses.append(float(loss.detach()))
+        pending.append(loss.detach())
+        step += 1
         bar.update(1)
         if step % 10 == 0:
+            flush()
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save(step + 1)
+        if deadline is not None:
+            now = time.monotonic()
+            if step - start == MEASURE_STEPS:
+                rate = MEASURE_STEPS / (now - loop_started)
+                plan["total"] = max(step, min(plan["total"], step + int(rate * (deadline - now))))
+                bar.total = plan["total"]
+                bar.refresh()
+                logger.info("%s: %.1f steps/s; %d steps fit in max_minutes=%g", cfg.stage, rate, plan["total"],
+                            cfg.max_minutes)
+            elif now > deadline:
+                logger.warning("%s: max_minutes reached at step %d of %d", cfg.stage, step, plan["total"])
+                plan["total"] = step
+        if step % cfg.checkpoint_every == 0 or step >= plan["total"]:
+            save(step)
     bar.close()
-    logger.info("%s: %d steps in %.0f s", cfg.stage, cfg.steps - start, time.perf_counter() - started)
+    flush()
+    if plan["total"] != cfg.steps:  # the recorded recipe is the run that happened
+        cfg.steps = plan["total"]
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    logger.info("%s: %d steps in %.0f s", cfg.stage, step - start, time.monotonic() - loop_started)
     return losses
 
 
 # -- stage 1: the domain CLIP --------------------------------------------------------------
-def train_clip(cfg: StageConfig) -> Path:
+def train_clip(cfg: StageConfig, device: torch.device, started: float) -> Path:
     from transformers import CLIPModel
 
     out = Path(cfg.out)
     tokenizer = M.write_tokenizer(out / "tokenizer")
     torch.manual_seed(cfg.seed)
-    model = CLIPModel(M.clip_config(tokenizer)).train()
+    model = CLIPModel(M.clip_config(tokenizer)).to(device).train()
 
     def step_fn(step: int) -> torch.Tensor:
         _, captions, images = batch_for_step(cfg.seed, "clip", step, cfg.batch_size)
         ids = tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
-        with _autocast(cfg):
-            return model(input_ids=ids, pixel_values=images * 2 - 1, return_loss=True).loss.float()
+        with _autocast(cfg, device):
+            return model(input_ids=ids.to(device), pixel_values=(images * 2 - 1).to(device),
+                         return_loss=True).loss.float()
 
-    run_loop(cfg, {"clip": model}, list(model.parameters()), step_fn)
+    run_loop(cfg, {"clip": model}, list(model.parameters()), step_fn, device=device, started=started)
     model.eval().save_pretrained(out / "model")
     return out
 
 
 # -- stage 2: the VAE ------------------------------------------------------------------------
-def train_vae(cfg: StageConfig) -> Path:
+def train_vae(cfg: StageConfig, device: torch.device, started: float) -> Path:
     from diffusers import AutoencoderKL
 
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(**M.vae_config()).train()
+    vae = AutoencoderKL(**M.vae_config()).to(device).train()
     kl_weight = float(cfg.extra.get("kl_weight", 1e-6))
     # Objects cover 2-10% of the pixels: unweighted, the loss is all background and the VAE
     # learns to drop small objects and wash out colours. Object pixels weigh fg_weight times more.
@@ -199,20 +280,22 @@ def train_vae(cfg: StageConfig) -> Path:
         background = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32) / 255
         mask = ((images - background[:, :, None, None]).abs().sum(1, keepdim=True) > 0.1).float()
         weight = 1 + (fg_weight - 1) * mask
+        x, weight = x.to(device), weight.to(device)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        with _autocast(cfg):
+        with _autocast(cfg, device):
             posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=gen)).sample.float()
+            eps = torch.randn(posterior.mean.shape, generator=gen).to(device)
+            recon = vae.decode(posterior.mean + posterior.std * eps).sample.float()
         err = recon - x
         rec = ((err.abs() + err**2) * weight).sum() / (weight.sum() * 3)
         return rec + kl_weight * posterior.kl().mean().float()
 
-    run_loop(cfg, {"vae": vae}, list(vae.parameters()), step_fn)
+    run_loop(cfg, {"vae": vae}, list(vae.parameters()), step_fn, device=device, started=started)
     vae.eval()
     # Scale latents to unit variance, as Rombach et al. (2022) do for SD's VAE.
     with torch.no_grad():
         _, _, images = batch_for_step(cfg.seed, "vae-scale", 0, 512)
-        latents = vae.encode(images * 2 - 1).latent_dist.mean
+        latents = vae.encode((images * 2 - 1).to(device)).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(out / "model")
     return out
@@ -230,42 +313,129 @@ def _file_digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_latent_cache(vae, vae_dir: Path, seed: int, n: int, path: Path, batch_size: int = 64) -> dict:
+def _scenes_chunk(job: tuple[int, int, int, bool]):
+    """Scenes ``start..end`` of the train split, and their renders as uint8 arrays (a pool worker)."""
+    from lcmserve.shapes.scenes import render, scene_for_index
+
+    seed, start, end, with_images = job
+    scenes = [scene_for_index(i, "train", seed) for i in range(start, end)]
+    images = np.stack([np.asarray(render(sc), dtype=np.uint8) for sc in scenes]) if with_images else None
+    return scenes, images
+
+
+def training_scenes(seed: int, n: int, workers: int = 0, with_images: bool = False, chunk: int = 2048):
+    """Scenes 0..n-1 of the train split (and their renders), in ``workers`` processes when > 0."""
+    jobs = [(seed, a, min(n, a + chunk), with_images) for a in range(0, n, chunk)]
+    if workers > 0 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            parts = list(tqdm(pool.imap(_scenes_chunk, jobs), total=len(jobs), desc="render scenes", unit="chunk",
+                              dynamic_ncols=True))
+    else:
+        parts = [_scenes_chunk(job) for job in jobs]
+    scenes = [sc for part, _ in parts for sc in part]
+    return scenes, [im for _, im in parts] if with_images else None
+
+
+def build_latent_cache(vae, vae_dir: Path, seed: int, n: int, path: Path, batch_size: int = 256,
+                       workers: int = 0) -> dict:
     """Render and VAE-encode ``n`` training scenes once (the encoder costs as much as a UNet step).
 
     Scenes are ``scene_for_index(i, "train", seed)``; the posterior's mean and std are kept so
     every step still samples a fresh latent, and captions are still drawn afresh every step.
     The file is keyed by the VAE's weights, the seed and ``n``: another VAE rebuilds it.
+    Mean and std are returned on the VAE's device.
     """
-    from lcmserve.shapes.data import to_tensor
-    from lcmserve.shapes.scenes import render, scene_for_index
-
     key = f"{_file_digest(vae_dir)}:{seed}:{n}"
+    device = next(vae.parameters()).device
     if path.exists():
         cache = torch.load(path, weights_only=False)
         if cache.get("key") == key:
-            return cache
+            return {**cache, "mean": cache["mean"].to(device), "std": cache["std"].to(device)}
         logger.warning("latent cache %s was built for another VAE or size; rebuilding", path)
+    _, chunks = training_scenes(seed, n, workers, with_images=True)
+    images = torch.from_numpy(np.concatenate(chunks))  # uint8 [n, H, W, 3]
     means, stds = [], []
     with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc="encode scenes", unit="batch", dynamic_ncols=True):
-            scenes = [scene_for_index(i, "train", seed) for i in range(start, min(n, start + batch_size))]
-            dist = vae.encode(to_tensor([render(sc) for sc in scenes]) * 2 - 1).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
+        for a in tqdm(range(0, n, batch_size), desc="encode scenes", unit="batch", dynamic_ncols=True):
+            x = images[a : a + batch_size].to(device).permute(0, 3, 1, 2).float() / 255.0
+            dist = vae.encode(x * 2 - 1).latent_dist
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
     cache = {"key": key, "mean": torch.cat(means), "std": torch.cat(stds)}
     _save_atomic(cache, path)
-    return cache
+    return {**cache, "mean": cache["mean"].to(device), "std": cache["std"].to(device)}
 
 
-def train_teacher(cfg: StageConfig) -> Path:
-    import random
+class TeacherSteps(torch.utils.data.Dataset):
+    """What the teacher's step ``i`` draws, a pure function of (seed, i): runs in data-loader workers.
 
+    Per row: a scene (an index into the latent cache, or a rendered image), a fresh caption of
+    it (empty with probability ``caption_dropout``) as token ids, the posterior's noise, the
+    diffusion noise and the timestep. The GPU (or the main process) only does the networks.
+    """
+
+    def __init__(self, cfg: StageConfig, tokenizer, latent_shape: tuple[int, ...], num_train_timesteps: int,
+                 scenes=None) -> None:
+        self.cfg, self.tokenizer, self.latent_shape = cfg, tokenizer, latent_shape
+        self.num_train_timesteps, self.scenes = num_train_timesteps, scenes
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        import random
+
+        from lcmserve.shapes.scenes import caption
+
+        cfg, b = self.cfg, self.cfg.batch_size
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        item: dict[str, torch.Tensor] = {}
+        if self.scenes is None:
+            _, captions, images = batch_for_step(cfg.seed, "teacher", step, b)
+            item["images"] = images
+        else:
+            rng = random.Random(f"{cfg.seed}:teacher:{step}")
+            idx = [rng.randrange(len(self.scenes)) for _ in range(b)]
+            captions = [caption(self.scenes[i], rng) for i in idx]
+            item["idx"] = torch.tensor(idx)
+        item["eps"] = torch.randn((b, *self.latent_shape), generator=gen)
+        # caption dropout: the unconditional model for classifier-free guidance
+        drop = torch.rand(b, generator=gen) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        item["ids"] = self.tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
+                                     return_tensors="pt").input_ids
+        item["noise"] = torch.randn((b, *self.latent_shape), generator=gen)
+        item["t"] = torch.randint(0, self.num_train_timesteps, (b,), generator=gen)
+        return item
+
+
+class _StepStream:
+    """Items of ``dataset`` in step order from ``first`` on, prefetched by worker processes."""
+
+    def __init__(self, dataset, num_workers: int, pin: bool) -> None:
+        self.dataset, self.num_workers, self.pin = dataset, num_workers, pin
+        self._it, self._next = None, -1
+
+    def get(self, step: int):
+        if self.num_workers == 0:
+            return self.dataset[step]
+        if self._it is None or step != self._next:
+            from torch.utils.data import DataLoader
+
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize on their own
+            loader = DataLoader(self.dataset, batch_size=None, sampler=range(step, len(self.dataset)),
+                                num_workers=self.num_workers, pin_memory=self.pin, prefetch_factor=4)
+            self._it = iter(loader)
+        self._next = step + 1
+        return next(self._it)
+
+
+def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
     from transformers import CLIPModel, CLIPTokenizer
-
-    from lcmserve.shapes.scenes import caption, scene_for_index
 
     from lcmserve.shapes.bundle import model_dir
 
@@ -273,54 +443,49 @@ def train_teacher(cfg: StageConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir(cfg.clip_dir, "tokenizer"))
     clip = CLIPModel.from_pretrained(model_dir(cfg.clip_dir), dtype=torch.float32)
-    text_encoder = clip.text_model.eval().requires_grad_(False)
+    text_encoder = clip.text_model.to(device).eval().requires_grad_(False)
     vae_dir = model_dir(cfg.vae_dir)
-    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(device).eval().requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(M.scheduler_config())
     torch.manual_seed(cfg.seed)
     if cfg.init_unet:
         init = Path(cfg.init_unet)
         init = init / "unet" if (init / "unet").is_dir() else init
-        unet = UNet2DConditionModel.from_pretrained(init, dtype=torch.float32).train()
+        unet = UNet2DConditionModel.from_pretrained(init, dtype=torch.float32)
     else:
-        unet = UNet2DConditionModel(**M.unet_config()).train()
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
-    cache = None
+        unet = UNet2DConditionModel(**M.unet_config())
+    unet = unet.to(device).train()
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75,
+                   foreach=device.type == "cuda")
+    cache, scenes = None, None
     if cfg.latent_cache:
-        cache = build_latent_cache(vae, vae_dir, cfg.seed, cfg.latent_cache, out / "latent-cache.pt")
-        scenes = [scene_for_index(i, "train", cfg.seed) for i in range(cfg.latent_cache)]
-
-    def data(step: int, gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
-        if cache is None:
-            _, captions, images = batch_for_step(cfg.seed, "teacher", step, cfg.batch_size)
-            with torch.no_grad():
-                return captions, vae.encode(images * 2 - 1).latent_dist.sample(generator=gen)
-        rng = random.Random(f"{cfg.seed}:teacher:{step}")
-        idx = [rng.randrange(cfg.latent_cache) for _ in range(cfg.batch_size)]
-        captions = [caption(scenes[i], rng) for i in idx]
-        mean, std = cache["mean"][idx], cache["std"][idx]
-        return captions, mean + std * torch.randn(mean.shape, generator=gen)
+        cache = build_latent_cache(vae, vae_dir, cfg.seed, cfg.latent_cache, out / "latent-cache.pt",
+                                   workers=cfg.num_workers)
+        scenes, _ = training_scenes(cfg.seed, cfg.latent_cache, cfg.num_workers)
+    latent_shape = (vae.config.latent_channels, M.LATENT_SIZE, M.LATENT_SIZE)
+    stream = _StepStream(
+        TeacherSteps(cfg, tokenizer, latent_shape, noise_scheduler.config.num_train_timesteps, scenes),
+        cfg.num_workers, pin=device.type == "cuda",
+    )
 
     def step_fn(step: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        captions, latents = data(step, gen)
-        latents = latents * vae.config.scaling_factor
-        # 1. caption dropout: the unconditional model for classifier-free guidance
-        drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        item = {k: v.to(device, non_blocking=True) for k, v in stream.get(step).items()}
         with torch.no_grad():
-            ids = tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
-                            return_tensors="pt").input_ids
-            states = text_encoder(ids)[0]
-        # 2. forward diffusion to a uniform random timestep, epsilon target
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        with _autocast(cfg):
-            pred = unet(noisy, t, encoder_hidden_states=states).sample.float()
-        return F.mse_loss(pred, noise)
+            if cache is None:
+                posterior = vae.encode(item["images"] * 2 - 1).latent_dist
+                mean, std = posterior.mean, posterior.std
+            else:
+                mean, std = cache["mean"][item["idx"]], cache["std"][item["idx"]]
+            latents = (mean + std * item["eps"]) * vae.config.scaling_factor
+            states = text_encoder(item["ids"])[0]
+        # forward diffusion to a uniform random timestep, epsilon target
+        noisy = noise_scheduler.add_noise(latents, item["noise"], item["t"])
+        with _autocast(cfg, device):
+            pred = unet(noisy, item["t"], encoder_hidden_states=states).sample.float()
+        return F.mse_loss(pred, item["noise"])
 
-    run_loop(cfg, {"unet": unet}, list(unet.parameters()), step_fn, extra_state={"ema": ema})
+    run_loop(cfg, {"unet": unet}, list(unet.parameters()), step_fn, extra_state={"ema": ema}, device=device,
+             started=started)
     ema.copy_to(unet.parameters())
     unet.eval().save_pretrained(out / "unet")
     return out
@@ -347,22 +512,23 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (images + sigma * torch.randn(images.shape, generator=gen)).clamp(0, 1)
 
 
-def train_classifier(cfg: StageConfig) -> Path:
+def train_classifier(cfg: StageConfig, device: torch.device, started: float) -> Path:
     from safetensors.torch import save_file
 
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    model = M.SceneClassifier().train()
+    model = M.SceneClassifier().to(device).train()
 
     def step_fn(step: int) -> torch.Tensor:
         scenes, _, images = batch_for_step(cfg.seed, "classifier", step, cfg.batch_size, ("train", "heldout"))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        with _autocast(cfg):
-            logits = model(augment(images, gen))
-        return classifier_loss({k: v.float() for k, v in logits.items()}, scene_targets(scenes))
+        with _autocast(cfg, device):
+            logits = model(augment(images, gen).to(device))
+        targets = {k: v.to(device) for k, v in scene_targets(scenes).items()}
+        return classifier_loss({k: v.float() for k, v in logits.items()}, targets)
 
-    run_loop(cfg, {"classifier": model}, list(model.parameters()), step_fn)
-    save_file(model.eval().state_dict(), out / "classifier.safetensors")
+    run_loop(cfg, {"classifier": model}, list(model.parameters()), step_fn, device=device, started=started)
+    save_file({k: v.cpu() for k, v in model.eval().state_dict().items()}, out / "classifier.safetensors")
     return out
 
 
@@ -370,4 +536,5 @@ TRAINERS = {"clip": train_clip, "vae": train_vae, "teacher": train_teacher, "cla
 
 
 def train(cfg: StageConfig) -> Path:
-    return TRAINERS[cfg.stage](cfg)
+    started = time.monotonic()
+    return TRAINERS[cfg.stage](cfg, resolve_device(cfg.device), started)

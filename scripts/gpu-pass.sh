@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The GPU pass, in one bounded run on a CUDA machine (from the repository root):
+#   1. the shapes teacher trained further on the GPU (from the shipped one) and bundled;
+#      a quick check: DDIM 50 steps, guidance 8, 256 held-out prompts;
+#   2. latent consistency distillation of that teacher, seven runs side by side on the one GPU:
+#      skipping step k in {1, 5, 10, 20, 50} with DDIM, and DPM-Solver / DPM-Solver++ at k = 20;
+#      the k = 20 DDIM run is bundled as shapes-lcm;
+#   3. the GPU tests (CUDA-graph capture equals eager, buckets do not retrace);
+#   4. lcmserve bench: SD1.5-shaped preset, 512x512, 4 steps, CUDA graphs and eager fp16 against
+#      diffusers' LatentConsistencyModelPipeline on the same weights, alone on the GPU;
+#   5. lcmserve eval, side by side, with the time left: the teacher (DDIM, DPM-Solver++), the LCM
+#      (1/2/4/8 steps; guidance 3/5/9/15 at 4 steps) and each ablation run.
+#
+# Usage: scripts/gpu-pass.sh OUT_DIR [SECONDS]
+# Everything is bounded by SECONDS (default 575). OUT_DIR receives teacher.tgz and lcm.tgz (the
+# float16 UNets and training-configs.json, to unpack into lcmserve/shapes/weights), the bench
+# files, and results.tgz (evals, distillation summaries and samples, logs).
+# Python packages missing on the machine may be given as wheels in .whl/ (installed to /tmp/site).
+set -u
+OUT=${1:?usage: scripts/gpu-pass.sh OUT_DIR [SECONDS]}
+TOTAL=${2:-575}
+T0=$(date +%s)
+left() { echo $((TOTAL - ($(date +%s) - T0))); }
+log() { echo "== [$(($(date +%s) - T0)) s] $*"; }
+mkdir -p "$OUT"
+RUN=${RUN_DIR:-/tmp/gpu-pass}
+rm -rf "$RUN" && mkdir -p "$RUN/logs"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+LCM="python3 -m lcmserve.cli"
+DEV=${DEVICE:-cuda}
+quiet() { tr '\r' '\n' | grep -v "%|"; }  # progress bars stay out of the logs
+pack() { tar -C "$RUN" -czf "$OUT/results.tgz" --exclude "*.pt" --exclude "*.safetensors" --exclude checkpoints \
+  logs $(cd "$RUN" && ls -d eval-* lcd-*/distill*.json lcd-*/samples teacher/config.json 2>/dev/null); }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
+
+# -- 1. the teacher ----------------------------------------------------------------------------
+TEACHER_S=${TEACHER_S:-160}
+log "1. teacher: ${TEACHER_S} s"
+$LCM shapes train teacher --out "$RUN/teacher" --clip shipped --vae shipped --init-unet shipped \
+  --device "$DEV" --steps ${TEACHER_STEPS:-60000} --batch-size ${TEACHER_BATCH:-512} --lr ${TEACHER_LR:-5e-4} \
+  --warmup-steps 200 --latent-cache ${LATENT_CACHE:-100000} --num-workers ${WORKERS:-8} --checkpoint-every 5000 \
+  --max-minutes "$(python3 -c "print($TEACHER_S / 60)")" 2>&1 | quiet > "$RUN/logs/teacher.log"
+tail -n 4 "$RUN/logs/teacher.log"
+$LCM shapes bundle --clip shipped --vae shipped --teacher "$RUN/teacher" --classifier shipped -o "$RUN/bundle" \
+  2>&1 | tail -n 1
+tar -C "$RUN/bundle" -czf "$OUT/teacher.tgz" shapes-teacher/unet training-configs.json
+python3 -c "import json,torch; s=torch.load('$RUN/teacher/checkpoint.pt',weights_only=False); \
+json.dump({'steps': s['step'], 'losses': s['losses']}, open('$RUN/logs/teacher-losses.json','w'))"
+TEACHER_DIR=$RUN/bundle/shapes-teacher
+[ -f "$TEACHER_DIR/unet/config.json" ] || TEACHER_DIR=lcmserve/shapes/weights/shapes-teacher  # the shipped one
+log "teacher check ($TEACHER_DIR): DDIM 50, guidance 8, 256 held-out prompts"
+timeout 45 $LCM eval "$TEACHER_DIR" --sampler ddim --steps 50 --guidance 8 --num-images ${EVAL_N_QUICK:-256} --batch-size 256 \
+  --device "$DEV" -o "$RUN/eval-teacher-quick" 2>&1 | grep "^| \(real\|ddim\)"
+
+# -- 2. distillation: the ablation grid, side by side ----------------------------------------------
+LCD_S=${LCD_S:-130}
+log "2. distill lcd x7: ${LCD_S} s"
+lcd() {  # name, then extra flags
+  local name=$1; shift
+  OMP_NUM_THREADS=2 $LCM distill lcd --teacher "$TEACHER_DIR" --out "$RUN/lcd-$name" --steps ${LCD_STEPS:-1500} \
+    --batch-size ${LCD_BATCH:-256} --lr ${LCD_LR:-1e-4} --lr-warmup-steps 100 --num-samples ${LCD_SAMPLES:-20000} \
+    --cache "$RUN/cache-$name.pt" --checkpoint-every 100000 --samples 8 \
+    --max-minutes "$(python3 -c "print($LCD_S / 60)")" "$@" 2>&1 | quiet > "$RUN/logs/lcd-$name.log"
+}
+lcd k20-ddim & lcd k1-ddim --skipping-step 1 & lcd k5-ddim --skipping-step 5 & lcd k10-ddim --skipping-step 10 &
+lcd k50-ddim --skipping-step 50 & lcd k20-dpmsolver --solver dpmsolver & lcd k20-dpmsolverpp --solver dpmsolver++ &
+wait
+grep -h "distilled\|max_minutes\|Error" "$RUN"/logs/lcd-*.log
+$LCM shapes bundle --clip shipped --vae shipped --teacher "$RUN/teacher" --classifier shipped \
+  --lcm "$RUN/lcd-k20-ddim" -o "$RUN/bundle" 2>&1 | tail -n 1
+tar -C "$RUN/bundle" -czf "$OUT/lcm.tgz" --exclude shapes-lcm/vae --exclude shapes-lcm/text_encoder shapes-lcm \
+  training-configs.json
+pack
+
+# -- 3. GPU tests, 4. bench: alone on the GPU ---------------------------------------------------------
+log "3. GPU tests"
+timeout 50 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  --deselect "tests/test_cuda_graph.py::test_captured_cfg_and_compiled_on_gpu[True]" \
+  tests/test_cuda_graph.py tests/test_backends.py 2>&1 | tail -n 8 | tee "$RUN/logs/gpu-tests.log"
+log "4. bench"
+timeout $(( $(left) - 70 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" \
+  --dtype ${BENCH_DTYPE:-float16} --backends ${BENCH_BACKENDS:-cuda-graph,torch} --batch-sizes 1,16 --steps 4 \
+  --resolutions ${BENCH_SIZE:-512x512} --warmup 3 --iters ${BENCH_ITERS:-15} \
+  --out "$OUT" --name bench-gpu-sd15 -q > "$RUN/logs/bench.log" 2>&1
+grep "^|\|failed" "$OUT/bench-gpu-sd15.md" 2>/dev/null | head -n 12
+
+# -- 5. evaluations, side by side ------------------------------------------------------------------
+EVAL_S=$(( $(left) - 12 ))
+log "5. eval: ${EVAL_S} s"
+ev() {  # output name, model, then flags
+  local name=$1 model=$2; shift 2
+  OMP_NUM_THREADS=2 timeout "$EVAL_S" $LCM eval "$model" --device "$DEV" --batch-size 500 -o "$RUN/eval-$name" "$@" \
+    2>&1 | quiet > "$RUN/logs/eval-$name.log"
+}
+ev teacher "$TEACHER_DIR" --sampler ddim,dpmsolver++ --steps 1,2,4,8,25,50 --guidance 8 --num-images ${EVAL_N:-1000} &
+ev lcm "$RUN/lcd-k20-ddim" --sampler lcm --steps 1,2,4,8 --guidance 8 --num-images ${EVAL_N:-1000} &
+(for g in 3 5 9 15; do ev lcm-w$g "$RUN/lcd-k20-ddim" --sampler lcm --steps 4 --guidance $g --num-images ${EVAL_N:-1000}; done) &
+for name in k1-ddim k5-ddim k10-ddim k50-ddim k20-dpmsolver k20-dpmsolverpp; do
+  ev "ablation-$name" "$RUN/lcd-$name" --sampler lcm --steps 1,2,4 --guidance 8 --num-images ${EVAL_N_ABL:-500} &
+done
+wait
+grep -h "^| \(lcm\|ddim\|dpm\)" "$RUN"/eval-lcm/eval.md "$RUN"/eval-teacher/eval.md 2>/dev/null
+pack
+log "done"
