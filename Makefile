@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-MODEL ?= preset:tiny-sd
+MODEL ?= shapes-lcm
 PROMPT ?= a red circle at the top left
 OUT ?= out
 

@@ -162,7 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _add_bench(sub) -> None:
     bn = sub.add_parser("bench", help="latency/throughput of the backends vs diffusers (JSON, markdown, plot); "
                         "`bench compare A.json B.json` merges runs")
-    bn.add_argument("--model", default="preset:tiny-sd", help="model to load (default preset:tiny-sd)")
+    bn.add_argument("--model", default="shapes-lcm", help="model to load (default shapes-lcm, the bundled model)")
     bn.add_argument("--backends", default="torch", help="comma list of torch, cuda-graph, onnx, tensorrt")
     bn.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma list in [1, 32] (default 1,8)")
     bn.add_argument("--steps", type=_int_list, default=[4], help="comma list in [1, 8] (default 4)")
@@ -259,6 +259,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if result["rows"] else 1
 
 
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from lcmserve.eval.compare import compare
+
+    compare(args.files, args.output, args.name, x=args.x, title=args.title, steps=args.steps)
+    print((Path(args.output) / f"{args.name}.md").read_text())
+    return 0
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from lcmserve.server.loadtest import compare_batching
 
@@ -301,6 +309,16 @@ def _add_eval(sub) -> None:
                     "cpu, cuda or cuda:N; the judges run on the CPU")
     ev.add_argument("-o", "--output", default="out/eval")
     ev.set_defaults(func=cmd_eval)
+    ec = sub.add_parser("eval-compare", help="several `lcmserve eval` results in one table and plot")
+    ec.add_argument("files", nargs="+", help="eval output folders or eval.json files, each optionally PATH=LABEL")
+    ec.add_argument("--x", choices=("steps", "label"), default="steps",
+                    help="steps: metrics against sampling steps (solvers vs LCM); label: against the runs' labels "
+                    "(an ablation), with FID against CLIP score")
+    ec.add_argument("--title", default="")
+    ec.add_argument("--steps", type=_int_list, default=None, help="only these step counts (comma list)")
+    ec.add_argument("--name", default="eval-compare", help="file stem of the results")
+    ec.add_argument("-o", "--output", default="out/eval-compare")
+    ec.set_defaults(func=cmd_eval_compare)
 
 
 def cmd_shapes_bundle(args: argparse.Namespace) -> int:

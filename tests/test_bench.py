@@ -76,3 +76,46 @@ def test_compare_merges_runs_from_two_machines(bench_run, tmp_path):
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(InvalidInputError, match="is not a bench result"):
         compare([tmp_path / "junk.json"], tmp_path)
+
+
+def test_a_backend_that_fails_does_not_cost_the_rows_of_the_others(tmp_path, monkeypatch):
+    from lcmserve.engine.bench import run_bench
+    from lcmserve.engine.sampler import LCMSampler
+
+    real_run_rows = LCMSampler.run_rows
+
+    def fails_at_batch_2(self, rows, steps, width, height, on_step=None):
+        if len(rows) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real_run_rows(self, rows, steps, width, height, on_step)
+
+    monkeypatch.setattr(LCMSampler, "run_rows", fails_at_batch_2)
+    # cuda-graph refuses a model on the CPU at setup; torch breaks at batch 2 only.
+    cfg = BenchConfig(model="preset:tiny-sd", backends=("torch", "cuda-graph"), batch_sizes=(1, 2), steps=(1,),
+                      resolutions=((32, 32),), warmup=0, iters=1, device="cpu", out=str(tmp_path), name="mixed",
+                      progress=False)
+    result = run_bench(cfg)
+    assert [(r["backend"], r["batch_size"]) for r in result["rows"]] == [("diffusers", 1), ("diffusers", 2),
+                                                                         ("torch", 1)]
+    errors = {(e["backend"], e["stage"]): e for e in result["errors"]}
+    assert set(errors) == {("cuda-graph", "setup"), ("torch", "run")}
+    assert errors[("cuda-graph", "setup")]["error"].startswith("InvalidInputError:")
+    assert "CUDA GPU" in errors[("cuda-graph", "setup")]["error"]
+    assert errors[("torch", "run")]["batch_size"] == 2 and "out of memory" in errors[("torch", "run")]["error"]
+    assert json.loads((tmp_path / "mixed.json").read_text())["errors"] == result["errors"]
+    table = (tmp_path / "mixed.md").read_text()
+    assert "| torch | 1 | 1 | 32x32 |" in table and "| torch | 2 |" not in table
+    assert "- cuda-graph failed (setup): InvalidInputError:" in table
+    assert "- torch failed (run, batch 2, 1 steps, 32x32): RuntimeError: CUDA out of memory" in table
+    assert result["rows"][2]["speedup_vs_diffusers"] > 0
+
+
+def test_the_baseline_runs_first_and_cli_exits_zero_past_a_failing_backend(tmp_path):
+    code = main(["bench", "--model", "preset:tiny-sd", "--backends", "cuda-graph,torch", "--batch-sizes", "1",
+                 "--steps", "1", "--resolutions", "32x32", "--warmup", "0", "--iters", "1", "--device", "cpu",
+                 "--out", str(tmp_path), "--name", "cut", "-q"])
+    assert code == 0
+    result = json.loads((tmp_path / "cut.json").read_text())
+    assert [r["backend"] for r in result["rows"]] == ["diffusers", "torch"]
+    assert [(e["backend"], e["stage"]) for e in result["errors"]] == [("cuda-graph", "setup")]
+    assert "cuda-graph failed" in (tmp_path / "cut.md").read_text()

@@ -176,3 +176,34 @@ def test_cache_encodes_once_and_gives_the_batches_of_the_uncached_path(tmp_path,
     torch.testing.assert_close(again.mean, cache.mean)
     with pytest.raises(AssertionError, match="rebuilt"):  # other resolution: another key, so it re-encodes
         build_or_load_cache(str(tmp_path / "c.pt"), source, teacher, 16, is_main=True)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_max_minutes_must_be_a_finite_number_not_below_zero(tmp_path, bad):
+    with pytest.raises(InvalidInputError, match="max_minutes must be a finite number >= 0") as err:
+        DistillConfig(teacher="t", out=str(tmp_path), max_minutes=bad)
+    assert err.value.param == "max_minutes"
+
+
+def test_max_minutes_stops_early_with_a_checkpoint_and_a_loadable_model(tmp_path, base_sd_dir, monkeypatch):
+    import lcmserve.distill.train as train_module
+    from lcmserve.models import load_model
+
+    # All of the budget is kept back for the finish: the deadline has passed by the end of the first step.
+    monkeypatch.setattr(train_module, "FINISH_RESERVE_S", 1e9)
+    cfg = small(tmp_path / "cut", base_sd_dir, max_minutes=0.5)
+    seen = []
+    result = distill(cfg, on_step=lambda step, loss: seen.append(step))
+    assert seen == [1] and result.steps == 1 and len(result.losses) == 1
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-0000001.pt"]
+    summary = json.loads((tmp_path / "cut" / "distill.json").read_text())
+    assert summary["steps"] == 1 < summary["steps_asked"] == 4 and len(summary["losses"]) == 1
+    model = load_model(str(tmp_path / "cut"), device="cpu", dtype="float32")
+    assert model.guidance_mode == "embedding" and model.describe()["time_cond_proj_dim"] == 32
+
+    # Without the budget the same run goes on from the checkpoint to the steps it was asked for.
+    monkeypatch.setattr(train_module, "FINISH_RESERVE_S", 0.0)
+    resumed = distill(small(tmp_path / "cut", base_sd_dir))
+    assert resumed.start_step == 1 and resumed.steps == 4 and len(resumed.losses) == 4
+    summary = json.loads((tmp_path / "cut" / "distill.json").read_text())
+    assert summary["steps"] == summary["steps_asked"] == 4 and summary["resumed_from"] == 1

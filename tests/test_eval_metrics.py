@@ -36,3 +36,22 @@ def test_attribute_accuracy():
     extra = [("white", {"top": ("circle", "red", "small"), "right": ("circle", "red", "small")}), target[1]]
     r = attribute_accuracy(extra, target)
     assert r["accuracy"] == 0.5 and r["layout"] == 0.5 and r["shape"] == 1.0
+
+
+def test_eval_config_checks_the_device(monkeypatch, tmp_path, capsys):
+    from lcmserve.cli import main
+    from lcmserve.errors import InvalidInputError
+    from lcmserve.eval.run import EvalConfig
+
+    with pytest.raises(InvalidInputError, match="device must be auto, cpu, cuda or cuda:N") as err:
+        EvalConfig(model="shapes-lcm", device="tpu")
+    assert err.value.param == "device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidInputError, match="torch sees no CUDA GPU") as err:
+        EvalConfig(model="shapes-lcm", device="cuda:0")
+    assert err.value.param == "device"
+    assert EvalConfig(model="shapes-lcm", device="cpu").device == "cpu"
+    # the command line refuses it before any model loads, and names the flag
+    assert main(["eval", "shapes-lcm", "--device", "tpu", "-o", str(tmp_path / "ev")]) == 2
+    assert "(see --device)" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()

@@ -1,5 +1,6 @@
 """The shipped shapes models: the teacher loads in diffusers; the judges score known cases right."""
 
+import json
 import random
 
 import pytest
@@ -29,9 +30,16 @@ def heldout():
     return scenes, captions, real_images(scenes)
 
 
+def _size(path):
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def test_bundle_is_small():
-    total = sum(f.stat().st_size for f in weights_dir().rglob("*") if f.is_file())
-    assert total < 25 * 2**20, total
+    # The teacher, the domain CLIP and the judge stay under 25 MB together; the LCM comes on top.
+    family = sum(_size(weights_dir() / name) for name in (TEACHER, "shapes-clip", "shapes-classifier.safetensors"))
+    assert family < 25 * 2**20, family
+    if (weights_dir() / "shapes-lcm").exists():
+        assert _size(weights_dir() / "shapes-lcm") < 20 * 2**20
 
 
 def test_shipped_teacher_loads_and_samples_in_diffusers():
@@ -76,6 +84,96 @@ def test_real_renders_score_near_the_floor(judge, heldout):
         assert far > 2 * floor, (floor, far)
 
 
+def test_shipped_lcm_is_the_default_model_and_follows_its_prompts(judge, heldout):
+    from lcmserve.engine import LCMSampler, Row
+    from lcmserve.models import DEFAULT_MODEL, load_model
+
+    assert DEFAULT_MODEL == "shapes-lcm"
+    model = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
+    assert model.guidance_mode == "embedding" and model.native_size == 64
+    scenes, captions, _ = heldout
+    n = 96
+    engine = LCMSampler(model, max_batch_size=32)
+    images = torch.cat([engine.run_rows([Row(c, 100 + i + a, 8.0) for i, c in enumerate(captions[a : a + 32])],
+                                        4, 64, 64).images for a in range(0, n, 32)])
+    targets = [scene_key(s) for s in scenes[:n]]
+    right = attribute_accuracy(judge.read(images), targets)
+    order = list(range(n))
+    random.Random(1).shuffle(order)
+    shuffled = attribute_accuracy(judge.read(images), [targets[i] for i in order])
+    # The evaluation (docs/results/lcm-vs-solvers.md) measured background 0.999 and layout 0.515 at
+    # 4 steps; a model that ignored its prompts would score as well against shuffled captions.
+    assert right["background"] > 0.9, right
+    assert right["layout"] > shuffled["layout"] + 0.15, (right, shuffled)
+    assert right["colour"] > shuffled["colour"] + 0.1, (right, shuffled)
+
+
 def test_clip_and_classifier_files_exist():
     assert (weights_dir() / CLIP / "config.json").exists()
     assert (weights_dir() / CLASSIFIER).exists()
+
+
+SHIPPED = ["--clip", "shipped", "--vae", "shipped", "--teacher", "shipped", "--classifier", "shipped"]
+
+
+def test_bundle_cli_refuses_an_lcm_that_is_not_a_distillation_run(tmp_path, capsys):
+    from lcmserve.cli import main
+
+    assert main(["shapes", "bundle", *SHIPPED, "--lcm", str(tmp_path / "nope"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "lcm: run folder" in err and "does not exist" in err and "(see --lcm)" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["shapes", "bundle", *SHIPPED, "--lcm", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a distillation output folder (no unet/)" in err and "(see --lcm)" in err
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_bundle_ships_a_distilled_lcm(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from lcmserve.cli import main
+    from lcmserve.distill import DistillConfig, distill
+    from lcmserve.models import load_model
+    from lcmserve.shapes.bundle import LCM
+
+    run = tmp_path / "lcd"
+    distill(DistillConfig(teacher=str(weights_dir() / TEACHER), out=str(run), data="shapes", steps=1, batch_size=2,
+                          time_cond_proj_dim=32, samples=0, checkpoint_every=1, lr=1e-4))
+    out = tmp_path / "weights"
+    assert main(["shapes", "bundle", *SHIPPED, "--lcm", str(run), "-o", str(out)]) == 0
+    assert "bundled the shapes models" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {TEACHER, CLIP, CLASSIFIER, LCM, "training-configs.json"}
+    # float16 on disk, the run's weights otherwise
+    shipped = load_file(out / LCM / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+    assert shipped.keys() == trained.keys() and all(v.dtype == torch.float16 for v in shipped.values())
+    for name, value in trained.items():
+        torch.testing.assert_close(shipped[name], value.to(torch.float16))
+    model = load_model(str(out / LCM), device="cpu", dtype="float32")
+    assert model.guidance_mode == "embedding" and model.describe()["time_cond_proj_dim"] == 32
+    configs = json.loads((out / "training-configs.json").read_text())
+    assert configs["lcm"]["mode"] == "lcd" and configs["lcm"]["steps"] == 1 and configs["lcm"]["wall_s"] > 0
+    assert "losses" not in configs["lcm"]
+    # a new output folder still records the recipes of the stages taken from the shipped weights
+    recorded = json.loads((weights_dir() / "training-configs.json").read_text())
+    assert set(configs) == set(recorded) | {"lcm"}
+    assert all(configs[stage] == recorded[stage] for stage in ("clip", "vae", "teacher", "classifier"))
+
+
+def test_a_teacher_continued_from_the_shipped_one_keeps_its_starting_recipe(tmp_path):
+    import shutil
+    from dataclasses import asdict
+
+    from lcmserve.shapes.bundle import bundle
+    from lcmserve.shapes.train import StageConfig
+
+    run = tmp_path / "teacher"
+    shutil.copytree(weights_dir() / TEACHER / "unet", run / "unet")  # stands in for the trained UNet
+    cfg = StageConfig("teacher", str(run), steps=7, clip_dir="shipped", vae_dir="shipped", init_unet="shipped")
+    (run / "config.json").write_text(json.dumps(asdict(cfg)))
+    out = bundle("shipped", "shipped", run, "shipped", tmp_path / "weights")
+    configs = json.loads((out / "training-configs.json").read_text())
+    recorded = json.loads((weights_dir() / "training-configs.json").read_text())
+    assert configs["teacher"]["steps"] == 7 and configs["teacher"]["init_unet_recipe"] == recorded["teacher"]
+    assert configs["clip"] == recorded["clip"] and "lcm" not in configs

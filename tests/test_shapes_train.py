@@ -1,7 +1,9 @@
 """The training recipes end to end on a few steps: checkpoints, resume, bundle, diffusers loads it."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -76,3 +78,151 @@ def test_bad_stage_configs():
     with pytest.raises(InvalidInputError, match="clip_dir: the teacher needs a trained clip folder") as err:
         T.StageConfig("teacher", "x", vae_dir=".")
     assert err.value.param == "clip_dir"
+
+
+def test_bad_device_workers_and_time_budget(monkeypatch):
+    with pytest.raises(InvalidInputError, match="device must be auto, cpu, cuda or cuda:N") as err:
+        T.StageConfig("vae", "x", device="tpu")
+    assert err.value.param == "device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(InvalidInputError, match="torch sees no CUDA GPU") as err:
+            T.StageConfig("vae", "x", device=spec)
+        assert err.value.param == "device"
+    assert T.StageConfig("vae", "x", device="cpu").device == "cpu"
+    with pytest.raises(InvalidInputError, match="num_workers must be an integer >= 0") as err:
+        T.StageConfig("vae", "x", num_workers=-1)
+    assert err.value.param == "num_workers"
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(InvalidInputError, match="max_minutes must be a finite number >= 0") as err:
+            T.StageConfig("classifier", "x", max_minutes=bad)
+        assert err.value.param == "max_minutes"
+
+
+class FakeClock:
+    """Stands in for lcmserve.shapes.train's `time`: a step costs what the test says, not what the CPU takes."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _budget_run(tmp_path, monkeypatch, step_cost, probe_step=None):
+    clock, seen = FakeClock(), {}
+    monkeypatch.setattr(T, "time", clock)
+    monkeypatch.setattr(T, "MEASURE_STEPS", 5)
+    monkeypatch.setattr(T, "FINISH_RESERVE_S", 0.0)
+    cfg = T.StageConfig("classifier", str(tmp_path), steps=100_000, batch_size=1, lr=0.1, warmup_steps=2,
+                        checkpoint_every=50, max_minutes=0.02)  # a budget of 1.2 s of fake time, 0.9 s of it left
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+
+    def step_fn(step: int) -> torch.Tensor:
+        if step == probe_step:  # the checkpoint of step 50 holds the lr the 51st step trains with
+            seen["probe"] = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+        clock.now += step_cost(step)
+        seen["calls"] = seen.get("calls", 0) + 1
+        return lin(x).pow(2).mean()
+
+    # started: the process began 0.3 s before the loop (loading models), which counts against the budget
+    losses = T.run_loop(cfg, {"lin": lin}, list(lin.parameters()), step_fn, started=-0.3)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    return cfg, losses, ckpt, seen
+
+
+def test_max_minutes_cuts_the_run_to_the_measured_speed_and_ends_the_cosine(tmp_path, monkeypatch):
+    # 0.01 s a step: after 5 steps (0.05 s) the remaining 0.85 s fit about 85 more steps.
+    cfg, losses, ckpt, seen = _budget_run(tmp_path, monkeypatch, lambda step: 0.01, probe_step=50)
+    total = ckpt["total_steps"]
+    assert 88 <= total <= 91, total
+    assert ckpt["step"] == total and seen["calls"] == total and len(losses) == len(ckpt["losses"]) == total
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == total == cfg.steps
+    # The cosine follows the cut total: part-way down at step 50, and at zero after the last step.
+    probe = seen["probe"]
+    assert probe["step"] == 50 and probe["total_steps"] == total
+    expected = 0.1 * 0.5 * (1 + math.cos(math.pi * (50 - 2) / (total - 2)))
+    assert probe["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected, rel=1e-6)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_max_minutes_stops_a_run_that_slows_down_at_the_deadline(tmp_path, monkeypatch):
+    # The measured speed promises ~90 steps, but from step 5 on a step costs 0.05 s: the deadline
+    # (0.9 s after the loop began) passes after about 17 slow steps; the run stops there, its record consistent.
+    cfg, losses, ckpt, seen = _budget_run(tmp_path, monkeypatch, lambda step: 0.01 if step < 5 else 0.05)
+    total = ckpt["total_steps"]
+    assert 21 <= total <= 24, total
+    assert ckpt["step"] == total and seen["calls"] == total and len(losses) == total
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == total == cfg.steps
+    # Run again on the same folder with the original step count: the recorded total holds, nothing more runs.
+    called = []
+    again = T.StageConfig("classifier", str(tmp_path), steps=100_000, batch_size=1, lr=0.1, warmup_steps=2,
+                          checkpoint_every=50)
+    lin = torch.nn.Linear(3, 1)
+    T.run_loop(again, {"lin": lin}, list(lin.parameters()), lambda step: called.append(step))
+    assert called == []
+    torch.testing.assert_close(lin.weight, ckpt["modules"]["lin"]["weight"])
+
+
+@pytest.fixture(scope="module")
+def teacher_data():
+    from transformers import CLIPTokenizer
+
+    from lcmserve.shapes.bundle import CLIP, TEACHER, model_dir, resolve_run, weights_dir
+
+    if not ((weights_dir() / TEACHER).exists() and (weights_dir() / CLIP).exists()):
+        pytest.skip("the shapes weights are not bundled in this checkout")
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir(resolve_run("shipped", "clip"), "tokenizer"))
+    cfg = T.StageConfig("teacher", "unused", clip_dir="shipped", vae_dir="shipped", batch_size=4, steps=50,
+                        latent_cache=40, seed=3)
+    scenes, _ = T.training_scenes(cfg.seed, cfg.latent_cache)
+    return cfg, tokenizer, scenes
+
+
+def _assert_items_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_teacher_steps_are_a_pure_function_of_seed_and_step(teacher_data):
+    cfg, tokenizer, scenes = teacher_data
+    for source in (scenes, None):  # from the latent cache's scenes, or rendered every step
+        data = T.TeacherSteps(cfg, tokenizer, (4, 16, 16), 1000, source)
+        first = data[7]
+        assert set(first) == ({"idx"} if source else {"images"}) | {"eps", "ids", "noise", "t"}
+        assert first["eps"].shape == first["noise"].shape == (4, 4, 16, 16) and first["ids"].shape[0] == 4
+        _assert_items_equal(first, T.TeacherSteps(cfg, tokenizer, (4, 16, 16), 1000, source)[7])
+        other = data[8]
+        assert not torch.equal(first["noise"], other["noise"]) and not torch.equal(first["eps"], other["eps"])
+    cached = T.TeacherSteps(cfg, tokenizer, (4, 16, 16), 1000, scenes)
+    reseeded = T.TeacherSteps(T.StageConfig("teacher", "unused", clip_dir="shipped", vae_dir="shipped",
+                                            batch_size=4, steps=50, seed=4), tokenizer, (4, 16, 16), 1000, scenes)
+    assert not torch.equal(reseeded[7]["noise"], cached[7]["noise"])
+    assert not torch.equal(reseeded[7]["idx"], cached[7]["idx"])
+
+
+def test_step_stream_workers_give_the_items_of_the_dataset(teacher_data):
+    cfg, tokenizer, scenes = teacher_data
+    data = T.TeacherSteps(cfg, tokenizer, (4, 16, 16), 1000, scenes)
+    stream = T._StepStream(data, num_workers=2, pin=False)
+    for step in (0, 1, 2, 3, 10, 11):  # consecutive steps, then a jump (a resume) and on from there
+        _assert_items_equal(stream.get(step), data[step])
+    assert T._StepStream(data, num_workers=0, pin=False).get(5).keys() == data[5].keys()
+
+
+def test_training_scenes_in_worker_processes_match_one_process():
+    scenes, images = T.training_scenes(0, 300, workers=0, with_images=True, chunk=64)
+    pooled, pooled_images = T.training_scenes(0, 300, workers=2, with_images=True, chunk=64)
+    assert len(scenes) == 300 and scenes == pooled
+    assert len(images) == len(pooled_images) == 5  # chunks of 64 scenes
+    for a, b in zip(images, pooled_images):
+        assert a.dtype == np.uint8 and np.array_equal(a, b)
+    whole = np.concatenate(images)
+    assert whole.shape[0] == 300
+    from lcmserve.shapes.scenes import render
+
+    assert np.array_equal(whole[123], np.asarray(render(scenes[123]), dtype=np.uint8))
+    assert T.training_scenes(0, 300, workers=2)[1] is None

@@ -7,6 +7,14 @@ import torch
 from scipy import linalg
 
 
+def _sqrtm(m: np.ndarray) -> np.ndarray:
+    """scipy's matrix square root; SciPy 1.18 dropped ``disp`` (earlier versions need disp=False for one value)."""
+    try:
+        return linalg.sqrtm(m, disp=False)[0]
+    except TypeError:
+        return linalg.sqrtm(m)
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) (Heusel et al. 2017), as pytorch-fid computes it."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -14,10 +22,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError(f"features must be [N, D] with N >= 2 and equal D; got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    covmean = _sqrtm(s_a @ s_b)
     if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
         eps = np.eye(len(s_a)) * 1e-6
-        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
+        covmean = _sqrtm((s_a + eps) @ (s_b + eps))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
 

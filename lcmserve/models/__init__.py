@@ -3,7 +3,7 @@
 from lcmserve.models.loading import load_model, resolve_device_dtype
 from lcmserve.models.model import LCMModel, NoiseSchedule
 
-# Random weights until the shapes family ships a trained model.
-DEFAULT_MODEL = "preset:tiny-sd"
+# The shapes LCM, distilled by this project's own code and shipped in the package.
+DEFAULT_MODEL = "shapes-lcm"
 
 __all__ = ["DEFAULT_MODEL", "LCMModel", "NoiseSchedule", "load_model", "resolve_device_dtype"]

@@ -96,10 +96,17 @@ def _from_pretrained(spec: str, index: dict[str, Any], dtype: torch.dtype):
     return DiffusionPipeline.from_pretrained(spec, dtype=dtype, **skipped)
 
 
+BUNDLED_MODELS = ("shapes-lcm", "shapes-teacher")  # shipped in the package (lcmserve/shapes/weights)
+
+
 def _load_pipeline(spec: str, dtype: torch.dtype):
     if spec.startswith(PRESET_PREFIX):
         get_preset(spec)  # clear error for an unknown name before any work
         return build_preset_pipeline(spec, dtype=dtype)
+    if spec in BUNDLED_MODELS and not Path(spec).exists():  # a folder of that name in the cwd wins
+        from lcmserve.shapes.bundle import bundled
+
+        spec = str(bundled(spec))
     folder = Path(spec).expanduser()
     if folder.exists():
         if not folder.is_dir():
@@ -168,7 +175,7 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
 ) -> LCMModel:
-    """Load ``spec`` (folder, Hub id or ``preset:NAME``) as an LCM ready to sample."""
+    """Load ``spec`` (folder, Hub id, ``preset:NAME`` or a bundled model, e.g. ``shapes-lcm``) as an LCM."""
     dev, torch_dtype = resolve_device_dtype(device, dtype)
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError("model: give a diffusers folder, a Hub id or preset:NAME", param="model")

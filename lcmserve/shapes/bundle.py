@@ -116,7 +116,11 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
     configs = {k: json.loads((Path(v) / "config.json").read_text()) for k, v in runs.items()
                if (Path(v) / "config.json").is_file() and "stage" in (Path(v) / "config.json").read_text()}
     previous = out / "training-configs.json"
+    if not previous.exists():  # a new folder (-o): the shipped stages' recipes are the package's
+        previous = weights_dir() / "training-configs.json"
     recorded = json.loads(previous.read_text()) if previous.exists() else {}
+    if not (out / LCM).exists():
+        recorded.pop("lcm", None)
     teacher_cfg = configs.get("teacher", {})
     if str(teacher_cfg.get("init_unet") or "").startswith(str(weights_dir())) and "teacher" in recorded:
         # continued from the shipped teacher: keep the recipe of the weights it started from

@@ -58,6 +58,9 @@ class OrtGraph:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Between the sessions' runs torch does the scheduler arithmetic and the noise: threads that
+        # spin-wait after a run would take the cores it needs (the default spins).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.path = path
@@ -97,6 +100,7 @@ class OnnxBackend(TorchBackend):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "onnx"
         self.exporter, self.opset, self.build, self.threads = exporter, opset, build, threads
         self._graphs: dict[Path, OrtGraph] = {}
+        self._prepared: dict[tuple[int, int], dict[str, OrtGraph]] = {}
         self._current: dict[str, OrtGraph] = {}
 
     @staticmethod
@@ -152,5 +156,9 @@ class OnnxBackend(TorchBackend):
         return self._current["vae_decoder"](self.model.device, latents=scaled_latents)[0]
 
     def run(self, batch: DenoiseBatch, on_step: StepCallback | None = None) -> BackendOutput:
-        self._current = self.prepare(batch.height, batch.width)
+        # The cache is verified (files hashed) once per resolution, not on every request.
+        key = (batch.height, batch.width)
+        if key not in self._prepared:
+            self._prepared[key] = self.prepare(batch.height, batch.width)
+        self._current = self._prepared[key]
         return super().run(batch, on_step)
