@@ -12,7 +12,8 @@
 #      (1/2/4/8 steps; guidance 3/5/9/15 at 4 steps) and each ablation run.
 #
 # Usage: scripts/gpu-pass.sh OUT_DIR [SECONDS]
-# Everything is bounded by SECONDS (default 575). OUT_DIR receives teacher.tgz and lcm.tgz (the
+# Everything is bounded by SECONDS (default 575). SKIP=lcd,tests,bench,eval leaves stages out (the
+# teacher then gets their time: TEACHER_S); BENCH_COMPILE=1 adds a bench of cuda-graph + torch.compile. OUT_DIR receives teacher.tgz and lcm.tgz (the
 # float16 UNets and training-configs.json, to unpack into lcmserve/shapes/weights), the bench
 # files, and results.tgz (evals, distillation summaries and samples, logs).
 # Python packages missing on the machine may be given as wheels in .whl/ (installed to /tmp/site).
@@ -33,6 +34,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 LCM="python3 -m lcmserve.cli"
 DEV=${DEVICE:-cuda}
+want() { [[ ",${SKIP:-}," != *",$1,"* ]]; }
 quiet() { tr '\r' '\n' | grep -v "%|"; }  # progress bars stay out of the logs
 pack() { tar -C "$RUN" -czf "$OUT/results.tgz" --exclude "*.pt" --exclude "*.safetensors" --exclude checkpoints \
   logs $(cd "$RUN" && ls -d eval-* lcd-*/distill*.json lcd-*/samples teacher/config.json 2>/dev/null); }
@@ -61,6 +63,7 @@ timeout 45 $LCM eval "$TEACHER_DIR" --sampler ddim --steps 50 --guidance 8 --num
   --device "$DEV" -o "$RUN/eval-teacher-quick" 2>&1 | grep "^| \(real\|ddim\)"
 
 # -- 2. distillation: the ablation grid, side by side ----------------------------------------------
+if want lcd; then
 LCD_S=${LCD_S:-130}
 log "2. distill lcd x7: ${LCD_S} s"
 lcd() {  # name, then extra flags
@@ -79,20 +82,32 @@ $LCM shapes bundle --clip shipped --vae shipped --teacher "$RUN/teacher" --class
 tar -C "$RUN/bundle" -czf "$OUT/lcm.tgz" --exclude shapes-lcm/vae --exclude shapes-lcm/text_encoder shapes-lcm \
   training-configs.json
 pack
+fi
 
 # -- 3. GPU tests, 4. bench: alone on the GPU ---------------------------------------------------------
+if want tests; then
 log "3. GPU tests"
 timeout 50 python3 -m pytest -q -m gpu -p no:cacheprovider \
   --deselect "tests/test_cuda_graph.py::test_captured_cfg_and_compiled_on_gpu[True]" \
   tests/test_cuda_graph.py tests/test_backends.py 2>&1 | tail -n 8 | tee "$RUN/logs/gpu-tests.log"
+fi
+if want bench; then
 log "4. bench"
 timeout $(( $(left) - 70 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" \
   --dtype ${BENCH_DTYPE:-float16} --backends ${BENCH_BACKENDS:-cuda-graph,torch} --batch-sizes 1,16 --steps 4 \
   --resolutions ${BENCH_SIZE:-512x512} --warmup 3 --iters ${BENCH_ITERS:-15} \
   --out "$OUT" --name bench-gpu-sd15 -q > "$RUN/logs/bench.log" 2>&1
 grep "^|\|failed" "$OUT/bench-gpu-sd15.md" 2>/dev/null | head -n 12
+if [ -n "${BENCH_COMPILE:-}" ]; then
+  timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" --dtype float16 \
+    --backends cuda-graph --compile --no-baseline --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
+    --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-compile -q > "$RUN/logs/bench-compile.log" 2>&1
+  grep "^|\|failed" "$OUT/bench-gpu-sd15-compile.md" 2>/dev/null | head -n 6
+fi
+fi
 
 # -- 5. evaluations, side by side ------------------------------------------------------------------
+if want eval; then
 EVAL_S=$(( $(left) - 12 ))
 log "5. eval: ${EVAL_S} s"
 ev() {  # output name, model, then flags
@@ -108,5 +123,6 @@ for name in k1-ddim k5-ddim k10-ddim k50-ddim k20-dpmsolver k20-dpmsolverpp; do
 done
 wait
 grep -h "^| \(lcm\|ddim\|dpm\)" "$RUN"/eval-lcm/eval.md "$RUN"/eval-teacher/eval.md 2>/dev/null
+fi
 pack
 log "done"

@@ -170,3 +170,18 @@ def test_unsupported_dtype_on_cpu_is_a_clear_error():
 def test_dynamo_exporter_matches_eager(tiny, tmp_path):
     backend = OnnxBackend(tiny, tmp_path, exporter="dynamo")
     torch.testing.assert_close(_images(tiny, backend, ROWS[:2]), _images(tiny, None, ROWS[:2]), rtol=0, atol=TOL)
+
+
+def test_sessions_are_prepared_once_per_resolution(tiny, exported, monkeypatch):
+    # Verifying the cache hashes every graph file: once per resolution, not once per request.
+    cache, _ = exported
+    backend = OnnxBackend(tiny, cache, exporter="legacy", build=False)
+    calls = []
+    real = backend.prepare
+    monkeypatch.setattr(backend, "prepare", lambda h, w, progress=False: calls.append((h, w)) or real(h, w))
+    first = _images(tiny, backend)
+    second = _images(tiny, backend)
+    assert calls == [(SIZE, SIZE)]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    graph = next(iter(backend._graphs.values()))
+    assert graph.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"

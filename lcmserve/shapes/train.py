@@ -411,6 +411,11 @@ class TeacherSteps(torch.utils.data.Dataset):
         return item
 
 
+def _one_thread_worker(_: int) -> None:
+    # Eight workers with torch's default thread count each would oversubscribe the CPU.
+    torch.set_num_threads(1)
+
+
 class _StepStream:
     """Items of ``dataset`` in step order from ``first`` on, prefetched by worker processes."""
 
@@ -426,7 +431,8 @@ class _StepStream:
 
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize on their own
             loader = DataLoader(self.dataset, batch_size=None, sampler=range(step, len(self.dataset)),
-                                num_workers=self.num_workers, pin_memory=self.pin, prefetch_factor=4)
+                                num_workers=self.num_workers, pin_memory=self.pin, prefetch_factor=4,
+                                worker_init_fn=_one_thread_worker)
             self._it = iter(loader)
         self._next = step + 1
         return next(self._it)
