@@ -154,8 +154,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out=args.out, name=args.name,
         progress=not args.quiet,
     )
-    run_bench(cfg)
+    result = run_bench(cfg)
     print((Path(cfg.out) / f"{cfg.name}.md").read_text())
+    if not result["rows"]:
+        print("error: no backend produced a measurement (see the failures above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -327,7 +330,8 @@ def cmd_shapes_bundle(args: argparse.Namespace) -> int:
     for flag in ("clip", "vae", "teacher", "classifier", "lcm"):
         value = getattr(args, flag)
         if value is not None and value != "shipped" and not Path(value).exists():
-            raise InvalidInputError(f"{flag}: run folder {value!r} does not exist (or give `shipped`)", param=flag)
+            hint = "" if flag == "lcm" else " (or give `shipped`)"
+            raise InvalidInputError(f"{flag}: run folder {value!r} does not exist{hint}", param=flag)
     if args.lcm is not None and not (Path(args.lcm) / "unet").is_dir():
         raise InvalidInputError(f"lcm: {args.lcm!r} is not a distillation output folder (no unet/)", param="lcm")
     out = bundle(args.clip, args.vae, args.teacher, args.classifier, args.output, lcm_run=args.lcm)

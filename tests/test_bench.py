@@ -119,3 +119,12 @@ def test_the_baseline_runs_first_and_cli_exits_zero_past_a_failing_backend(tmp_p
     assert [r["backend"] for r in result["rows"]] == ["diffusers", "torch"]
     assert [(e["backend"], e["stage"]) for e in result["errors"]] == [("cuda-graph", "setup")]
     assert "cuda-graph failed" in (tmp_path / "cut.md").read_text()
+
+
+def test_cli_exits_one_when_no_backend_measured_anything(tmp_path, capsys):
+    code = main(["bench", "--model", "preset:tiny-sd", "--backends", "cuda-graph", "--no-baseline", "--batch-sizes",
+                 "1", "--steps", "1", "--resolutions", "32x32", "--warmup", "0", "--iters", "1", "--device", "cpu",
+                 "--out", str(tmp_path), "--name", "none", "-q"])
+    assert code == 1
+    assert "no backend produced a measurement" in capsys.readouterr().err
+    assert json.loads((tmp_path / "none.json").read_text())["rows"] == []
