@@ -212,6 +212,7 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, bf16=args.bf16, clip_dir=args.clip, vae_dir=args.vae,
         latent_cache=args.latent_cache, init_unet=args.init_unet, warmup_steps=args.warmup_steps,
         device=args.device, num_workers=args.num_workers, max_minutes=args.max_minutes,
+        train_text_encoder=args.train_text_encoder,
     )
     print(f"trained {cfg.stage}: {train(cfg)}")
     return 0
@@ -365,6 +366,8 @@ def _add_shapes(sub) -> None:
     tr.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     tr.add_argument("--num-workers", type=int, default=0,
                     help="teacher: data-loader processes for captions and noise (and scene rendering)")
+    tr.add_argument("--train-text-encoder", action="store_true",
+                    help="teacher: train the text encoder with the UNet (shipped in the teacher pipeline)")
     tr.add_argument("--max-minutes", type=float, default=0.0,
                     help="fit the run into this wall time: the step count is cut to the measured speed (0: off)")
     tr.set_defaults(func=cmd_shapes_train)

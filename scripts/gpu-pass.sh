@@ -13,7 +13,8 @@
 #
 # Usage: scripts/gpu-pass.sh OUT_DIR [SECONDS]
 # Everything is bounded by SECONDS (default 575). SKIP=lcd,tests,bench,eval leaves stages out (the
-# teacher then gets their time: TEACHER_S); BENCH_COMPILE=1 adds a bench of cuda-graph + torch.compile. OUT_DIR receives teacher.tgz and lcm.tgz (the
+# teacher then gets their time: TEACHER_S); TEACHER_FLAGS adds flags to the teacher's training (e.g.
+# --train-text-encoder); BENCH_COMPILE=1 adds a bench of cuda-graph + torch.compile. OUT_DIR receives teacher.tgz and lcm.tgz (the
 # float16 UNets and training-configs.json, to unpack into lcmserve/shapes/weights), the bench
 # files, and results.tgz (evals, distillation summaries and samples, logs).
 # Python packages missing on the machine may be given as wheels in .whl/ (installed to /tmp/site).
@@ -49,11 +50,11 @@ log "1. teacher: ${TEACHER_S} s"
 $LCM shapes train teacher --out "$RUN/teacher" --clip shipped --vae shipped --init-unet shipped \
   --device "$DEV" --steps ${TEACHER_STEPS:-60000} --batch-size ${TEACHER_BATCH:-512} --lr ${TEACHER_LR:-5e-4} \
   --warmup-steps 200 --latent-cache ${LATENT_CACHE:-100000} --num-workers ${WORKERS:-8} --checkpoint-every 5000 \
-  --max-minutes "$(python3 -c "print($TEACHER_S / 60)")" 2>&1 | quiet > "$RUN/logs/teacher.log"
+  --max-minutes "$(python3 -c "print($TEACHER_S / 60)")" ${TEACHER_FLAGS:-} 2>&1 | quiet > "$RUN/logs/teacher.log"
 tail -n 4 "$RUN/logs/teacher.log"
 $LCM shapes bundle --clip shipped --vae shipped --teacher "$RUN/teacher" --classifier shipped -o "$RUN/bundle" \
   2>&1 | tail -n 1
-tar -C "$RUN/bundle" -czf "$OUT/teacher.tgz" shapes-teacher/unet training-configs.json
+tar -C "$RUN/bundle" -czf "$OUT/teacher.tgz" shapes-teacher/unet shapes-teacher/text_encoder training-configs.json
 python3 -c "import json,torch; s=torch.load('$RUN/teacher/checkpoint.pt',weights_only=False); \
 json.dump({'steps': s['step'], 'losses': s['losses']}, open('$RUN/logs/teacher-losses.json','w'))"
 TEACHER_DIR=$RUN/bundle/shapes-teacher

@@ -44,11 +44,16 @@ def test_kill_and_resume_continues_at_the_right_step_with_the_same_data(tmp_path
     assert len(losses) == 4
 
 
-def test_full_chain_writes_a_pipeline_diffusers_loads(tmp_path):
+@pytest.fixture(scope="module")
+def clip_and_vae(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    return T.train(tiny("clip", root / "clip")), T.train(tiny("vae", root / "vae"))
+
+
+def test_full_chain_writes_a_pipeline_diffusers_loads(tmp_path, clip_and_vae):
     from diffusers import StableDiffusionPipeline
 
-    clip = T.train(tiny("clip", tmp_path / "clip"))
-    vae = T.train(tiny("vae", tmp_path / "vae"))
+    clip, vae = clip_and_vae
     teacher = T.train(tiny("teacher", tmp_path / "teacher", clip_dir=str(clip), vae_dir=str(vae), latent_cache=8))
     cache = torch.load(tmp_path / "teacher" / "latent-cache.pt", weights_only=False)
     assert cache["mean"].shape == (8, 4, 16, 16) and (cache["std"] > 0).all()
@@ -226,3 +231,34 @@ def test_training_scenes_in_worker_processes_match_one_process():
 
     assert np.array_equal(whole[123], np.asarray(render(scenes[123]), dtype=np.uint8))
     assert T.training_scenes(0, 300, workers=2)[1] is None
+
+
+def test_teacher_can_train_its_text_encoder_and_the_bundle_ships_it(tmp_path, clip_and_vae):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    clip, vae = clip_and_vae
+    tower = CLIPModel.from_pretrained(clip / "model").text_model.state_dict()
+    frozen = T.train(tiny("teacher", tmp_path / "frozen", clip_dir=str(clip), vae_dir=str(vae), latent_cache=8))
+    trained = T.train(tiny("teacher", tmp_path / "trained", clip_dir=str(clip), vae_dir=str(vae), latent_cache=8,
+                           train_text_encoder=True, lr=1e-2))
+
+    def weights(run):
+        state = load_file(run / "text_encoder" / "model.safetensors")
+        return {k.removeprefix("text_model."): v for k, v in state.items()}
+
+    key = "encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(weights(frozen)[key], tower[key])  # frozen: a copy of the domain CLIP's text tower
+    assert not torch.allclose(weights(trained)[key], tower[key])  # trained with the UNet
+    assert "text_encoder" in torch.load(trained / "checkpoint.pt", weights_only=False)["modules"]
+    classifier = T.train(tiny("classifier", tmp_path / "cls"))
+    out = bundle(clip, vae, trained, classifier, tmp_path / "weights")
+    pipe = StableDiffusionPipeline.from_pretrained(out / "shapes-teacher", dtype=torch.float32)
+    shipped = pipe.text_encoder.state_dict()
+    shipped = {k.removeprefix("text_model."): v for k, v in shipped.items()}
+    torch.testing.assert_close(shipped[key], weights(trained)[key].half().float())
+    # Continuing that teacher starts from its own text encoder, not from the CLIP's.
+    cont = T.StageConfig("teacher", str(tmp_path / "c"), clip_dir=str(clip), vae_dir=str(vae),
+                         init_unet=str(out / "shapes-teacher"))
+    start = T.teacher_text_encoder(cont).state_dict()
+    torch.testing.assert_close({k.removeprefix("text_model."): v for k, v in start.items()}[key], shipped[key])

@@ -54,10 +54,14 @@ def assemble_teacher(clip_run: str | Path, vae_run: str | Path, teacher_run: str
 
     from lcmserve.shapes.models import scheduler_config
 
-    clip = CLIPModel.from_pretrained(model_dir(clip_run), dtype=torch.float32)
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    # transformers 5 nests a CLIPTextModel in CLIPModel; 4.x nests the bare transformer.
-    getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
+    own = Path(teacher_run) / "text_encoder"
+    if (own / "config.json").is_file():  # the text encoder the teacher learnt with (trained, or a copy)
+        text_encoder = CLIPTextModel.from_pretrained(own, dtype=torch.float32)
+    else:
+        clip = CLIPModel.from_pretrained(model_dir(clip_run), dtype=torch.float32)
+        text_encoder = CLIPTextModel(clip.config.text_config)
+        # transformers 5 nests a CLIPTextModel in CLIPModel; 4.x nests the bare transformer.
+        getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(model_dir(vae_run), dtype=torch.float32),
         text_encoder=text_encoder.eval(),

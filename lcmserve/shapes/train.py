@@ -60,6 +60,7 @@ class StageConfig:
     device: str = "auto"  # auto: the CUDA GPU when there is one, else the CPU
     num_workers: int = 0  # teacher: data-loader processes that draw captions, tokens and noise
     max_minutes: float = 0.0  # fit the whole run into this wall time (0: off); see run_loop
+    train_text_encoder: bool = False  # teacher: train the text encoder with the UNet (it starts from the CLIP's)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -441,15 +442,15 @@ class _StepStream:
 def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     from lcmserve.shapes.bundle import model_dir
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir(cfg.clip_dir, "tokenizer"))
-    clip = CLIPModel.from_pretrained(model_dir(cfg.clip_dir), dtype=torch.float32)
-    text_encoder = clip.text_model.to(device).eval().requires_grad_(False)
+    text_encoder = teacher_text_encoder(cfg).to(device)
+    text_encoder.train(cfg.train_text_encoder).requires_grad_(cfg.train_text_encoder)
     vae_dir = model_dir(cfg.vae_dir)
     vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(device).eval().requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(M.scheduler_config())
@@ -461,8 +462,8 @@ def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Pat
     else:
         unet = UNet2DConditionModel(**M.unet_config())
     unet = unet.to(device).train()
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75,
-                   foreach=device.type == "cuda")
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=0.75, foreach=device.type == "cuda")
     cache, scenes = None, None
     if cfg.latent_cache:
         cache = build_latent_cache(vae, vae_dir, cfg.seed, cfg.latent_cache, out / "latent-cache.pt",
@@ -483,6 +484,7 @@ def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Pat
             else:
                 mean, std = cache["mean"][item["idx"]], cache["std"][item["idx"]]
             latents = (mean + std * item["eps"]) * vae.config.scaling_factor
+        with torch.set_grad_enabled(cfg.train_text_encoder):
             states = text_encoder(item["ids"])[0]
         # forward diffusion to a uniform random timestep, epsilon target
         noisy = noise_scheduler.add_noise(latents, item["noise"], item["t"])
@@ -490,11 +492,30 @@ def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Pat
             pred = unet(noisy, item["t"], encoder_hidden_states=states).sample.float()
         return F.mse_loss(pred, item["noise"])
 
-    run_loop(cfg, {"unet": unet}, list(unet.parameters()), step_fn, extra_state={"ema": ema}, device=device,
-             started=started)
-    ema.copy_to(unet.parameters())
+    modules = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+    run_loop(cfg, modules, params, step_fn, extra_state={"ema": ema}, device=device, started=started)
+    ema.copy_to(params)
     unet.eval().save_pretrained(out / "unet")
+    text_encoder.eval().save_pretrained(out / "text_encoder")  # the one the UNet learnt with, trained or not
     return out
+
+
+def teacher_text_encoder(cfg: StageConfig):
+    """The text encoder the teacher learns with: the pipeline's own when continuing a teacher
+    pipeline (``init_unet`` is a pipeline folder with a text_encoder/), else the domain CLIP's text
+    tower. Frozen, a contrastive CLIP text tower blurs which attribute belongs to which object
+    (docs/shapes.md); ``train_text_encoder`` trains it with the UNet."""
+    from transformers import CLIPModel, CLIPTextModel
+
+    from lcmserve.shapes.bundle import model_dir
+
+    if cfg.init_unet and (Path(cfg.init_unet) / "text_encoder" / "config.json").is_file():
+        return CLIPTextModel.from_pretrained(Path(cfg.init_unet) / "text_encoder", dtype=torch.float32)
+    clip = CLIPModel.from_pretrained(model_dir(cfg.clip_dir), dtype=torch.float32)
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    # transformers 5 nests a CLIPTextModel in CLIPModel; 4.x nests the bare transformer.
+    getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
+    return text_encoder
 
 
 # -- stage 4: the judge ---------------------------------------------------------------------
