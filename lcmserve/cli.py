@@ -218,6 +218,18 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shapes_probe_text(args: argparse.Namespace) -> int:
+    from lcmserve.eval.text_probe import probe_text_encoder
+    from lcmserve.shapes.bundle import resolve_run
+
+    model = str(resolve_run(args.model, "teacher"))
+    result = probe_text_encoder(model, mode=args.mode, layer=args.layer, n_train=args.num_train,
+                                n_test=args.num_test, steps=args.steps)
+    print(json.dumps({"model": model, "mode": args.mode, "layer": args.layer, "steps": args.steps,
+                      "exact_scene_accuracy": result}))
+    return 0
+
+
 def cmd_shapes_render(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -377,6 +389,18 @@ def _add_shapes(sub) -> None:
     bd.add_argument("--lcm", default=None, help="also ship this distilled LCM (a `lcmserve distill lcd` output folder)")
     bd.add_argument("-o", "--output", default=None, help="destination (default: the package's weights folder)")
     bd.set_defaults(func=cmd_shapes_bundle)
+    pt = ssub.add_parser("probe-text", help="how much of a scene a probe reads back from a text encoder's states")
+    pt.add_argument("model", nargs="?", default="shipped",
+                    help="a teacher pipeline folder (its text_encoder/ and tokenizer/), or `shipped`")
+    pt.add_argument("--mode", choices=("readout", "deep"), default="readout",
+                    help="readout: one cross-attention read-out (about what a UNet layer sees); deep: two "
+                    "transformer layers first (what the states hold at all)")
+    pt.add_argument("--layer", type=int, default=-1, help="hidden state to probe (-1: the output, as the UNet "
+                    "sees it; 0: the token embeddings)")
+    pt.add_argument("--steps", type=int, default=2500)
+    pt.add_argument("--num-train", type=int, default=20000)
+    pt.add_argument("--num-test", type=int, default=2000)
+    pt.set_defaults(func=cmd_shapes_probe_text)
     rd = ssub.add_parser("render", help="render captioned scenes (PNG files, captions.jsonl, grid.png)")
     rd.add_argument("--split", choices=SPLITS, default="train")
     rd.add_argument("-n", "--num", type=int, default=64, help="number of scenes")
