@@ -46,11 +46,22 @@ def resolve_run(run: str | Path | None, stage: str) -> Path | None:
             "classifier": bundled(CLASSIFIER)}[stage]
 
 
+def clip_text_encoder(clip_run: str | Path):
+    """The domain CLIP's text tower as a standalone float32 ``CLIPTextModel``."""
+    from transformers import CLIPModel, CLIPTextModel
+
+    clip = CLIPModel.from_pretrained(model_dir(clip_run), dtype=torch.float32)
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    # transformers 5 nests a CLIPTextModel in CLIPModel; 4.x nests the bare transformer.
+    getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
+    return text_encoder
+
+
 def assemble_teacher(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, out: str | Path,
                      dtype: torch.dtype = torch.float16) -> Path:
     """A diffusers StableDiffusionPipeline folder: domain CLIP text tower, VAE, teacher UNet, DDIM."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from lcmserve.shapes.models import scheduler_config
 
@@ -58,10 +69,7 @@ def assemble_teacher(clip_run: str | Path, vae_run: str | Path, teacher_run: str
     if (own / "config.json").is_file():  # the text encoder the teacher learnt with (trained, or a copy)
         text_encoder = CLIPTextModel.from_pretrained(own, dtype=torch.float32)
     else:
-        clip = CLIPModel.from_pretrained(model_dir(clip_run), dtype=torch.float32)
-        text_encoder = CLIPTextModel(clip.config.text_config)
-        # transformers 5 nests a CLIPTextModel in CLIPModel; 4.x nests the bare transformer.
-        getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
+        text_encoder = clip_text_encoder(clip_run)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(model_dir(vae_run), dtype=torch.float32),
         text_encoder=text_encoder.eval(),

@@ -505,17 +505,13 @@ def teacher_text_encoder(cfg: StageConfig):
     pipeline (``init_unet`` is a pipeline folder with a text_encoder/), else the domain CLIP's text
     tower. Frozen, a contrastive CLIP text tower blurs which attribute belongs to which object
     (docs/shapes.md); ``train_text_encoder`` trains it with the UNet."""
-    from transformers import CLIPModel, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    from lcmserve.shapes.bundle import model_dir
+    from lcmserve.shapes.bundle import clip_text_encoder
 
     if cfg.init_unet and (Path(cfg.init_unet) / "text_encoder" / "config.json").is_file():
         return CLIPTextModel.from_pretrained(Path(cfg.init_unet) / "text_encoder", dtype=torch.float32)
-    clip = CLIPModel.from_pretrained(model_dir(cfg.clip_dir), dtype=torch.float32)
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    # transformers 5 nests a CLIPTextModel in CLIPModel; 4.x nests the bare transformer.
-    getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
-    return text_encoder
+    return clip_text_encoder(cfg.clip_dir)
 
 
 # -- stage 4: the judge ---------------------------------------------------------------------
