@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -70,3 +72,13 @@ class Backend(ABC):
     @abstractmethod
     def run(self, batch: DenoiseBatch, on_step: StepCallback | None = None) -> BackendOutput:
         """Generate the batch's images; ``on_step(i, x0_estimate)`` is called after each step if given."""
+
+
+def import_optional(module: str, backend: str, needs: str, hint: str) -> ModuleType:
+    """A backend's optional library, or a clear error naming the backend and how to install it."""
+    from lcmserve.errors import InvalidInputError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise InvalidInputError(f"backend: the {backend} backend needs {needs}; {hint}", param="backend") from exc

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcmserve.engine.backends.base import BackendOutput, DenoiseBatch
+from lcmserve.engine.backends.base import BackendOutput, DenoiseBatch, import_optional
 from lcmserve.engine.backends.torch_backend import TorchBackend
 from lcmserve.engine.cache import default_cache_dir
 from lcmserve.engine.export import DEFAULT_OPSET, check_exporter, export_model
@@ -36,13 +36,7 @@ INSTALL_HINT = "pip install 'lcmserve[onnx]' (onnx, onnxruntime; onnxruntime-gpu
 
 
 def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise InvalidInputError(
-            f"backend: the onnx backend needs onnxruntime; {INSTALL_HINT}", param="backend"
-        ) from exc
-    return onnxruntime
+    return import_optional("onnxruntime", "onnx", "onnxruntime", INSTALL_HINT)
 
 
 class OrtGraph:

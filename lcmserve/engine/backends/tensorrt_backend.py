@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from lcmserve.engine.backends.base import import_optional
 from lcmserve.engine.backends.buckets import BucketSet
 from lcmserve.engine.backends.cuda_graph import CudaGraphBackend, CudaGraphConfig
 from lcmserve.engine.cache import MANIFEST, ArtifactCache, default_cache_dir
@@ -43,12 +44,7 @@ ENGINE_FORMAT = 1
 
 
 def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise InvalidInputError(
-            f"backend: the tensorrt backend needs TensorRT; {INSTALL_HINT}", param="backend"
-        ) from exc
+    tensorrt = import_optional("tensorrt", "tensorrt", "TensorRT", INSTALL_HINT)
     check_version(tensorrt.__version__)
     return tensorrt
 
