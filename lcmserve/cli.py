@@ -106,7 +106,7 @@ def _generate_backend(args: argparse.Namespace, model, resolved):
     sizes = tuple(sorted({min(2**i, args.batch_size) for i in range(7)}))
     buckets = BucketSet(sizes, (resolved.steps,), ((resolved.height, resolved.width),))
     return create_backend(args.backend, model, buckets=buckets, cache_dir=args.cache_dir, compile=args.compile,
-                          exporter=args.exporter, progress=not args.quiet)
+                          channels_last=args.channels_last, exporter=args.exporter, progress=not args.quiet)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -150,8 +150,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, backends=tuple(b for b in args.backends.split(",") if b), batch_sizes=tuple(args.batch_sizes),
         steps=tuple(args.steps), resolutions=parse_resolutions(args.resolutions), warmup=args.warmup, iters=args.iters,
         baseline=not args.no_baseline, device=args.device, dtype=args.dtype, guidance=args.guidance,
-        cache_dir=args.cache_dir, compile=args.compile, exporter=args.exporter, threads=args.threads,
-        out=args.out, name=args.name,
+        cache_dir=args.cache_dir, compile=args.compile, channels_last=args.channels_last, exporter=args.exporter,
+        threads=args.threads, out=args.out, name=args.name,
         progress=not args.quiet,
     )
     result = run_bench(cfg)
@@ -178,6 +178,7 @@ def _add_bench(sub) -> None:
     bn.add_argument("--guidance", type=float, default=8.0)
     bn.add_argument("--cache-dir", default=None, help="ONNX/TensorRT cache (default $LCMSERVE_CACHE)")
     bn.add_argument("--compile", action="store_true", help="torch.compile inside cuda-graph")
+    bn.add_argument("--channels-last", action="store_true", help="cuda-graph: NHWC convolutions")
     bn.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
     bn.add_argument("--threads", type=int, default=None,
                     help="CPU threads of torch and ONNX Runtime (default: theirs; 1 on a shared CPU)")
@@ -212,9 +213,60 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, bf16=args.bf16, clip_dir=args.clip, vae_dir=args.vae,
         latent_cache=args.latent_cache, init_unet=args.init_unet, warmup_steps=args.warmup_steps,
         device=args.device, num_workers=args.num_workers, max_minutes=args.max_minutes,
-        train_text_encoder=args.train_text_encoder,
+        train_text_encoder=args.train_text_encoder, snr_gamma=args.snr_gamma, ema_decay=args.ema_decay,
+        compile=args.compile,
     )
     print(f"trained {cfg.stage}: {train(cfg)}")
+    return 0
+
+
+def cmd_shapes_train_speed(args: argparse.Namespace) -> int:
+    import gc
+    import math
+    from dataclasses import asdict
+
+    import torch
+
+    from lcmserve.errors import EngineError
+    from lcmserve.shapes.speed import markdown, parse_variants, teacher_step_speed
+    from lcmserve.shapes.train import resolve_device
+
+    variants = parse_variants(args.variants)
+    batch_sizes = args.batch_sizes
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise InvalidInputError.out_of_range("batch_sizes", batch_sizes, "a comma list of integers >= 1")
+    for name in ("seconds", "budget"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidInputError.out_of_range(name, value, "a finite number of seconds > 0")
+    device = resolve_device(args.device)
+    rows = []
+    for variant in variants:
+        for batch_size in batch_sizes:
+            try:
+                row = teacher_step_speed(variant, batch_size, device, args.seconds,
+                                         train_text_encoder=args.train_text_encoder, snr_gamma=args.snr_gamma)
+            except torch.OutOfMemoryError:
+                print(f"{variant} at batch {batch_size}: out of memory", file=sys.stderr)
+                continue
+            except Exception as exc:  # e.g. a compile failure: the other variants still count
+                print(f"{variant} at batch {batch_size} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            finally:
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            print(f"{variant} batch {batch_size}: {row.samples_per_s:,.0f} samples/s "
+                  f"(first steps {row.first_steps_s:.1f} s)", file=sys.stderr)
+    if not rows:
+        raise EngineError("train-speed: no variant ran (see the errors above)")
+    best = max(rows, key=lambda r: r.samples_in(args.budget))
+    print(markdown(rows, args.budget))
+    print(f"best for {args.budget:g} s: {best.flags()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "budget_s": args.budget,
+                                               "rows": [asdict(r) for r in rows], "best": best.flags()}, indent=2))
     return 0
 
 
@@ -380,9 +432,25 @@ def _add_shapes(sub) -> None:
                     help="teacher: data-loader processes for captions and noise (and scene rendering)")
     tr.add_argument("--train-text-encoder", action="store_true",
                     help="teacher: train the text encoder with the UNet (shipped in the teacher pipeline)")
+    tr.add_argument("--snr-gamma", type=float, default=0.0,
+                    help="teacher: Min-SNR loss weighting min(SNR, gamma)/SNR, e.g. 5 (0: plain MSE)")
+    tr.add_argument("--ema-decay", type=float, default=0.999, help="teacher: decay of the weights' EMA")
+    tr.add_argument("--compile", action="store_true", help="teacher: torch.compile the UNet (GPU; first steps compile)")
     tr.add_argument("--max-minutes", type=float, default=0.0,
                     help="fit the run into this wall time: the step count is cut to the measured speed (0: off)")
     tr.set_defaults(func=cmd_shapes_train)
+    sp = ssub.add_parser("train-speed", help="time the teacher's training step per batch size and precision")
+    sp.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    sp.add_argument("--batch-sizes", type=_int_list, default="512,1024", help="comma list of batch sizes")
+    sp.add_argument("--variants", default="fp32,bf16,bf16+compile",
+                    help="comma list of fp32, bf16, fp32+compile, bf16+compile")
+    sp.add_argument("--seconds", type=float, default=5.0, help="steady-state seconds timed per variant")
+    sp.add_argument("--budget", type=float, default=360.0,
+                    help="training seconds the choice is for: the warm-up (compile) is charged against it")
+    sp.add_argument("--train-text-encoder", action="store_true", help="time the step with the text encoder trained")
+    sp.add_argument("--snr-gamma", type=float, default=0.0, help="time the step with Min-SNR weighting")
+    sp.add_argument("--json", default=None, help="also write the rows and the choice to this JSON file")
+    sp.set_defaults(func=cmd_shapes_train_speed)
     bd = ssub.add_parser("bundle", help="assemble trained runs into the shipped float16 weights")
     for flag in ("clip", "vae", "teacher", "classifier"):
         bd.add_argument(f"--{flag}", required=True, help=f"the {flag} run folder, or `shipped` to keep the shipped one")
@@ -474,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache-dir", default=None,
                      help="ONNX/TensorRT cache (default $LCMSERVE_CACHE or ~/.cache/lcmserve)")
     gen.add_argument("--compile", action="store_true", help="cuda-graph: torch.compile the UNet and VAE")
+    gen.add_argument("--channels-last", action="store_true", help="cuda-graph: NHWC convolutions")
     gen.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
     gen.set_defaults(func=cmd_generate)
 

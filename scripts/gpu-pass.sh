@@ -14,7 +14,10 @@
 # Usage: scripts/gpu-pass.sh OUT_DIR [SECONDS]
 # Everything is bounded by SECONDS (default 575). SKIP=lcd,tests,bench,eval leaves stages out (the
 # teacher then gets their time: TEACHER_S); TEACHER_FLAGS adds flags to the teacher's training (e.g.
-# --train-text-encoder); BENCH_COMPILE=1 adds a bench of cuda-graph + torch.compile. OUT_DIR receives teacher.tgz and lcm.tgz (the
+# --train-text-encoder --snr-gamma 5); TEACHER_AUTO=1 first times the training step per batch size and
+# precision (`shapes train-speed`, AUTO_BATCHES, AUTO_VARIANTS) and trains with the fastest for the
+# budget, the learning rate scaled by the square root of the batch ratio; BENCH_COMPILE=1 adds a bench of
+# cuda-graph + torch.compile, BENCH_CL=1 one of cuda-graph with channels-last convolutions. OUT_DIR receives teacher.tgz and lcm.tgz (the
 # float16 UNets and training-configs.json, to unpack into lcmserve/shapes/weights), the bench
 # files, and results.tgz (evals, distillation summaries and samples, logs).
 # Python packages missing on the machine may be given as wheels in .whl/ (installed to /tmp/site).
@@ -47,10 +50,35 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 # -- 1. the teacher ----------------------------------------------------------------------------
 TEACHER_S=${TEACHER_S:-160}
 log "1. teacher: ${TEACHER_S} s"
+T1=$(date +%s)
+BATCH=${TEACHER_BATCH:-512}
+LR=${TEACHER_LR:-5e-4}
+SPEED_FLAGS=""
+if [ -n "${TEACHER_AUTO:-}" ]; then  # time the step per batch size and precision, train with the fastest
+  for f in --train-text-encoder "--snr-gamma [0-9.]*"; do
+    SPEED_FLAGS="$SPEED_FLAGS $(grep -o -- "$f" <<< "${TEACHER_FLAGS:-}")"
+  done
+  timeout $((TEACHER_S / 3)) $LCM shapes train-speed --device "$DEV" --batch-sizes ${AUTO_BATCHES:-512,1024} \
+    --variants ${AUTO_VARIANTS:-fp32,bf16,bf16+compile} --seconds 4 --budget "$TEACHER_S" $SPEED_FLAGS \
+    --json "$RUN/logs/train-speed.json" > "$RUN/logs/train-speed.md" 2> "$RUN/logs/train-speed.err"
+  cat "$RUN/logs/train-speed.md"
+  BEST=$(sed -n 's/^best for .*: //p' "$RUN/logs/train-speed.md")
+  if [ -n "$BEST" ]; then
+    NEW_BATCH=$(grep -o -- "--batch-size [0-9]*" <<< "$BEST" | cut -d" " -f2)
+    LR=$(python3 -c "print(f'{$LR * ($NEW_BATCH / $BATCH) ** 0.5:.3g}')")  # square-root scaling with the batch
+    BATCH=$NEW_BATCH
+    SPEED_FLAGS=$(sed "s/--batch-size [0-9]*//" <<< "$BEST")
+  else
+    SPEED_FLAGS=""
+  fi
+fi
+TEACHER_LEFT=$((TEACHER_S - ($(date +%s) - T1)))
+log "teacher: batch $BATCH, lr $LR, flags: ${TEACHER_FLAGS:-} $SPEED_FLAGS; ${TEACHER_LEFT} s"
 $LCM shapes train teacher --out "$RUN/teacher" --clip shipped --vae shipped --init-unet shipped \
-  --device "$DEV" --steps ${TEACHER_STEPS:-60000} --batch-size ${TEACHER_BATCH:-512} --lr ${TEACHER_LR:-5e-4} \
+  --device "$DEV" --steps ${TEACHER_STEPS:-60000} --batch-size "$BATCH" --lr "$LR" \
   --warmup-steps 200 --latent-cache ${LATENT_CACHE:-100000} --num-workers ${WORKERS:-8} --checkpoint-every 5000 \
-  --max-minutes "$(python3 -c "print($TEACHER_S / 60)")" ${TEACHER_FLAGS:-} 2>&1 | quiet > "$RUN/logs/teacher.log"
+  --max-minutes "$(python3 -c "print($TEACHER_LEFT / 60)")" ${TEACHER_FLAGS:-} $SPEED_FLAGS 2>&1 | quiet \
+  > "$RUN/logs/teacher.log"
 tail -n 4 "$RUN/logs/teacher.log"
 $LCM shapes bundle --clip shipped --vae shipped --teacher "$RUN/teacher" --classifier shipped -o "$RUN/bundle" \
   2>&1 | tail -n 1
@@ -89,7 +117,7 @@ fi
 if want tests; then
 log "3. GPU tests"
 timeout 50 python3 -m pytest -q -m gpu -p no:cacheprovider \
-  --deselect "tests/test_cuda_graph.py::test_captured_cfg_and_compiled_on_gpu[True]" \
+  --deselect "tests/test_cuda_graph.py::test_captured_cfg_and_compiled_on_gpu[True-False]" \
   tests/test_cuda_graph.py tests/test_backends.py 2>&1 | tail -n 8 | tee "$RUN/logs/gpu-tests.log"
 fi
 if want bench; then
@@ -104,6 +132,12 @@ if [ -n "${BENCH_COMPILE:-}" ]; then
     --backends cuda-graph --compile --no-baseline --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
     --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-compile -q > "$RUN/logs/bench-compile.log" 2>&1
   grep "^|\|failed" "$OUT/bench-gpu-sd15-compile.md" 2>/dev/null | head -n 6
+fi
+if [ -n "${BENCH_CL:-}" ]; then  # channels-last converts the model: a bench of its own
+  timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" --dtype float16 \
+    --backends cuda-graph --channels-last --no-baseline --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
+    --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-nhwc -q > "$RUN/logs/bench-nhwc.log" 2>&1
+  grep "^|\|failed" "$OUT/bench-gpu-sd15-nhwc.md" 2>/dev/null | head -n 6
 fi
 fi
 

@@ -107,6 +107,16 @@ def test_static_program_classifier_free_guidance_matches_eager():
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_channels_last_converts_the_convolutions_and_keeps_the_images():
+    model = load_model("preset:tiny-sd", device="cpu", dtype="float32")  # its own: the backend converts it
+    expected = LCMSampler(model).run_rows(ROWS, 2, 32, 32).images
+    backend = _static_backend(model, channels_last=True)
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    got = LCMSampler(model, backend=backend).run_rows(ROWS, 2, 32, 32).images
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
 def test_unbuilt_shapes_are_clear_errors(tiny):
     sampler = LCMSampler(tiny, backend=_static_backend(tiny))
     with pytest.raises(InvalidInputError, match="batch_size must be in \\[1, 4\\]"):
@@ -133,11 +143,12 @@ def test_captured_matches_eager_on_gpu(dtype, atol):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_", [False, True])
-def test_captured_cfg_and_compiled_on_gpu(compile_):
+@pytest.mark.parametrize("compile_,channels_last", [(False, False), (False, True), (True, False)])
+def test_captured_cfg_and_compiled_on_gpu(compile_, channels_last):
     pipe = build_preset_pipeline("tiny-sd", lcm=False, seed=2, dtype=torch.float16)
     model = _to_lcm_model(pipe, "tiny-base", None, torch.device("cuda"))
-    backend = CudaGraphBackend(model, CudaGraphConfig(BucketSet((4,), (2,), ((64, 64),)), compile=compile_))
     expected = LCMSampler(model).run_rows(ROWS, 2, 64, 64).images
+    backend = CudaGraphBackend(model, CudaGraphConfig(BucketSet((4,), (2,), ((64, 64),)), compile=compile_,
+                                                      channels_last=channels_last))
     got = LCMSampler(model, backend=backend).run_rows(ROWS, 2, 64, 64).images
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)

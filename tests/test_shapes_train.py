@@ -153,6 +153,14 @@ def test_max_minutes_cuts_the_run_to_the_measured_speed_and_ends_the_cosine(tmp_
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
 
 
+
+def test_max_minutes_does_not_time_the_warm_up_steps(tmp_path, monkeypatch):
+    # The first WARM_STEPS steps are slow (a compile), later ones 0.01 s: the plan follows the later speed.
+    warm = T.WARM_STEPS
+    cfg, losses, ckpt, seen = _budget_run(tmp_path, monkeypatch, lambda step: 0.03 if step < warm else 0.01)
+    # 0.3 s for the warm steps and 0.05 s for the timed ones leave 0.55 s: about 55 more steps.
+    assert 68 <= ckpt["total_steps"] <= 72, ckpt["total_steps"]
+
 def test_max_minutes_stops_a_run_that_slows_down_at_the_deadline(tmp_path, monkeypatch):
     # The measured speed promises ~90 steps, but from step 5 on a step costs 0.05 s: the deadline
     # (0.9 s after the loop began) passes after about 17 slow steps; the run stops there, its record consistent.

@@ -66,6 +66,9 @@ class BenchConfig:
     """ONNX graphs and TensorRT engines (default: $LCMSERVE_CACHE or ~/.cache/lcmserve)."""
     compile: bool = False
     """torch.compile inside the cuda-graph backend."""
+    channels_last: bool = False
+    """NHWC convolutions in the cuda-graph backend (it converts the shared model: run it after the
+    baseline and the other backends, or in a bench of its own)."""
     exporter: str = "dynamo"
     """torch.onnx exporter of the onnx backend (dynamo or legacy)."""
     threads: int | None = None
@@ -215,7 +218,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 else:
                     buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
                     backend = create_backend(runner, model, buckets=buckets, cache_dir=cfg.cache_dir,
-                                             compile=cfg.compile, exporter=cfg.exporter, threads=cfg.threads)
+                                             compile=cfg.compile, channels_last=cfg.channels_last,
+                                             exporter=cfg.exporter, threads=cfg.threads)
                     sampler = LCMSampler(model, backend=backend, max_batch_size=max(cfg.batch_sizes))
             except Exception as exc:  # one broken backend must not cost the rows of the others
                 logger.exception("bench: %s could not be set up", runner)

@@ -61,6 +61,8 @@ class StageConfig:
     num_workers: int = 0  # teacher: data-loader processes that draw captions, tokens and noise
     max_minutes: float = 0.0  # fit the whole run into this wall time (0: off); see run_loop
     train_text_encoder: bool = False  # teacher: train the text encoder with the UNet (it starts from the CLIP's)
+    snr_gamma: float = 0.0  # teacher: Min-SNR loss weighting min(SNR, gamma) / SNR (0: plain epsilon MSE)
+    compile: bool = False  # teacher: torch.compile the UNet (a GPU speed-up; the first steps compile)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,6 +93,8 @@ class StageConfig:
             self.init_unet = str(resolve_run("shipped", "teacher"))
         if self.init_unet and not Path(self.init_unet).is_dir():
             raise InvalidInputError(f"init_unet: no such folder {self.init_unet!r}", param="init_unet")
+        if not (math.isfinite(self.snr_gamma) and self.snr_gamma >= 0):
+            raise InvalidInputError.out_of_range("snr_gamma", self.snr_gamma, "a finite number >= 0 (0: off)")
         if not 0 < self.ema_decay < 1:
             raise InvalidInputError.out_of_range("ema_decay", self.ema_decay, "in (0, 1)")
         if self.stage == "teacher":
@@ -147,6 +151,7 @@ def _cosine_lambda(warmup: int, plan: dict):
 
 
 MEASURE_STEPS = 100  # steps timed before max_minutes fixes the run's length
+WARM_STEPS = 10  # steps before the timing starts (lazy initialisation, torch.compile)
 FINISH_RESERVE_S = 20.0  # kept back from max_minutes for the final checkpoint and weights
 
 
@@ -155,8 +160,9 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
              started: float | None = None) -> list[float]:
     """The shared loop: AdamW + warm-up/cosine, checkpoints, resume, progress. Returns the losses.
 
-    With ``cfg.max_minutes`` the run fits a wall-time budget counted from ``started``: after
-    ``MEASURE_STEPS`` steps the total is cut to what the measured speed allows (never raised
+    With ``cfg.max_minutes`` the run fits a wall-time budget counted from ``started``: the speed
+    of ``MEASURE_STEPS`` steps after ``WARM_STEPS`` untimed ones (lazy set-up, torch.compile) cuts
+    the total to what the budget allows (never raised
     above ``cfg.steps``), so the cosine schedule still ends at zero; the total is recorded in
     the checkpoint and in config.json. A run that still overruns stops at the budget.
     """
@@ -201,6 +207,7 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
     deadline = started + cfg.max_minutes * 60 - FINISH_RESERVE_S if cfg.max_minutes else None
     bar = tqdm(total=plan["total"], initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
     loop_started = time.monotonic()
+    warm_at = loop_started
     step = start
     while step < plan["total"]:
         loss = step_fn(step)
@@ -220,8 +227,10 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if deadline is not None:
             now = time.monotonic()
-            if step - start == MEASURE_STEPS:
-                rate = MEASURE_STEPS / (now - loop_started)
+            if step - start == WARM_STEPS:
+                warm_at = now
+            elif step - start == WARM_STEPS + MEASURE_STEPS:
+                rate = MEASURE_STEPS / (now - warm_at)
                 plan["total"] = max(step, min(plan["total"], step + int(rate * (deadline - now))))
                 bar.total = plan["total"]
                 bar.refresh()
@@ -475,6 +484,8 @@ def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Pat
         cfg.num_workers, pin=device.type == "cuda",
     )
 
+    unet_fn = torch.compile(unet) if cfg.compile else unet
+
     def step_fn(step: int) -> torch.Tensor:
         item = {k: v.to(device, non_blocking=True) for k, v in stream.get(step).items()}
         with torch.no_grad():
@@ -484,13 +495,8 @@ def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Pat
             else:
                 mean, std = cache["mean"][item["idx"]], cache["std"][item["idx"]]
             latents = (mean + std * item["eps"]) * vae.config.scaling_factor
-        with torch.set_grad_enabled(cfg.train_text_encoder):
-            states = text_encoder(item["ids"])[0]
-        # forward diffusion to a uniform random timestep, epsilon target
-        noisy = noise_scheduler.add_noise(latents, item["noise"], item["t"])
-        with _autocast(cfg, device):
-            pred = unet(noisy, item["t"], encoder_hidden_states=states).sample.float()
-        return F.mse_loss(pred, item["noise"])
+        return teacher_loss(unet_fn, text_encoder, noise_scheduler, latents, item["ids"], item["noise"], item["t"],
+                            bf16=cfg.bf16, train_text_encoder=cfg.train_text_encoder, snr_gamma=cfg.snr_gamma)
 
     modules = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
     run_loop(cfg, modules, params, step_fn, extra_state={"ema": ema}, device=device, started=started)
@@ -498,6 +504,26 @@ def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Pat
     unet.eval().save_pretrained(out / "unet")
     text_encoder.eval().save_pretrained(out / "text_encoder")  # the one the UNet learnt with, trained or not
     return out
+
+
+def teacher_loss(unet, text_encoder, noise_scheduler, latents: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor,
+                 t: torch.Tensor, *, bf16: bool = False, train_text_encoder: bool = False,
+                 snr_gamma: float = 0.0) -> torch.Tensor:
+    """The teacher's denoising loss on one batch: epsilon MSE at uniform timesteps, Min-SNR weighted if asked."""
+    from diffusers.training_utils import compute_snr
+
+    with torch.set_grad_enabled(train_text_encoder):
+        states = text_encoder(ids)[0]
+    noisy = noise_scheduler.add_noise(latents, noise, t)  # forward diffusion to timestep t
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=bf16):
+        pred = unet(noisy, t, encoder_hidden_states=states).sample.float()
+    if not snr_gamma:
+        return F.mse_loss(pred, noise)
+    # Min-SNR-gamma (Hang et al., 2023): min(SNR, gamma) / SNR for epsilon prediction, so the many
+    # easy low-noise steps stop dominating the gradient
+    snr = compute_snr(noise_scheduler, t)
+    per_row = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    return (per_row * snr.clamp(max=snr_gamma) / snr).mean()
 
 
 def teacher_text_encoder(cfg: StageConfig):

@@ -20,6 +20,7 @@ def create_backend(
     buckets: BucketSet | None = None,
     cache_dir: str | Path | None = None,
     compile: bool = False,
+    channels_last: bool = False,
     exporter: str = "dynamo",
     build: bool = True,
     threads: int | None = None,
@@ -29,14 +30,15 @@ def create_backend(
 
     ``buckets`` are the shapes cuda-graph and tensorrt build at start-up; ``cache_dir`` holds
     exported ONNX graphs and TensorRT engines (default ``$LCMSERVE_CACHE`` or
-    ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph; ``exporter`` and
+    ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph and ``channels_last`` NHWC convolutions; ``exporter`` and
     ``build`` apply to onnx (``build=False``: use cached graphs only), ``threads`` to its
     CPU provider (None: ONNX Runtime's default).
     """
     if name == "torch":
         return TorchBackend(model)
     if name == "cuda-graph":
-        return CudaGraphBackend(model, CudaGraphConfig(buckets=buckets or BucketSet(), compile=compile), progress)
+        return CudaGraphBackend(model, CudaGraphConfig(buckets=buckets or BucketSet(), compile=compile,
+                                                        channels_last=channels_last), progress)
     if name == "onnx":
         from lcmserve.engine.backends.onnx_backend import OnnxBackend
 

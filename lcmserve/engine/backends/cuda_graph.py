@@ -15,7 +15,7 @@ same buffers. The three share one memory pool per bucket and are replayed in cap
 
 Trade-offs (the flags): graphs take memory per bucket and minutes to warm up at start-up;
 ``compile=True`` adds ``torch.compile`` of the UNet and VAE (longer warm-up, faster
-kernels). A batch that falls between buckets pads to the next one. ``capture=False`` runs
+kernels); ``channels_last=True`` moves the convolutions to NHWC. A batch that falls between buckets pads to the next one. ``capture=False`` runs
 the same static-buffer program without graphs: the way to tell a capture problem from a
 model problem, and the only mode on a CPU (used by the CPU tests).
 """
@@ -54,6 +54,10 @@ class CudaGraphConfig:
     """Capture the text encoder too; False runs it eagerly into the static buffers."""
     compile: bool = False
     """torch.compile the UNet and VAE decoder (mode max-autotune-no-cudagraphs) before capture."""
+    channels_last: bool = False
+    """Put the UNet's and VAE's convolution weights in channels-last (NHWC) memory, the layout of
+    cuDNN's tensor-core kernels, so activations follow. This changes the model the backend is given
+    (numerically the same network)."""
     warmup: bool = True
     """Build every bucket at construction instead of on its first request."""
     warmup_iters: int = 2
@@ -126,6 +130,9 @@ class CudaGraphBackend(TorchBackend):
         self._programs: dict[Bucket, _Program] = {}
         self.builds = 0  # buckets built so far; requests after warm-up must not add any
         self.captures = 0  # CUDA graphs captured so far
+        if self.config.channels_last:
+            model.unet.to(memory_format=torch.channels_last)
+            model.vae.to(memory_format=torch.channels_last)
         self._unet_fn, self._vae_fn = self._compiled() if self.config.compile else (None, None)
         if self.config.warmup:
             self.warmup(progress)
