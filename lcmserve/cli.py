@@ -221,14 +221,11 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
 
 
 def cmd_shapes_train_speed(args: argparse.Namespace) -> int:
-    import gc
     import math
     from dataclasses import asdict
 
-    import torch
-
     from lcmserve.errors import EngineError
-    from lcmserve.shapes.speed import markdown, parse_variants, teacher_step_speed
+    from lcmserve.shapes.speed import markdown, measure, parse_variants
     from lcmserve.shapes.train import resolve_device
 
     variants = parse_variants(args.variants)
@@ -240,25 +237,8 @@ def cmd_shapes_train_speed(args: argparse.Namespace) -> int:
         if not (math.isfinite(value) and value > 0):
             raise InvalidInputError.out_of_range(name, value, "a finite number of seconds > 0")
     device = resolve_device(args.device)
-    rows = []
-    for variant in variants:
-        for batch_size in batch_sizes:
-            try:
-                row = teacher_step_speed(variant, batch_size, device, args.seconds,
-                                         train_text_encoder=args.train_text_encoder, snr_gamma=args.snr_gamma)
-            except torch.OutOfMemoryError:
-                print(f"{variant} at batch {batch_size}: out of memory", file=sys.stderr)
-                continue
-            except Exception as exc:  # e.g. a compile failure: the other variants still count
-                print(f"{variant} at batch {batch_size} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-                continue
-            finally:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-            print(f"{variant} batch {batch_size}: {row.samples_per_s:,.0f} samples/s "
-                  f"(first steps {row.first_steps_s:.1f} s)", file=sys.stderr)
+    rows = measure(variants, batch_sizes, device, args.seconds, train_text_encoder=args.train_text_encoder,
+                   snr_gamma=args.snr_gamma, log=lambda line: print(line, file=sys.stderr))
     if not rows:
         raise EngineError("train-speed: no variant ran (see the errors above)")
     best = max(rows, key=lambda r: r.samples_in(args.budget))

@@ -88,3 +88,24 @@ def test_cli_prints_the_table_and_the_best_flags(tmp_path, capsys):
     assert "| fp32 | 1 |" in text and "| fp32 | 2 |" in text
     record = json.loads(out.read_text())
     assert len(record["rows"]) == 2 and record["best"] in text and record["best"].startswith("--batch-size ")
+
+
+def test_measure_compiles_once_at_the_best_eager_batch_and_survives_failures(monkeypatch):
+    import lcmserve.shapes.speed as S
+
+    speed = {("fp32", 2): 100, ("fp32", 4): 150, ("bf16", 2): 300, ("bf16", 4): 250, ("bf16+compile", 2): 600}
+    calls = []
+
+    def fake(variant, batch_size, device, seconds, **kwargs):
+        calls.append((variant, batch_size))
+        if (variant, batch_size) not in speed:
+            raise RuntimeError("compile failed")
+        return SpeedRow(variant, batch_size, 5, 1.0, speed[variant, batch_size], None)
+
+    monkeypatch.setattr(S, "teacher_step_speed", fake)
+    logged = []
+    rows = S.measure(["fp32", "bf16", "bf16+compile", "fp32+compile"], [2, 4], torch.device("cpu"), log=logged.append)
+    # eager at every batch size; each compiled variant once, at its precision's fastest batch size
+    assert calls == [("fp32", 2), ("fp32", 4), ("bf16", 2), ("bf16", 4), ("bf16+compile", 2), ("fp32+compile", 4)]
+    assert [(r.variant, r.batch_size) for r in rows] == calls[:5]
+    assert any("fp32+compile at batch 4 failed: RuntimeError: compile failed" in line for line in logged)

@@ -9,7 +9,9 @@ apart from the steady ones.
 
 from __future__ import annotations
 
+import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +105,39 @@ def teacher_step_speed(variant: str, batch_size: int, device: torch.device, seco
     elapsed = time.perf_counter() - warm_done
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return SpeedRow(variant, batch_size, steps, warm_done - start, steps * batch_size / elapsed, peak)
+
+
+def measure(variants: list[str], batch_sizes: list[int], device: torch.device, seconds: float = 5.0, *,
+            train_text_encoder: bool = False, snr_gamma: float = 0.0,
+            log: Callable[[str], None] = lambda line: None) -> list[SpeedRow]:
+    """Time the eager variants at every batch size, then each compiled variant once, at the batch
+    size its eager precision ran fastest at (a compile per batch size would cost minutes).
+    A variant that fails (out of memory, a compile error) is logged and left out."""
+    eager = [v for v in variants if "compile" not in v]
+    compiled = [v for v in variants if "compile" in v]
+    rows: list[SpeedRow] = []
+
+    def run(variant: str, batch_size: int) -> None:
+        try:
+            row = teacher_step_speed(variant, batch_size, device, seconds, train_text_encoder=train_text_encoder,
+                                     snr_gamma=snr_gamma)
+        except Exception as exc:  # out of memory or a compile failure: the other variants still count
+            log(f"{variant} at batch {batch_size} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            return
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        log(f"{variant} batch {batch_size}: {row.samples_per_s:,.0f} samples/s (first steps {row.first_steps_s:.1f} s)")
+
+    for variant in eager:
+        for batch_size in batch_sizes:
+            run(variant, batch_size)
+    for variant in compiled:
+        base = [r for r in rows if r.variant == variant.removesuffix("+compile")]
+        run(variant, max(base, key=lambda r: r.samples_per_s).batch_size if base else max(batch_sizes))
+    return rows
 
 
 def markdown(rows: list[SpeedRow], budget_s: float) -> str:
