@@ -256,7 +256,7 @@ def cmd_shapes_probe_text(args: argparse.Namespace) -> int:
 
     model = str(resolve_run(args.model, "teacher"))
     result = probe_text_encoder(model, mode=args.mode, layer=args.layer, n_train=args.num_train,
-                                n_test=args.num_test, steps=args.steps)
+                                n_test=args.num_test, steps=args.steps, progress=True)
     print(json.dumps({"model": model, "mode": args.mode, "layer": args.layer, "steps": args.steps,
                       "exact_scene_accuracy": result}))
     return 0

@@ -64,8 +64,10 @@ def exact_scenes(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tenso
 
 def fit_probe(train_states: torch.Tensor, train_targets: dict, test_states: torch.Tensor, test_targets: dict, *,
               mode: str = "readout", steps: int = 2500, batch_size: int = 256, lr: float = 1e-3,
-              seed: int = 0) -> dict[str, float]:
+              seed: int = 0, progress: bool = False) -> dict[str, float]:
     """Train the probe on (states, targets) and score exact scenes on both sets."""
+    from tqdm import tqdm
+
     from lcmserve.shapes.train import classifier_loss
 
     if mode not in MODES:
@@ -77,7 +79,7 @@ def fit_probe(train_states: torch.Tensor, train_targets: dict, test_states: torc
         torch.manual_seed(seed)
         probe = CellProbe(train_states.shape[-1], deep=mode == "deep")
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=f"probe ({mode})", unit="step", disable=not progress, dynamic_ncols=True):
         idx = torch.randint(0, len(train_states), (batch_size,), generator=gen)
         loss = classifier_loss(probe(train_states[idx]), {k: v[idx] for k, v in train_targets.items()})
         optimizer.zero_grad(set_to_none=True)
@@ -116,8 +118,9 @@ def caption_states(model: str | Path, split: str, n: int, seed: int, layer: int 
 
 
 def probe_text_encoder(model: str | Path, *, mode: str = "readout", layer: int = -1, n_train: int = 20000,
-                       n_test: int = 2000, steps: int = 2500) -> dict[str, float]:
+                       n_test: int = 2000, steps: int = 2500, progress: bool = False) -> dict[str, float]:
     """The probe on a pipeline folder's text encoder (e.g. the shipped shapes-teacher)."""
     train_states, train_targets = caption_states(model, "train", n_train, 0, layer)
     test_states, test_targets = caption_states(model, "heldout", n_test, 7, layer)
-    return fit_probe(train_states, train_targets, test_states, test_targets, mode=mode, steps=steps)
+    return fit_probe(train_states, train_targets, test_states, test_targets, mode=mode, steps=steps,
+                     progress=progress)
