@@ -59,7 +59,7 @@ if [ -n "${TEACHER_AUTO:-}" ]; then  # time the step per batch size and precisio
     SPEED_FLAGS="$SPEED_FLAGS $(grep -o -- "$f" <<< "${TEACHER_FLAGS:-}")"
   done
   timeout $((TEACHER_S / 3)) $LCM shapes train-speed --device "$DEV" --batch-sizes ${AUTO_BATCHES:-512,1024} \
-    --variants ${AUTO_VARIANTS:-fp32,bf16,bf16+compile} --seconds 4 --budget "$TEACHER_S" $SPEED_FLAGS \
+    --variants ${AUTO_VARIANTS:-fp32,bf16,bf16+compile} --seconds 4 --budget $((TEACHER_S * 2 / 3)) $SPEED_FLAGS \
     --json "$RUN/logs/train-speed.json" > "$RUN/logs/train-speed.md" 2> "$RUN/logs/train-speed.err"
   cat "$RUN/logs/train-speed.md"
   BEST=$(sed -n 's/^best for .*: //p' "$RUN/logs/train-speed.md")
