@@ -78,6 +78,8 @@ def test_bad_variants_and_cli_input(tmp_path, capsys):
     assert "batch_sizes must be" in capsys.readouterr().err
     assert main(["shapes", "train-speed", "--seconds", "-1", "--device", "cpu"]) == 2
     assert "seconds must be" in capsys.readouterr().err
+    assert main(["shapes", "train-speed", "--snr-gamma", "-1", "--device", "cpu"]) == 2
+    assert "snr_gamma must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_cli_prints_the_table_and_the_best_flags(tmp_path, capsys):
