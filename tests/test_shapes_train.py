@@ -270,3 +270,18 @@ def test_teacher_can_train_its_text_encoder_and_the_bundle_ships_it(tmp_path, cl
                          init_unet=str(out / "shapes-teacher"))
     start = T.teacher_text_encoder(cont).state_dict()
     torch.testing.assert_close({k.removeprefix("text_model."): v for k, v in start.items()}[key], shipped[key])
+
+
+def test_latent_cache_key_follows_the_weights_not_the_config_bookkeeping(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/a", "latent_channels": 4}))
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    key = T._file_digest(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/b", "_diffusers_version": "9",
+                                                      "latent_channels": 4}, indent=2))
+    assert T._file_digest(tmp_path) == key  # re-saved elsewhere: same VAE, the cache stays
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/b", "latent_channels": 8}))
+    assert T._file_digest(tmp_path) != key
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/a", "latent_channels": 4}))
+    assert T._file_digest(tmp_path) == key
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"weightz")
+    assert T._file_digest(tmp_path) != key

@@ -313,13 +313,27 @@ def train_vae(cfg: StageConfig, device: torch.device, started: float) -> Path:
 
 # -- stage 3: the teacher -------------------------------------------------------------------
 def _file_digest(folder: Path) -> str:
+    """Digest of a model folder's weights and config. The config's ``_``-prefixed keys
+    (``_name_or_path``, ``_diffusers_version``) are left out: re-saving a model rewrites them
+    without changing what it computes."""
     import hashlib
+    import json
 
     h = hashlib.sha256()
     for f in sorted(folder.rglob("*")):
         if f.is_file():
             h.update(f.name.encode())
-            h.update(f.read_bytes())
+            data = f.read_bytes()
+            if f.suffix == ".json":
+                try:
+                    cfg = json.loads(data)
+                except ValueError:
+                    pass
+                else:
+                    if isinstance(cfg, dict):
+                        data = json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                          sort_keys=True).encode()
+            h.update(data)
     return h.hexdigest()[:16]
 
 
