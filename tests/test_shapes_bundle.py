@@ -177,3 +177,14 @@ def test_a_teacher_continued_from_the_shipped_one_keeps_its_starting_recipe(tmp_
     recorded = json.loads((weights_dir() / "training-configs.json").read_text())
     assert configs["teacher"]["steps"] == 7 and configs["teacher"]["init_unet_recipe"] == recorded["teacher"]
     assert configs["clip"] == recorded["clip"] and "lcm" not in configs
+
+    # continued again from that bundle (not the shipped weights): the chain goes on
+    run2 = tmp_path / "teacher-2"
+    shutil.copytree(run / "unet", run2 / "unet")
+    cfg2 = StageConfig("teacher", str(run2), steps=5, clip_dir="shipped", vae_dir="shipped",
+                       init_unet=str(out / TEACHER))
+    (run2 / "config.json").write_text(json.dumps(asdict(cfg2)))
+    out2 = bundle("shipped", "shipped", run2, "shipped", tmp_path / "weights-2")
+    chained = json.loads((out2 / "training-configs.json").read_text())["teacher"]
+    assert chained["steps"] == 5 and chained["init_unet_recipe"] == configs["teacher"]
+    assert chained["init_unet_recipe"]["init_unet_recipe"] == recorded["teacher"]

@@ -94,6 +94,18 @@ def assemble_lcm(lcm_run: str | Path, out: str | Path, dtype: torch.dtype = torc
     return Path(out)
 
 
+def _bundle_recipe(init: str | None, stage: str) -> dict | None:
+    """The recorded recipe of ``stage`` in the bundle that ``init`` (a pipeline folder of a bundle,
+    or a model folder inside one) belongs to, or None when it is not part of a bundle."""
+    if not init:
+        return None
+    for folder in list(Path(init).resolve().parents)[:2]:
+        record = folder / "training-configs.json"
+        if record.is_file():
+            return json.loads(record.read_text()).get(stage)
+    return None
+
+
 def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, classifier_run: str | Path,
            out: str | Path | None = None, lcm_run: str | Path | None = None) -> Path:
     """Write the teacher, domain CLIP and classifier (float16) where the package looks for them.
@@ -134,9 +146,11 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
     if not (out / LCM).exists():
         recorded.pop("lcm", None)
     teacher_cfg = configs.get("teacher", {})
-    if str(teacher_cfg.get("init_unet") or "").startswith(str(weights_dir())) and "teacher" in recorded:
-        # continued from the shipped teacher: keep the recipe of the weights it started from
-        teacher_cfg["init_unet_recipe"] = recorded["teacher"]
+    init_recipe = _bundle_recipe(teacher_cfg.get("init_unet"), "teacher")
+    if init_recipe is not None:
+        # continued from a bundled teacher (the shipped one or another bundle): keep the recipe of
+        # the weights it started from
+        teacher_cfg["init_unet_recipe"] = init_recipe
     if lcm_run is not None:
         from lcmserve.distill.train import CONFIG_FILE, SUMMARY_FILE
 
