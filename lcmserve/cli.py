@@ -226,7 +226,7 @@ def cmd_shapes_train_speed(args: argparse.Namespace) -> int:
 
     from lcmserve.errors import EngineError
     from lcmserve.shapes.speed import markdown, measure, parse_variants
-    from lcmserve.shapes.train import resolve_device
+    from lcmserve.shapes.train import check_snr_gamma, resolve_device
 
     variants = parse_variants(args.variants)
     batch_sizes = args.batch_sizes
@@ -236,8 +236,7 @@ def cmd_shapes_train_speed(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             raise InvalidInputError.out_of_range(name, value, "a finite number of seconds > 0")
-    if not (math.isfinite(args.snr_gamma) and args.snr_gamma >= 0):
-        raise InvalidInputError.out_of_range("snr_gamma", args.snr_gamma, "a finite number >= 0 (0: off)")
+    check_snr_gamma(args.snr_gamma)
     device = resolve_device(args.device)
     rows = measure(variants, batch_sizes, device, args.seconds, train_text_encoder=args.train_text_encoder,
                    snr_gamma=args.snr_gamma, log=lambda line: print(line, file=sys.stderr))

@@ -273,15 +273,22 @@ def test_teacher_can_train_its_text_encoder_and_the_bundle_ships_it(tmp_path, cl
 
 
 def test_latent_cache_key_follows_the_weights_not_the_config_bookkeeping(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/a", "latent_channels": 4}))
-    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
-    key = T._file_digest(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/b", "_diffusers_version": "9",
-                                                      "latent_channels": 4}, indent=2))
-    assert T._file_digest(tmp_path) == key  # re-saved elsewhere: same VAE, the cache stays
-    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/b", "latent_channels": 8}))
-    assert T._file_digest(tmp_path) != key
-    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/a", "latent_channels": 4}))
-    assert T._file_digest(tmp_path) == key
-    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"weightz")
-    assert T._file_digest(tmp_path) != key
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from lcmserve.engine.cache import fingerprint_module
+    from lcmserve.shapes.bundle import TEACHER, weights_dir
+
+    shipped = weights_dir() / TEACHER / "vae"
+    shutil.copytree(shipped, tmp_path / "copy")
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    (tmp_path / "copy" / "config.json").write_text(json.dumps({**config, "_diffusers_version": "9"}, indent=2))
+    vae = AutoencoderKL.from_pretrained(shipped)
+    key = fingerprint_module(vae)
+    assert fingerprint_module(AutoencoderKL.from_pretrained(tmp_path / "copy")) == key  # same VAE, other folder
+    assert fingerprint_module(AutoencoderKL.from_pretrained(shipped, scaling_factor=0.5)) != key
+    assert fingerprint_module(AutoencoderKL.from_pretrained(shipped)) == key
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    assert fingerprint_module(vae) != key

@@ -44,12 +44,16 @@ def file_sha256(path: Path) -> str:
 
 
 def fingerprint_module(module: torch.nn.Module) -> str:
-    """Hash of a module's class, config and every parameter and buffer (names, dtypes, shapes, bytes)."""
+    """Hash of a module's class, config and every parameter and buffer (names, dtypes, shapes, bytes).
+
+    The config's ``_``-prefixed keys (``_name_or_path``, ``_diffusers_version``) are left out: the
+    same weights loaded from another folder compute the same thing."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(type(module).__qualname__.encode())
     config = getattr(module, "config", None)
     if config is not None:
         as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        as_dict = {k: v for k, v in as_dict.items() if not str(k).startswith("_")}
         digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         data = tensor.detach().contiguous().cpu()

@@ -38,6 +38,13 @@ _DEFAULTS = {
 }
 
 
+def check_snr_gamma(value: float) -> float:
+    """``snr_gamma`` as the teacher's loss takes it: a finite number >= 0 (0: plain epsilon MSE)."""
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidInputError.out_of_range("snr_gamma", value, "a finite number >= 0 (0: off)")
+    return value
+
+
 @dataclass
 class StageConfig:
     """One training run of one stage."""
@@ -93,8 +100,7 @@ class StageConfig:
             self.init_unet = str(resolve_run("shipped", "teacher"))
         if self.init_unet and not Path(self.init_unet).is_dir():
             raise InvalidInputError(f"init_unet: no such folder {self.init_unet!r}", param="init_unet")
-        if not (math.isfinite(self.snr_gamma) and self.snr_gamma >= 0):
-            raise InvalidInputError.out_of_range("snr_gamma", self.snr_gamma, "a finite number >= 0 (0: off)")
+        check_snr_gamma(self.snr_gamma)
         if not 0 < self.ema_decay < 1:
             raise InvalidInputError.out_of_range("ema_decay", self.ema_decay, "in (0, 1)")
         if self.stage == "teacher":
@@ -312,31 +318,6 @@ def train_vae(cfg: StageConfig, device: torch.device, started: float) -> Path:
 
 
 # -- stage 3: the teacher -------------------------------------------------------------------
-def _file_digest(folder: Path) -> str:
-    """Digest of a model folder's weights and config. The config's ``_``-prefixed keys
-    (``_name_or_path``, ``_diffusers_version``) are left out: re-saving a model rewrites them
-    without changing what it computes."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            h.update(f.name.encode())
-            data = f.read_bytes()
-            if f.suffix == ".json":
-                try:
-                    cfg = json.loads(data)
-                except ValueError:
-                    pass
-                else:
-                    if isinstance(cfg, dict):
-                        data = json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
-                                          sort_keys=True).encode()
-            h.update(data)
-    return h.hexdigest()[:16]
-
-
 def _scenes_chunk(job: tuple[int, int, int, bool]):
     """Scenes ``start..end`` of the train split, and their renders as uint8 arrays (a pool worker)."""
     from lcmserve.shapes.scenes import render, scene_for_index
@@ -362,8 +343,7 @@ def training_scenes(seed: int, n: int, workers: int = 0, with_images: bool = Fal
     return scenes, [im for _, im in parts] if with_images else None
 
 
-def build_latent_cache(vae, vae_dir: Path, seed: int, n: int, path: Path, batch_size: int = 256,
-                       workers: int = 0) -> dict:
+def build_latent_cache(vae, seed: int, n: int, path: Path, batch_size: int = 256, workers: int = 0) -> dict:
     """Render and VAE-encode ``n`` training scenes once (the encoder costs as much as a UNet step).
 
     Scenes are ``scene_for_index(i, "train", seed)``; the posterior's mean and std are kept so
@@ -371,7 +351,9 @@ def build_latent_cache(vae, vae_dir: Path, seed: int, n: int, path: Path, batch_
     The file is keyed by the VAE's weights, the seed and ``n``: another VAE rebuilds it.
     Mean and std are returned on the VAE's device.
     """
-    key = f"{_file_digest(vae_dir)}:{seed}:{n}"
+    from lcmserve.engine.cache import fingerprint_module
+
+    key = f"{fingerprint_module(vae)}:{seed}:{n}"
     device = next(vae.parameters()).device
     if path.exists():
         cache = torch.load(path, weights_only=False)
@@ -489,7 +471,7 @@ def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Pat
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=0.75, foreach=device.type == "cuda")
     cache, scenes = None, None
     if cfg.latent_cache:
-        cache = build_latent_cache(vae, vae_dir, cfg.seed, cfg.latent_cache, out / "latent-cache.pt",
+        cache = build_latent_cache(vae, cfg.seed, cfg.latent_cache, out / "latent-cache.pt",
                                    workers=cfg.num_workers)
         scenes, _ = training_scenes(cfg.seed, cfg.latent_cache, cfg.num_workers)
     latent_shape = (vae.config.latent_channels, M.LATENT_SIZE, M.LATENT_SIZE)
