@@ -311,7 +311,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_eval_compare(args: argparse.Namespace) -> int:
     from lcmserve.eval.compare import compare
 
-    compare(args.files, args.output, args.name, x=args.x, title=args.title, steps=args.steps)
+    samplers = [s.strip() for s in args.sampler.split(",") if s.strip()] if args.sampler else None
+    compare(args.files, args.output, args.name, x=args.x, title=args.title, steps=args.steps, samplers=samplers)
     print((Path(args.output) / f"{args.name}.md").read_text())
     return 0
 
@@ -365,6 +366,7 @@ def _add_eval(sub) -> None:
                     "(an ablation), with FID against CLIP score")
     ec.add_argument("--title", default="")
     ec.add_argument("--steps", type=_int_list, default=None, help="only these step counts (comma list)")
+    ec.add_argument("--sampler", default=None, help=f"only these samplers (comma list of {', '.join(SAMPLERS)})")
     ec.add_argument("--name", default="eval-compare", help="file stem of the results")
     ec.add_argument("-o", "--output", default="out/eval-compare")
     ec.set_defaults(func=cmd_eval_compare)

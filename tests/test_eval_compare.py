@@ -58,3 +58,14 @@ def test_bad_inputs_name_the_parameter(tmp_path, capsys):
         merge([])
     assert main(["eval-compare", str(tmp_path / "bad.json"), "-o", str(tmp_path / "x")]) == 2
     assert "files" in capsys.readouterr().err
+
+
+def test_sampler_filter_keeps_the_floor_and_rejects_unknown_names(tmp_path, capsys):
+    run = _result(tmp_path / "t", "/x/shapes-teacher", [_row(s, n, 10.0) for s in ("ddim", "dpmsolver++") for n in (4, 25)])
+    rows = merge([str(run)], steps=[25], samplers=["ddim"])
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("real renders", 0), ("ddim", 25)]
+    with pytest.raises(InvalidInputError, match="sampler") as info:
+        merge([str(run)], samplers=["euler"])
+    assert info.value.param == "sampler" and "dpmsolver++" in str(info.value)
+    assert main(["eval-compare", str(run), "--sampler", "ddim", "-o", str(tmp_path / "c")]) == 0
+    assert "| dpmsolver++ |" not in capsys.readouterr().out

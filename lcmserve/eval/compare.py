@@ -39,16 +39,25 @@ def _number(label: str) -> float | None:
     return float(match.group()) if match else None
 
 
-def merge(specs: list[str], steps: list[int] | None = None) -> list[dict[str, Any]]:
-    """Rows of every run (only ``steps`` when given), each with its run's label, guidance and prompt count."""
+def merge(specs: list[str], steps: list[int] | None = None,
+          samplers: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of every run (only ``steps`` and ``samplers`` when given; the real-render floor always),
+    each with its run's label, guidance and prompt count."""
     if not specs:
         raise InvalidInputError("files: give at least one eval result", param="files")
+    if samplers:
+        from lcmserve.eval.sampling import SAMPLERS
+
+        bad = [s for s in samplers if s not in SAMPLERS]
+        if bad:
+            raise InvalidInputError.out_of_range("sampler", ",".join(bad), "a list of " + ", ".join(SAMPLERS))
     rows: list[dict[str, Any]] = []
     for spec in specs:
         label, result = _load(spec)
         cfg = result["config"]
         for row in result["rows"]:
-            if steps and row["sampler"] != "real renders" and row["steps"] not in steps:
+            if row["sampler"] != "real renders" and ((steps and row["steps"] not in steps)
+                                                     or (samplers and row["sampler"] not in samplers)):
                 continue
             rows.append({"label": label, **row, "guidance": cfg["guidance"], "num_images": cfg["num_images"],
                          "device": result["machine"].get("device", result["machine"].get("processor", "?"))})
@@ -133,11 +142,11 @@ def plot(rows: list[dict[str, Any]], path: Path, x: str, title: str) -> None:
 
 
 def compare(specs: list[str], out: str | Path, name: str = "eval-compare", x: str = "steps",
-            title: str = "", steps: list[int] | None = None) -> dict[str, Any]:
+            title: str = "", steps: list[int] | None = None, samplers: list[str] | None = None) -> dict[str, Any]:
     """Write NAME.json, NAME.md and NAME.png under ``out``; returns the merged result."""
     if x not in ("steps", "label"):
         raise InvalidInputError.out_of_range("x", x, "steps or label")
-    rows = merge(specs, steps)
+    rows = merge(specs, steps, samplers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"inputs": specs, "x": x, "rows": rows}
