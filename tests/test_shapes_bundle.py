@@ -144,6 +144,7 @@ def test_bundle_ships_a_distilled_lcm(tmp_path, capsys):
     assert main(["shapes", "bundle", *SHIPPED, "--lcm", str(run), "-o", str(out)]) == 0
     assert "bundled the shapes models" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {TEACHER, CLIP, CLASSIFIER, LCM, "training-configs.json"}
+    assert not [p for p in out.rglob("*.json") if "_name_or_path" in p.read_text()]  # no build paths shipped
     # float16 on disk, the run's weights otherwise
     shipped = load_file(out / LCM / "unet" / "diffusion_pytorch_model.safetensors")
     trained = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")

@@ -94,6 +94,15 @@ def assemble_lcm(lcm_run: str | Path, out: str | Path, dtype: torch.dtype = torc
     return Path(out)
 
 
+def _drop_build_path(config: Path) -> None:
+    """Remove ``_name_or_path`` (the folder the weights were loaded from, e.g. a scratch run folder)
+    from a saved diffusers config: it is bookkeeping that would ship the builder's paths. The
+    recipe chain in training-configs.json is where a bundle records where its weights came from."""
+    data = json.loads(config.read_text())
+    if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _bundle_recipe(init: str | None, stage: str) -> dict | None:
     """The recorded recipe of ``stage`` in the bundle that ``init`` (a pipeline folder of a bundle,
     or a model folder inside one) belongs to, or None when it is not part of a bundle."""
@@ -133,6 +142,8 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
         if lcm_run is not None:
             assemble_lcm(lcm_run, tmp / LCM)
             names.append(LCM)
+        for config in tmp.rglob("*.json"):
+            _drop_build_path(config)
         for name in names:
             shutil.rmtree(out / name, ignore_errors=True)
             (tmp / name).rename(out / name)
