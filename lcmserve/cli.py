@@ -294,11 +294,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4,8; got {text!r}") from None
 
 
+def _names(text: str) -> list[str]:
+    """A comma list of names (e.g. samplers), blanks dropped."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lcmserve.eval.run import EvalConfig, run_eval
 
     cfg = EvalConfig(
-        model=args.model, samplers=[s.strip() for s in args.sampler.split(",") if s.strip()], steps=args.steps,
+        model=args.model, samplers=_names(args.sampler), steps=args.steps,
         guidance=args.guidance, num_images=args.num_images, split=args.split, seed=args.seed,
         batch_size=args.batch_size, out=args.output, clip_dir=args.clip, classifier=args.classifier,
         device=args.device,
@@ -311,8 +316,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_eval_compare(args: argparse.Namespace) -> int:
     from lcmserve.eval.compare import compare
 
-    samplers = [s.strip() for s in args.sampler.split(",") if s.strip()] if args.sampler else None
-    compare(args.files, args.output, args.name, x=args.x, title=args.title, steps=args.steps, samplers=samplers)
+    compare(args.files, args.output, args.name, x=args.x, title=args.title, steps=args.steps,
+            samplers=_names(args.sampler) if args.sampler else None)
     print((Path(args.output) / f"{args.name}.md").read_text())
     return 0
 

@@ -61,7 +61,8 @@ def test_bad_inputs_name_the_parameter(tmp_path, capsys):
 
 
 def test_sampler_filter_keeps_the_floor_and_rejects_unknown_names(tmp_path, capsys):
-    run = _result(tmp_path / "t", "/x/shapes-teacher", [_row(s, n, 10.0) for s in ("ddim", "dpmsolver++") for n in (4, 25)])
+    rows = [_row(s, n, 10.0) for s in ("ddim", "dpmsolver++") for n in (4, 25)]
+    run = _result(tmp_path / "t", "/x/shapes-teacher", rows)
     rows = merge([str(run)], steps=[25], samplers=["ddim"])
     assert [(r["sampler"], r["steps"]) for r in rows] == [("real renders", 0), ("ddim", 25)]
     with pytest.raises(InvalidInputError, match="sampler") as info:
