@@ -142,7 +142,7 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
         if lcm_run is not None:
             assemble_lcm(lcm_run, tmp / LCM)
             names.append(LCM)
-        for config in tmp.rglob("*.json"):
+        for config in [*tmp.rglob("config.json"), *tmp.rglob("model_index.json")]:  # the diffusers configs
             _drop_build_path(config)
         for name in names:
             shutil.rmtree(out / name, ignore_errors=True)
