@@ -151,8 +151,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         steps=tuple(args.steps), resolutions=parse_resolutions(args.resolutions), warmup=args.warmup, iters=args.iters,
         baseline=not args.no_baseline, device=args.device, dtype=args.dtype, guidance=args.guidance,
         cache_dir=args.cache_dir, compile=args.compile, channels_last=args.channels_last, exporter=args.exporter,
-        threads=args.threads, out=args.out, name=args.name,
-        progress=not args.quiet,
+        threads=args.threads, baseline_dtype=args.baseline_dtype, interleave=args.interleave, profile=args.profile,
+        out=args.out, name=args.name, progress=not args.quiet,
     )
     result = run_bench(cfg)
     print((Path(cfg.out) / f"{cfg.name}.md").read_text())
@@ -166,7 +166,7 @@ def _add_bench(sub) -> None:
     bn = sub.add_parser("bench", help="latency/throughput of the backends vs diffusers (JSON, markdown, plot); "
                         "`bench compare A.json B.json` merges runs")
     bn.add_argument("--model", default="shapes-lcm", help="model to load (default shapes-lcm, the bundled model)")
-    bn.add_argument("--backends", default="torch", help="comma list of torch, cuda-graph, onnx, tensorrt")
+    bn.add_argument("--backends", default="torch", help="comma list of torch, compiled, cuda-graph, onnx, tensorrt")
     bn.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma list in [1, 32] (default 1,8)")
     bn.add_argument("--steps", type=_int_list, default=[4], help="comma list in [1, 8] (default 4)")
     bn.add_argument("--resolutions", default="", help="comma list HEIGHTxWIDTH (default: the model's size)")
@@ -182,6 +182,12 @@ def _add_bench(sub) -> None:
     bn.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
     bn.add_argument("--threads", type=int, default=None,
                     help="CPU threads of torch and ONNX Runtime (default: theirs; 1 on a shared CPU)")
+    bn.add_argument("--baseline-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="run diffusers' pipeline in this dtype (default: the bench's own)")
+    bn.add_argument("--interleave", action="store_true",
+                    help="set up all backends at once and time their batches in turn (fair on a shared machine)")
+    bn.add_argument("--profile", action="store_true",
+                    help="also profile one batch per row (torch.profiler) and list the top operators")
     bn.add_argument("--out", default="docs/results")
     bn.add_argument("--name", default="bench", help="file stem of the results (default bench)")
     bn.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -525,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=["png", "jpeg", "webp"], default="png", help="image file format")
     gen.add_argument("-o", "--output", default="out", help="output folder (default out/)")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    gen.add_argument("--backend", choices=["torch", "cuda-graph", "onnx", "tensorrt"], default="torch",
+    gen.add_argument("--backend", choices=["torch", "compiled", "cuda-graph", "onnx", "tensorrt"], default="torch",
                      help="engine backend (default torch, the eager reference)")
     gen.add_argument("--cache-dir", default=None,
                      help="ONNX/TensorRT cache (default $LCMSERVE_CACHE or ~/.cache/lcmserve)")

@@ -20,7 +20,8 @@ def test_summarize_percentiles_and_throughput():
     ({"backends": ("tvm",)}, "backends"), ({"batch_sizes": (33,)}, "batch_sizes"), ({"steps": (0,)}, "steps"),
     ({"iters": 0}, "iters"), ({"warmup": -1}, "warmup"), ({"resolutions": ((100, 64),)}, "resolutions"),
     ({"backends": (), "baseline": False}, "backends"),
-    ({"threads": 0}, "threads"),
+    ({"threads": 0}, "threads"), ({"interleave": True, "channels_last": True}, "interleave"),
+    ({"baseline_dtype": "fp8"}, "baseline_dtype"),
 ])
 def test_bench_config_checks(kwargs, param):
     with pytest.raises(InvalidInputError) as info:
@@ -34,7 +35,8 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     code = main(["bench", "--model", "preset:tiny-sd", "--backends", "torch,onnx", "--batch-sizes", "1,2",
                  "--steps", "1", "--resolutions", "32x32", "--warmup", "0", "--iters", "2", "--device", "cpu",
-                 "--cache-dir", str(out / "cache"), "--exporter", "legacy", "--out", str(out), "--name", "run", "-q"])
+                 "--cache-dir", str(out / "cache"), "--exporter", "legacy", "--profile", "--out", str(out), "--name", "run",
+                 "-q"])
     assert code == 0
     return out
 
@@ -55,6 +57,23 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
     assert env["device_type"] == "cpu" and env["versions"]["torch"] and env["date"]
     assert "| onnx | 2 | 1 | 32x32 |" in (bench_run / "run.md").read_text()
     assert (bench_run / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_lists_the_top_operators_of_the_torch_rows(bench_run):
+    result = json.loads((bench_run / "run.json").read_text())
+    for r in result["rows"]:
+        if r["backend"] == "onnx":  # runs outside torch: nothing to profile
+            assert "profile" not in r
+            continue
+        prof = r["profile"]
+        assert prof["clock"] == "cpu" and prof["total_ms"] > 0 and 0 < len(prof["ops"]) <= 12
+        selfs = [op["self_ms"] for op in prof["ops"]]
+        assert selfs == sorted(selfs, reverse=True) and 0 < sum(op["share"] for op in prof["ops"]) <= 1.0001
+        names = {op["op"] for op in prof["ops"]}
+        assert any("conv" in n for n in names), names  # a UNet and a VAE run: convolutions must show up
+    md = (bench_run / "run.md").read_text()
+    assert "## Where the time goes" in md and "### torch, batch 2, 1 steps, 32x32" in md
+    assert "### onnx" not in md
 
 
 def test_compare_merges_runs_from_two_machines(bench_run, tmp_path):
@@ -78,7 +97,8 @@ def test_compare_merges_runs_from_two_machines(bench_run, tmp_path):
         compare([tmp_path / "junk.json"], tmp_path)
 
 
-def test_a_backend_that_fails_does_not_cost_the_rows_of_the_others(tmp_path, monkeypatch):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_a_backend_that_fails_does_not_cost_the_rows_of_the_others(tmp_path, monkeypatch, interleave):
     from lcmserve.engine.bench import run_bench
     from lcmserve.engine.sampler import LCMSampler
 
@@ -93,10 +113,10 @@ def test_a_backend_that_fails_does_not_cost_the_rows_of_the_others(tmp_path, mon
     # cuda-graph refuses a model on the CPU at setup; torch breaks at batch 2 only.
     cfg = BenchConfig(model="preset:tiny-sd", backends=("torch", "cuda-graph"), batch_sizes=(1, 2), steps=(1,),
                       resolutions=((32, 32),), warmup=0, iters=1, device="cpu", out=str(tmp_path), name="mixed",
-                      progress=False)
+                      interleave=interleave, progress=False)
     result = run_bench(cfg)
-    assert [(r["backend"], r["batch_size"]) for r in result["rows"]] == [("diffusers", 1), ("diffusers", 2),
-                                                                         ("torch", 1)]
+    assert sorted((r["backend"], r["batch_size"]) for r in result["rows"]) == [("diffusers", 1), ("diffusers", 2),
+                                                                               ("torch", 1)]
     errors = {(e["backend"], e["stage"]): e for e in result["errors"]}
     assert set(errors) == {("cuda-graph", "setup"), ("torch", "run")}
     assert errors[("cuda-graph", "setup")]["error"].startswith("InvalidInputError:")
@@ -107,7 +127,40 @@ def test_a_backend_that_fails_does_not_cost_the_rows_of_the_others(tmp_path, mon
     assert "| torch | 1 | 1 | 32x32 |" in table and "| torch | 2 |" not in table
     assert "- cuda-graph failed (setup): InvalidInputError:" in table
     assert "- torch failed (run, batch 2, 1 steps, 32x32): RuntimeError: CUDA out of memory" in table
-    assert result["rows"][2]["speedup_vs_diffusers"] > 0
+    assert [r for r in result["rows"] if r["backend"] == "torch"][0]["speedup_vs_diffusers"] > 0
+
+
+@pytest.mark.parametrize("interleave,order", [(False, "DDDOOO"), (True, "DODODO")])
+def test_interleave_takes_turns_batch_by_batch(tmp_path, monkeypatch, interleave, order):
+    from lcmserve.engine import bench
+    from lcmserve.engine.sampler import LCMSampler
+
+    calls = []
+    real_run_rows, real_pipeline = LCMSampler.run_rows, bench.diffusers_pipeline
+
+    def ours(self, *args, **kwargs):
+        calls.append("O")
+        return real_run_rows(self, *args, **kwargs)
+
+    def theirs(model):
+        pipe = real_pipeline(model)
+        return lambda *args, **kwargs: (calls.append("D"), pipe(*args, **kwargs))[1]
+
+    monkeypatch.setattr(LCMSampler, "run_rows", ours)
+    monkeypatch.setattr(bench, "diffusers_pipeline", theirs)
+    cfg = BenchConfig(model="preset:tiny-sd", backends=("torch",), batch_sizes=(1,), steps=(1,),
+                      resolutions=((32, 32),), warmup=1, iters=2, device="cpu", out=str(tmp_path), name="turns",
+                      interleave=interleave, progress=False,
+                      # interleaved, also: ours in bfloat16 against diffusers' default float32
+                      dtype="bfloat16" if interleave else "auto", baseline_dtype="float32" if interleave else None)
+    result = bench.run_bench(cfg)
+    assert "".join(calls) == order
+    assert [r["backend"] for r in result["rows"]] == ["diffusers", "torch"]
+    dtypes = ["float32", "bfloat16"] if interleave else ["float32", "float32"]
+    assert [r["dtype"] for r in result["rows"]] == dtypes
+    assert f"| torch | 1 | 1 | 32x32 | {dtypes[1]} |" in (tmp_path / "turns.md").read_text()
+    kinds = {r["peak_memory_kind"] for r in result["rows"]}
+    assert kinds == {"process_peak_rss_all_backends" if interleave else "process_peak_rss"}
 
 
 def test_the_baseline_runs_first_and_cli_exits_zero_past_a_failing_backend(tmp_path):

@@ -152,3 +152,29 @@ def test_captured_cfg_and_compiled_on_gpu(compile_, channels_last):
                                                       channels_last=channels_last))
     got = LCMSampler(model, backend=backend).run_rows(ROWS, 2, 64, 64).images
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)
+
+
+def test_compiled_backend_compiles_at_start_up_and_matches_eager(tiny):
+    """torch.compile over the bucketed program: compiled once per bucket at warm-up, then no retrace."""
+    from torch._dynamo.utils import counters
+
+    from lcmserve.engine.backends import create_backend
+
+    before = counters["frames"]["ok"]
+    backend = create_backend("compiled", tiny, buckets=BucketSet((4,), (2,), ((32, 32),)))
+    assert backend.builds == 1 and backend.name == "compiled"
+    compiled_frames = counters["frames"]["ok"]
+    assert compiled_frames - before >= 2  # the UNet and the VAE decode, at warm-up
+    eager, compiled = LCMSampler(tiny), LCMSampler(tiny, backend=backend)
+    for rows in (ROWS, ROWS[:1], ROWS):  # 3 rows and 1 row both pad to the bucket of 4
+        expected = eager.run_rows(rows, 2, 32, 32).images
+        got = compiled.run_rows(rows, 2, 32, 32).images
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert backend.builds == 1 and counters["frames"]["ok"] == compiled_frames
+    with pytest.raises(InvalidInputError, match="batch_size must be in \\[1, 4\\]"):
+        compiled.run_rows(ROWS + ROWS, 2, 32, 32)
+    # float32 compiles frozen: the weights are prepacked and the convolutions are oneDNN's fused ones
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        compiled.run_rows(ROWS, 2, 32, 32)
+    ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in ops and "aten::convolution" not in ops

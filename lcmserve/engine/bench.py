@@ -5,8 +5,9 @@ untimed and ``iters`` timed batches through LCMSampler (tokenization, per-row no
 backend), and records p50/p90/p99 latency, throughput, the backend's per-stage split
 (text, UNet loop, VAE) and peak memory (CUDA ``max_memory_reserved`` on a GPU; the
 process's peak RSS on a CPU, a high-water mark over the whole run). In the same run the
-same modules go through diffusers' ``LatentConsistencyModelPipeline`` (eager, same dtype)
-as the baseline. Results: ``NAME.json``, ``NAME.md`` and ``NAME.png``; ``compare`` merges
+same modules go through diffusers' ``LatentConsistencyModelPipeline`` (eager, same dtype unless
+``baseline_dtype`` says otherwise) as the baseline; ``interleave`` times the backends' batches
+in turn. Results: ``NAME.json``, ``NAME.md`` and ``NAME.png``; ``compare`` merges
 result files from several machines into one table and plot.
 """
 
@@ -46,7 +47,7 @@ class BenchConfig:
     model: str = "shapes-lcm"
     """Model to load (folder, Hub id or preset:NAME)."""
     backends: tuple[str, ...] = ("torch",)
-    """Backends to measure, from torch, cuda-graph, onnx, tensorrt."""
+    """Backends to measure, from torch, compiled, cuda-graph, onnx, tensorrt."""
     batch_sizes: tuple[int, ...] = (1, 8)
     """Rows per batch, 1 to 32."""
     steps: tuple[int, ...] = (4,)
@@ -61,6 +62,9 @@ class BenchConfig:
     """Also run diffusers' pipeline (eager, same dtype) on the same modules."""
     device: str = "auto"
     dtype: str = "auto"
+    baseline_dtype: str | None = None
+    """Run diffusers' pipeline in another dtype (its own copy of the same weights), e.g. float32, what
+    diffusers runs on a CPU by default, against our bfloat16; None: the same dtype as ours."""
     guidance: float = 8.0
     cache_dir: str | None = None
     """ONNX graphs and TensorRT engines (default: $LCMSERVE_CACHE or ~/.cache/lcmserve)."""
@@ -74,6 +78,13 @@ class BenchConfig:
     threads: int | None = None
     """CPU threads of torch and ONNX Runtime (None: their defaults). On a shared CPU, 1 avoids
     the OpenMP barrier stalls that many threads suffer when other processes hold the cores."""
+    interleave: bool = False
+    """Set up every backend at once and time their batches in turn (round-robin per configuration),
+    so a slow spell of a shared machine falls on all of them alike instead of on one; peak memory is
+    then the whole set's. Not with channels_last, which converts the shared model."""
+    profile: bool = False
+    """After each row's timed batches, run one more under torch.profiler and keep its top operators
+    by self time (onnx and tensorrt rows run outside torch and are not profiled)."""
     out: str = "docs/results"
     name: str = "bench"
     progress: bool = True
@@ -97,6 +108,12 @@ class BenchConfig:
             raise InvalidInputError.out_of_range("iters", self.iters, "an integer in [1, 1000]")
         if self.resolutions:
             BucketSet(resolutions=self.resolutions)  # same checks as the compiled backends
+        if self.baseline_dtype is not None and self.baseline_dtype not in ("float32", "bfloat16", "float16"):
+            raise InvalidInputError.out_of_range("baseline_dtype", self.baseline_dtype,
+                                                 "float32, bfloat16, float16 or None (the bench's dtype)")
+        if self.interleave and self.channels_last:
+            raise InvalidInputError("interleave: not with channels_last, which converts the model every backend "
+                                    "shares; bench channels-last in a run of its own", param="interleave")
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise InvalidInputError.out_of_range("threads", self.threads, "an integer in [1, 1024] or None")
 
@@ -172,22 +189,106 @@ def diffusers_pipeline(model):
     return pipe
 
 
-def _time_config(run_once, cfg: BenchConfig, device: torch.device, bar) -> tuple[list[float], list, float]:
-    for _ in range(cfg.warmup):
+def _run_once(runner: str, target, cfg: BenchConfig, batch_size: int, steps: int, height: int, width: int):
+    """One batch of ``runner`` (diffusers' pipeline or one of our samplers); returns its stage times."""
+    rows = _rows(batch_size, cfg.guidance)
+    if runner == BASELINE:
+        def run_once():
+            target([r.prompt for r in rows], num_inference_steps=steps, guidance_scale=cfg.guidance, height=height,
+                   width=width, output_type="pt", generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows])
+    else:
+        def run_once():
+            return target.run_rows(rows, steps, width, height).times
+    return run_once
+
+
+def _time_shape(live: dict[str, tuple[Any, float]], cfg: BenchConfig, device: torch.device, bar,
+                errors: list[dict[str, Any]], batch_size: int, steps: int, height: int, width: int,
+                ) -> dict[str, tuple[list[float], list, dict[str, Any] | None]]:
+    """Warm-up and timed batches of every live runner at one shape, taking turns batch by batch.
+
+    A runner that fails is recorded in ``errors`` and left out of the shape's remaining batches."""
+    runs, times = {}, {}
+    done = dict.fromkeys(live, 0)  # batches run, for the progress bar
+
+    def ran(runner: str) -> None:
+        done[runner] += 1
+        bar.update(1)
+
+    def failed(runner: str, exc: Exception, stage: str = "run") -> None:
+        logger.exception("bench: %s failed at batch %d, %d steps, %dx%d", runner, batch_size, steps, height, width)
+        errors.append({"backend": runner, "stage": stage, "batch_size": batch_size, "steps": steps,
+                       "height": height, "width": width, "error": f"{type(exc).__name__}: {exc}"})
+        runs.pop(runner, None)
+        bar.update(max(0, cfg.warmup + cfg.iters - done[runner]))
+
+    for runner, (target, _) in live.items():
+        try:
+            if runner == "onnx":
+                target.backend.prepare(height, width)  # export / load outside the timed runs
+        except Exception as exc:  # noqa: BLE001 - recorded by failed()
+            failed(runner, exc)
+            continue
+        runs[runner] = _run_once(runner, target, cfg, batch_size, steps, height, width)
+        times[runner] = ([], [])
+    with torch.inference_mode():
+        for _ in range(cfg.warmup):
+            for runner, run_once in list(runs.items()):
+                try:
+                    run_once()
+                    ran(runner)
+                except Exception as exc:  # noqa: BLE001 - recorded by failed()
+                    failed(runner, exc)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(cfg.iters):
+            for runner, run_once in list(runs.items()):
+                try:
+                    _sync(device)
+                    start = time.perf_counter()
+                    stage_times = run_once()
+                    _sync(device)
+                    times[runner][0].append(time.perf_counter() - start)
+                    times[runner][1].append(stage_times)
+                    ran(runner)
+                except Exception as exc:  # noqa: BLE001 - recorded by failed()
+                    failed(runner, exc)
+        measured = {}
+        for runner, run_once in list(runs.items()):
+            profiled = None
+            if cfg.profile and runner not in UNPROFILED:
+                try:
+                    profiled = profile_once(run_once, device)
+                except Exception as exc:  # noqa: BLE001 - the timings stand; only the profile is missing
+                    failed(runner, exc, stage="profile")
+            measured[runner] = (*times[runner], profiled)
+    return measured
+
+
+PROFILE_TOP = 12
+UNPROFILED = ("onnx", "tensorrt")  # their kernels run outside torch, invisible to its profiler
+
+
+def profile_once(run_once, device: torch.device, top: int = PROFILE_TOP) -> dict[str, Any]:
+    """One more batch under torch.profiler: the operators with the most self time (device time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         run_once()
-        bar.update(1)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    latencies, stages = [], []
-    for _ in range(cfg.iters):
         _sync(device)
-        start = time.perf_counter()
-        times = run_once()
-        _sync(device)
-        latencies.append(time.perf_counter() - start)
-        stages.append(times)
-        bar.update(1)
-    return latencies, stages, _peak_memory_mb(device)
+    on_device = device.type == "cuda"
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total_us = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return {
+        "clock": "device" if on_device else "cpu",
+        "total_ms": round(total_us / 1000, 3),
+        "ops": [{"op": e.key, "self_ms": round(getattr(e, key) / 1000, 3),
+                 "share": round(getattr(e, key) / total_us, 4) if total_us else 0.0, "calls": e.count}
+                for e in events[:top]],
+    }
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -205,62 +306,60 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     shapes = [(r, s, b) for r in resolutions for s in cfg.steps for b in cfg.batch_sizes]
     per_config = cfg.warmup + cfg.iters
     runners = ([BASELINE] if cfg.baseline else []) + list(cfg.backends)  # the baseline first: a cut run keeps it
+    # Sequential: one backend at a time. Interleaved: all of them set up together and their batches
+    # timed in turn, so a slow spell of a shared machine falls on every backend alike.
+    groups = [runners] if cfg.interleave else [[runner] for runner in runners]
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
+    buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
+    baseline_model = model
+    if cfg.baseline and cfg.baseline_dtype is not None and cfg.baseline_dtype != str(model.dtype).removeprefix("torch."):
+        baseline_model = load_model(cfg.model, device=str(device), dtype=cfg.baseline_dtype)
+    dtypes = {runner: str((baseline_model if runner == BASELINE else model).dtype).removeprefix("torch.")
+              for runner in runners}
+    memory_kind = "cuda_max_reserved" if device.type == "cuda" else "process_peak_rss"
+    if cfg.interleave:
+        memory_kind += "_all_backends"
     with tqdm(total=len(runners) * len(shapes) * per_config, desc="bench", unit="batch",
               disable=not cfg.progress) as bar:
-        for runner in runners:
-            bar.set_postfix_str(runner)
-            started = time.perf_counter()
-            try:
-                if runner == BASELINE:
-                    pipe = diffusers_pipeline(model)
-                else:
-                    buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
-                    backend = create_backend(runner, model, buckets=buckets, cache_dir=cfg.cache_dir,
-                                             compile=cfg.compile, channels_last=cfg.channels_last,
-                                             exporter=cfg.exporter, threads=cfg.threads)
-                    sampler = LCMSampler(model, backend=backend, max_batch_size=max(cfg.batch_sizes))
-            except Exception as exc:  # one broken backend must not cost the rows of the others
-                logger.exception("bench: %s could not be set up", runner)
-                errors.append({"backend": runner, "stage": "setup", "error": f"{type(exc).__name__}: {exc}"})
-                bar.update(len(shapes) * per_config)
-                continue
-            setup_s = time.perf_counter() - started
-            for (height, width), steps, batch_size in shapes:
-                batch_rows = _rows(batch_size, cfg.guidance)
-                if runner == BASELINE:
-                    def run_once(rows=batch_rows, steps=steps, h=height, w=width, pipe=pipe):
-                        pipe([r.prompt for r in rows], num_inference_steps=steps, guidance_scale=cfg.guidance,
-                             height=h, width=w, output_type="pt",
-                             generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows])
-                else:
-                    def run_once(rows=batch_rows, steps=steps, h=height, w=width, sampler=sampler):
-                        return sampler.run_rows(rows, steps, w, h).times
-
+        for group in groups:
+            live: dict[str, tuple[Any, float]] = {}  # runner -> (pipeline or sampler, setup seconds)
+            for runner in group:
+                bar.set_postfix_str(f"{runner}: setup")
+                started = time.perf_counter()
                 try:
-                    if runner == "onnx":
-                        backend.prepare(height, width)  # export / load outside the timed runs
-                    with torch.inference_mode():
-                        latencies, stages, peak_mb = _time_config(run_once, cfg, device, bar)
-                except Exception as exc:
-                    logger.exception("bench: %s failed at batch %d, %d steps, %dx%d", runner, batch_size, steps,
-                                     height, width)
-                    errors.append({"backend": runner, "stage": "run", "batch_size": batch_size, "steps": steps,
-                                   "height": height, "width": width, "error": f"{type(exc).__name__}: {exc}"})
+                    if runner == BASELINE:
+                        target = diffusers_pipeline(baseline_model)
+                    else:
+                        backend = create_backend(runner, model, buckets=buckets, cache_dir=cfg.cache_dir,
+                                                 compile=cfg.compile, channels_last=cfg.channels_last,
+                                                 exporter=cfg.exporter, threads=cfg.threads)
+                        target = LCMSampler(model, backend=backend, max_batch_size=max(cfg.batch_sizes))
+                except Exception as exc:  # one broken backend must not cost the rows of the others
+                    logger.exception("bench: %s could not be set up", runner)
+                    errors.append({"backend": runner, "stage": "setup", "error": f"{type(exc).__name__}: {exc}"})
+                    bar.update(len(shapes) * per_config)
                     continue
-                row = {
-                    "backend": runner, "batch_size": batch_size, "steps": steps, "height": height, "width": width,
-                    "dtype": str(model.dtype).removeprefix("torch."), "iters": cfg.iters,
-                    "setup_s": round(setup_s, 3), **summarize(latencies, batch_size),
-                    "peak_memory_mb": round(peak_mb, 1),
-                    "peak_memory_kind": "cuda_max_reserved" if device.type == "cuda" else "process_peak_rss",
-                }
-                if stages and stages[0] is not None:
-                    for stage in ("text_s", "unet_s", "vae_s"):
-                        row[f"{stage[:-2]}_ms"] = float(np.mean([getattr(t, stage) for t in stages]) * 1000)
-                rows.append(row)
-            # Written after every runner, so an interrupted run keeps what it measured.
+                live[runner] = (target, time.perf_counter() - started)
+            bar.set_postfix_str(",".join(group))
+            for (height, width), steps, batch_size in shapes:
+                measured = _time_shape(live, cfg, device, bar, errors, batch_size, steps, height, width)
+                peak_mb = _peak_memory_mb(device)
+                for runner, (latencies, stages, profiled) in measured.items():
+                    row = {
+                        "backend": runner, "batch_size": batch_size, "steps": steps, "height": height,
+                        "width": width, "dtype": dtypes[runner], "iters": cfg.iters, "setup_s": round(live[runner][1], 3),
+                        **summarize(latencies, batch_size), "peak_memory_mb": round(peak_mb, 1),
+                        "peak_memory_kind": memory_kind,
+                    }
+                    if stages and stages[0] is not None:
+                        for stage in ("text_s", "unet_s", "vae_s"):
+                            row[f"{stage[:-2]}_ms"] = float(np.mean([getattr(t, stage) for t in stages]) * 1000)
+                    if profiled is not None:
+                        row["profile"] = profiled
+                    rows.append(row)
+            rows.sort(key=lambda r: runners.index(r["backend"]))  # by backend, as a sequential run lists them
+            # Written after every group, so an interrupted run keeps what it measured.
             result = _result(cfg, resolutions, model, device, rows, errors)
             write_results(result, Path(cfg.out), cfg.name)
     result = _result(cfg, resolutions, model, device, rows, errors)
@@ -289,14 +388,14 @@ def _fmt(value, digits: int = 1) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], with_device: bool = False) -> str:
-    head = ["backend", "batch", "steps", "size", "p50 ms", "p90 ms", "p99 ms", "img/s", "text ms", "unet ms",
+    head = ["backend", "batch", "steps", "size", "dtype", "p50 ms", "p90 ms", "p99 ms", "img/s", "text ms", "unet ms",
             "vae ms", "x diffusers", "peak MB"]
     if with_device:
         head.insert(0, "device")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["backend"], str(r["batch_size"]), str(r["steps"]), f"{r['height']}x{r['width']}",
-                 _fmt(r["p50_ms"]), _fmt(r["p90_ms"]), _fmt(r["p99_ms"]), _fmt(r["throughput_img_s"], 2),
+                 r.get("dtype", "?"), _fmt(r["p50_ms"]), _fmt(r["p90_ms"]), _fmt(r["p99_ms"]), _fmt(r["throughput_img_s"], 2),
                  _fmt(r.get("text_ms")), _fmt(r.get("unet_ms")), _fmt(r.get("vae_ms")),
                  _fmt(r.get("speedup_vs_diffusers"), 2), _fmt(r.get("peak_memory_mb"), 0)]
         if with_device:
@@ -315,12 +414,32 @@ def _markdown(result: dict[str, Any]) -> str:
         f"- date: {env['date']}\n- versions: {versions}\n"
         f"- {cfg['warmup']} warm-up + {cfg['iters']} timed batches per row; guidance {cfg['guidance']}; latency is "
         "end to end per batch (tokenize, noise, text encoder, LCM loop, VAE decode); stage times are the backend's "
-        "own split; peak memory is CUDA max_memory_reserved on a GPU and the process's peak RSS on a CPU\n\n"
+        "own split; peak memory is CUDA max_memory_reserved on a GPU and the process's peak RSS on a CPU"
+        + ("; backends interleaved batch by batch (peak memory is the whole set's)" if cfg.get("interleave") else "")
+        + "\n\n"
         + markdown_table(result["rows"])
+        + _profile_markdown(result["rows"])
         + "".join(f"\n- {e['backend']} failed ({e['stage']}"
                   + (f", batch {e['batch_size']}, {e['steps']} steps, {e['height']}x{e['width']}" if "steps" in e else "")
                   + f"): {e['error']}\n" for e in result.get("errors", []))
     )
+
+
+def _profile_markdown(rows: list[dict[str, Any]]) -> str:
+    profiled = [r for r in rows if r.get("profile")]
+    if not profiled:
+        return ""
+    intro = ("\n## Where the time goes\n\nOne more batch per row under torch.profiler; the operators with the most "
+             "self time (device time on a GPU, CPU time on a CPU), as a share of all operators' self time.\n")
+    parts = [intro]
+    for r in profiled:
+        prof = r["profile"]
+        parts.append(f"\n### {r['backend']}, batch {r['batch_size']}, {r['steps']} steps, {r['height']}x{r['width']} "
+                     f"({prof['total_ms']:.1f} ms of {prof['clock']} time)\n\n| operator | self ms | share | calls |\n"
+                     "|---|---|---|---|\n")
+        parts.extend(f"| `{op['op']}` | {op['self_ms']:.2f} | {op['share']:.1%} | {op['calls']} |\n"
+                     for op in prof["ops"])
+    return "".join(parts)
 
 
 def _label(r: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ class ServerConfig:
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     dtype: str = field(default="auto", metadata=_doc("auto, float32, bfloat16 or float16"))
     backend: str = field(default="torch", metadata=_doc(
-        "engine backend: torch, cuda-graph, onnx or tensorrt (compiled ones build every batch size "
+        "engine backend: torch, compiled, cuda-graph, onnx or tensorrt (the bucketed ones build every batch size "
         "up to max_batch_size in powers of two, steps 1-8, the model's native size, at start-up)"))
     cache_dir: str | None = field(default=None, metadata=_doc(
         "where exported ONNX graphs and TensorRT engines are kept (default $LCMSERVE_CACHE or ~/.cache/lcmserve)"))

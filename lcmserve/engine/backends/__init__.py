@@ -6,11 +6,11 @@ from pathlib import Path
 
 from lcmserve.engine.backends.base import Backend, BackendOutput, Bucket, DenoiseBatch, StageTimes
 from lcmserve.engine.backends.buckets import BucketSet, pad_batch
-from lcmserve.engine.backends.cuda_graph import CudaGraphBackend, CudaGraphConfig
+from lcmserve.engine.backends.cuda_graph import CompiledBackend, CudaGraphBackend, CudaGraphConfig
 from lcmserve.engine.backends.torch_backend import TorchBackend
 from lcmserve.errors import InvalidInputError
 
-BACKENDS = ("torch", "cuda-graph", "onnx", "tensorrt")
+BACKENDS = ("torch", "compiled", "cuda-graph", "onnx", "tensorrt")
 
 
 def create_backend(
@@ -28,7 +28,7 @@ def create_backend(
 ) -> Backend:
     """The named backend over ``model``.
 
-    ``buckets`` are the shapes cuda-graph and tensorrt build at start-up; ``cache_dir`` holds
+    ``buckets`` are the shapes compiled, cuda-graph and tensorrt build at start-up; ``cache_dir`` holds
     exported ONNX graphs and TensorRT engines (default ``$LCMSERVE_CACHE`` or
     ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph and ``channels_last`` NHWC convolutions; ``exporter`` and
     ``build`` apply to onnx (``build=False``: use cached graphs only), ``threads`` to its
@@ -36,6 +36,8 @@ def create_backend(
     """
     if name == "torch":
         return TorchBackend(model)
+    if name == "compiled":
+        return CompiledBackend(model, buckets, progress)
     if name == "cuda-graph":
         return CudaGraphBackend(model, CudaGraphConfig(buckets=buckets or BucketSet(), compile=compile,
                                                         channels_last=channels_last), progress)
@@ -52,6 +54,6 @@ def create_backend(
 
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendOutput", "Bucket", "BucketSet", "CudaGraphBackend", "CudaGraphConfig",
+    "BACKENDS", "Backend", "BackendOutput", "Bucket", "BucketSet", "CompiledBackend", "CudaGraphBackend", "CudaGraphConfig",
     "DenoiseBatch", "StageTimes", "TorchBackend", "create_backend", "pad_batch",
 ]
