@@ -59,7 +59,7 @@ class BenchConfig:
     iters: int = 5
     """Timed batches per configuration."""
     baseline: bool = True
-    """Also run diffusers' pipeline (eager, same dtype) on the same modules."""
+    """Also run diffusers' pipeline (eager; same dtype and modules unless baseline_dtype) as the baseline."""
     device: str = "auto"
     dtype: str = "auto"
     baseline_dtype: str | None = None

@@ -372,7 +372,7 @@ class CompiledBackend(CudaGraphBackend):
     Inductor fuses the element-wise work between the convolutions and matrix products (group
     norm + SiLU, residual adds, the LCM step math) into generated C++ loops and, with frozen
     weights, prepacks them for oneDNN. Its kernels are specialised to shapes, so they are
-    compiled per bucket at start-up (about a minute per bucket for the shapes model on two
+    compiled per batch size at start-up (a minute or two each for the shapes model on two
     cores; inductor's on-disk cache, ``$TORCHINDUCTOR_CACHE_DIR``, makes a restart faster) and a
     batch pads to the next bucket, as with CUDA graphs. On a GPU, ``cuda-graph`` with
     ``compile=True`` adds the graphs on top and is the better choice.
