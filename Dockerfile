@@ -63,6 +63,9 @@ RUN apt-get update \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/lcmserve lcmserve
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/lcmserve /opt/lcmserve
+# The runtime user writes exported ONNX graphs, TensorRT engines and torch.compile's kernels
+# (TORCHINDUCTOR_CACHE_DIR, the compiled backend) here; mount a volume on it to keep them.
+RUN mkdir -p /opt/lcmserve/cache/inductor && chown -R 10001:10001 /opt/lcmserve/cache
 # LCMSERVE_HOST: inside a container the server must listen on every interface to be reachable
 # through the published ports; the code's own default stays loopback.
 ENV PATH=/opt/venv/bin:$PATH \
@@ -70,6 +73,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/home/lcmserve/.cache/huggingface \
     LCMSERVE_PROTO=/opt/lcmserve/proto/lcmserve.proto \
     LCMSERVE_CACHE_DIR=/opt/lcmserve/cache \
+    TORCHINDUCTOR_CACHE_DIR=/opt/lcmserve/cache/inductor \
     LCMSERVE_HOST=0.0.0.0 \
     LCMSERVE_PORT=8000 \
     LCMSERVE_GRPC_PORT=50051 \

@@ -113,6 +113,12 @@ mapfile -t HEALTHCHECK < <(buildah inspect --type image --format '{{range .Docke
 [[ "${HEALTHCHECK[0]:-}" == "CMD" ]] || die "no exec-form HEALTHCHECK in the image: ${HEALTHCHECK[*]:-none}"
 buildah run --isolation=chroot "$CONTAINER" -- "${HEALTHCHECK[@]:1}" && log "   HEALTHCHECK command: exit 0"
 log "   whoami inside: $(buildah run --isolation=chroot "$CONTAINER" -- id)"
+# The caches the runtime user fills (ONNX graphs, TensorRT engines, torch.compile kernels) are writable.
+buildah run --isolation=chroot "$CONTAINER" -- python -c "import os, pathlib
+for var in ('LCMSERVE_CACHE_DIR', 'TORCHINDUCTOR_CACHE_DIR'):
+    probe = pathlib.Path(os.environ[var]) / '.probe'
+    probe.write_text('ok'); probe.unlink()" && log "   LCMSERVE_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR: writable" \
+  || die "the runtime user cannot write its cache folders"
 curl -sf -X POST "http://127.0.0.1:$PORT/generate" -H 'content-type: application/json' \
   -d '{"prompt": "a red circle at the top left", "steps": 4, "seed": 7}' -o "$WORK/generate.json" \
   || { cat "$WORK/server.log"; die "POST /generate"; }
