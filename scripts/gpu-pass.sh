@@ -7,7 +7,8 @@
 #      the k = 20 DDIM run is bundled as shapes-lcm;
 #   3. the GPU tests (CUDA-graph capture equals eager, buckets do not retrace);
 #   4. lcmserve bench: SD1.5-shaped preset, 512x512, 4 steps, CUDA graphs and eager fp16 against
-#      diffusers' LatentConsistencyModelPipeline on the same weights, alone on the GPU;
+#      diffusers' LatentConsistencyModelPipeline on the same weights, alone on the GPU, with the top
+#      kernels of one batch per row (--profile);
 #   5. lcmserve eval, side by side, with the time left: the teacher (DDIM, DPM-Solver++), the LCM
 #      (1/2/4/8 steps; guidance 3/5/9/15 at 4 steps) and each ablation run.
 #
@@ -124,7 +125,7 @@ if want bench; then
 log "4. bench"
 timeout $(( $(left) - 70 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" \
   --dtype ${BENCH_DTYPE:-float16} --backends ${BENCH_BACKENDS:-cuda-graph,torch} --batch-sizes 1,16 --steps 4 \
-  --resolutions ${BENCH_SIZE:-512x512} --warmup 3 --iters ${BENCH_ITERS:-15} \
+  --resolutions ${BENCH_SIZE:-512x512} --warmup 3 --iters ${BENCH_ITERS:-15} --profile \
   --out "$OUT" --name bench-gpu-sd15 -q > "$RUN/logs/bench.log" 2>&1
 grep "^|\|failed" "$OUT/bench-gpu-sd15.md" 2>/dev/null | head -n 12
 if [ -n "${BENCH_COMPILE:-}" ]; then
