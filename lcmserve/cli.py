@@ -182,8 +182,8 @@ def _add_bench(sub) -> None:
     bn.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
     bn.add_argument("--threads", type=int, default=None,
                     help="CPU threads of torch and ONNX Runtime (default: theirs; 1 on a shared CPU)")
-    bn.add_argument("--baseline-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="run diffusers' pipeline in this dtype (default: the bench's own)")
+    bn.add_argument("--baseline-dtype", default=None,
+                    help="float32, bfloat16 or float16: diffusers' pipeline in this dtype (default: the bench's own)")
     bn.add_argument("--interleave", action="store_true",
                     help="set up all backends at once and time their batches in turn (fair on a shared machine)")
     bn.add_argument("--profile", action="store_true",

@@ -32,6 +32,7 @@ from lcmserve.engine.backends import BACKENDS, BucketSet, create_backend
 from lcmserve.engine.cache import library_versions
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Row
 from lcmserve.errors import InvalidInputError
+from lcmserve.models.loading import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,9 @@ class BenchConfig:
             raise InvalidInputError.out_of_range("iters", self.iters, "an integer in [1, 1000]")
         if self.resolutions:
             BucketSet(resolutions=self.resolutions)  # same checks as the compiled backends
-        if self.baseline_dtype is not None and self.baseline_dtype not in ("float32", "bfloat16", "float16"):
+        if self.baseline_dtype is not None and self.baseline_dtype not in DTYPES:
             raise InvalidInputError.out_of_range("baseline_dtype", self.baseline_dtype,
-                                                 "float32, bfloat16, float16 or None (the bench's dtype)")
+                                                 ", ".join(DTYPES) + " or None (the bench's dtype)")
         if self.interleave and self.channels_last:
             raise InvalidInputError("interleave: not with channels_last, which converts the model every backend "
                                     "shares; bench channels-last in a run of its own", param="interleave")
@@ -313,10 +314,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     errors: list[dict[str, Any]] = []
     buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
     baseline_model = model
-    if cfg.baseline and cfg.baseline_dtype is not None and cfg.baseline_dtype != str(model.dtype).removeprefix("torch."):
+    if cfg.baseline and cfg.baseline_dtype not in (None, model.dtype_name):
         baseline_model = load_model(cfg.model, device=str(device), dtype=cfg.baseline_dtype)
-    dtypes = {runner: str((baseline_model if runner == BASELINE else model).dtype).removeprefix("torch.")
-              for runner in runners}
+    dtypes = {runner: (baseline_model if runner == BASELINE else model).dtype_name for runner in runners}
     memory_kind = "cuda_max_reserved" if device.type == "cuda" else "process_peak_rss"
     if cfg.interleave:
         memory_kind += "_all_backends"

@@ -68,6 +68,11 @@ class LCMModel:
         return next(self.unet.parameters()).dtype
 
     @property
+    def dtype_name(self) -> str:
+        """The dtype as the CLI and diffusers spell it: float32, bfloat16 or float16."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -103,7 +108,7 @@ class LCMModel:
             "guidance_mode": self.guidance_mode,
             "lora": self.lora,
             "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": self.dtype_name,
             "native_size": self.native_size,
             "vae_scale_factor": self.vae_scale_factor,
             "latent_channels": self.latent_channels,

@@ -144,7 +144,7 @@ class CudaGraphBackend(TorchBackend):
             self.warmup(progress)
 
     def _check_device_dtype(self) -> None:
-        dtype = str(self.model.dtype).removeprefix("torch.")
+        dtype = self.model.dtype_name
         if self.config.capture:
             if self.device.type != "cuda":
                 raise InvalidInputError(

@@ -111,7 +111,7 @@ class OnnxBackend(TorchBackend):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if model.dtype != torch.float32:
             raise InvalidInputError.out_of_range(
-                "dtype", str(model.dtype).removeprefix("torch."), "float32 for the onnx backend on CPU"
+                "dtype", model.dtype_name, "float32 for the onnx backend on CPU"
             )
         return ["CPUExecutionProvider"]
 
