@@ -130,7 +130,7 @@ def _add_export(sub) -> None:
 
     ex = sub.add_parser("export", help="export text encoder(s), UNet and VAE decoder to ONNX (dynamic batch), cached")
     _add_model_args(ex, None)
-    ex.add_argument("--out", default=None, help="cache folder (default: $LCMSERVE_CACHE or ~/.cache/lcmserve)")
+    ex.add_argument("--out", default=None, help="cache folder (default: $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)")
     ex.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
     ex.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
     ex.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
@@ -176,7 +176,7 @@ def _add_bench(sub) -> None:
     bn.add_argument("--device", default="auto")
     bn.add_argument("--dtype", default="auto")
     bn.add_argument("--guidance", type=float, default=8.0)
-    bn.add_argument("--cache-dir", default=None, help="ONNX/TensorRT cache (default $LCMSERVE_CACHE)")
+    bn.add_argument("--cache-dir", default=None, help="ONNX/TensorRT cache (default $LCMSERVE_CACHE_DIR)")
     bn.add_argument("--compile", action="store_true", help="torch.compile inside cuda-graph")
     bn.add_argument("--channels-last", action="store_true", help="cuda-graph: NHWC convolutions")
     bn.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=["torch", "compiled", "cuda-graph", "onnx", "tensorrt"], default="torch",
                      help="engine backend (default torch, the eager reference)")
     gen.add_argument("--cache-dir", default=None,
-                     help="ONNX/TensorRT cache (default $LCMSERVE_CACHE or ~/.cache/lcmserve)")
+                     help="ONNX/TensorRT cache (default $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)")
     gen.add_argument("--compile", action="store_true", help="cuda-graph: torch.compile the UNet and VAE")
     gen.add_argument("--channels-last", action="store_true", help="cuda-graph: NHWC convolutions")
     gen.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")

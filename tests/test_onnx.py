@@ -9,7 +9,7 @@ import torch
 from lcmserve.engine import LCMSampler, Row
 from lcmserve.engine import export as export_mod
 from lcmserve.engine.backends.onnx_backend import OnnxBackend, OrtGraph
-from lcmserve.engine.cache import MANIFEST, ArtifactCache
+from lcmserve.engine.cache import MANIFEST, ArtifactCache, default_cache_dir
 from lcmserve.engine.export import export_model, graph_names
 from lcmserve.errors import InvalidInputError
 from lcmserve.models import load_model
@@ -147,6 +147,15 @@ def test_a_failed_build_leaves_no_entry(tmp_path):
     with pytest.raises(RuntimeError, match="exporter crashed"):
         cache.get_or_build("onnx-unet", {"a": 1}, broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_folder_follows_the_servers_variable(tmp_path, monkeypatch):
+    # LCMSERVE_CACHE_DIR is also the server's `cache_dir` setting and the image's cache volume.
+    monkeypatch.setenv("LCMSERVE_CACHE_DIR", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("LCMSERVE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "lcmserve"
 
 
 def test_missing_graphs_are_clear_errors(tiny, tmp_path):

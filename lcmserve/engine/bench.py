@@ -68,7 +68,7 @@ class BenchConfig:
     diffusers runs on a CPU by default, against our bfloat16; None: the same dtype as ours."""
     guidance: float = 8.0
     cache_dir: str | None = None
-    """ONNX graphs and TensorRT engines (default: $LCMSERVE_CACHE or ~/.cache/lcmserve)."""
+    """ONNX graphs and TensorRT engines (default: $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)."""
     compile: bool = False
     """torch.compile inside the cuda-graph backend."""
     channels_last: bool = False

@@ -156,6 +156,12 @@ class ArtifactCache:
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
 
 
+CACHE_ENV = "LCMSERVE_CACHE_DIR"  # the same name as the server's ``cache_dir`` setting
+
+
 def default_cache_dir() -> Path:
-    """``$LCMSERVE_CACHE`` or ``~/.cache/lcmserve``."""
-    return Path(os.environ.get("LCMSERVE_CACHE", Path.home() / ".cache" / "lcmserve"))
+    """``$LCMSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/lcmserve``, else ``~/.cache/lcmserve``."""
+    base = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lcmserve"
+    )
+    return Path(base)

@@ -47,7 +47,7 @@ class ServerConfig:
         "engine backend: torch, compiled, cuda-graph, onnx or tensorrt (the bucketed ones build every batch size "
         "up to max_batch_size in powers of two, steps 1-8, the model's native size, at start-up)"))
     cache_dir: str | None = field(default=None, metadata=_doc(
-        "where exported ONNX graphs and TensorRT engines are kept (default $LCMSERVE_CACHE or ~/.cache/lcmserve)"))
+        "where exported ONNX graphs and TensorRT engines are kept (default $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)"))
     # 3. batching ----------------------------------------------------------------------------
     max_batch_size: int = field(default=8, metadata=_doc("rows (images) per engine call, 1-1024"))
     max_queue_delay_ms: float = field(default=10.0, metadata=_doc(

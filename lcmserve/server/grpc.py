@@ -41,6 +41,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lcmserve.engine.cache import default_cache_dir
 from lcmserve.engine.request import GenerationRequest
 from lcmserve.errors import AuthError, DeadlineExceededError, InvalidInputError, LCMServeError
 from lcmserve.server.client import IMAGE_FORMATS, MEDIA_TYPES, EngineClient, Generation, StepEvent, encode_image
@@ -50,7 +51,6 @@ from lcmserve.server.protocol import check_pixels, check_prompt_length
 logger = logging.getLogger(__name__)
 
 PROTO_ENV = "LCMSERVE_PROTO"  # path of lcmserve.proto when the package is not run from the repo
-CACHE_ENV = "LCMSERVE_CACHE_DIR"
 _REPO_PROTO = Path(__file__).resolve().parents[2] / "proto" / "lcmserve.proto"
 
 DEFAULT_HOST = "127.0.0.1"
@@ -71,10 +71,7 @@ PREVIEW_JPEG_QUALITY = 50
 
 # 1. stubs from the proto, cached by hash -------------------------------------------------------
 def _cache_root() -> Path:
-    base = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lcmserve"
-    )
-    root = Path(base) / "grpc-stubs"
+    root = default_cache_dir() / "grpc-stubs"
     try:
         root.mkdir(parents=True, exist_ok=True)
         return root

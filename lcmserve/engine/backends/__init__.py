@@ -29,7 +29,7 @@ def create_backend(
     """The named backend over ``model``.
 
     ``buckets`` are the shapes compiled, cuda-graph and tensorrt build at start-up; ``cache_dir`` holds
-    exported ONNX graphs and TensorRT engines (default ``$LCMSERVE_CACHE`` or
+    exported ONNX graphs and TensorRT engines (default ``$LCMSERVE_CACHE_DIR`` or
     ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph and ``channels_last`` NHWC convolutions; ``exporter`` and
     ``build`` apply to onnx (``build=False``: use cached graphs only), ``threads`` to its
     CPU provider (None: ONNX Runtime's default).
