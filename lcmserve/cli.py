@@ -70,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, seed=args.seed,
     )
     resolved = sampler.resolve(request)  # every bad value is reported before any work
-    if args.backend != "torch":
+    if args.backend != "torch" or args.attention != "sdpa":
         sampler.backend = _generate_backend(args, model, resolved)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,14 @@ def _generate_backend(args: argparse.Namespace, model, resolved):
     sizes = tuple(sorted({min(2**i, args.batch_size) for i in range(7)}))
     buckets = BucketSet(sizes, (resolved.steps,), ((resolved.height, resolved.width),))
     return create_backend(args.backend, model, buckets=buckets, cache_dir=args.cache_dir, compile=args.compile,
-                          channels_last=args.channels_last, exporter=args.exporter, progress=not args.quiet)
+                          channels_last=args.channels_last, exporter=args.exporter, progress=not args.quiet,
+                          attention=args.attention)
+
+
+def _add_attention(parser) -> None:
+    parser.add_argument("--attention", choices=["sdpa", "small-head"], default="sdpa",
+                        help="sdpa: torch's scaled_dot_product_attention (default); small-head: our CPU kernel for "
+                             "heads of <= 8-16 channels (the shapes models), built with the C compiler on first use")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -152,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline, device=args.device, dtype=args.dtype, guidance=args.guidance,
         cache_dir=args.cache_dir, compile=args.compile, channels_last=args.channels_last, exporter=args.exporter,
         threads=args.threads, baseline_dtype=args.baseline_dtype, interleave=args.interleave, profile=args.profile,
-        out=args.out, name=args.name, progress=not args.quiet,
+        attention=args.attention, out=args.out, name=args.name, progress=not args.quiet,
     )
     result = run_bench(cfg)
     print((Path(cfg.out) / f"{cfg.name}.md").read_text())
@@ -180,6 +187,7 @@ def _add_bench(sub) -> None:
     bn.add_argument("--compile", action="store_true", help="torch.compile inside cuda-graph")
     bn.add_argument("--channels-last", action="store_true", help="cuda-graph: NHWC convolutions")
     bn.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
+    _add_attention(bn)
     bn.add_argument("--threads", type=int, default=None,
                     help="CPU threads of torch and ONNX Runtime (default: theirs; 1 on a shared CPU)")
     bn.add_argument("--baseline-dtype", default=None,
@@ -538,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true", help="cuda-graph: torch.compile the UNet and VAE")
     gen.add_argument("--channels-last", action="store_true", help="cuda-graph: NHWC convolutions")
     gen.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
+    _add_attention(gen)
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="describe a model: family, guidance mode, sizes, parameter counts")

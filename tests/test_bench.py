@@ -181,3 +181,17 @@ def test_cli_exits_one_when_no_backend_measured_anything(tmp_path, capsys):
     assert code == 1
     assert "no backend produced a measurement" in capsys.readouterr().err
     assert json.loads((tmp_path / "none.json").read_text())["rows"] == []
+
+
+def test_small_head_attention_reaches_the_torch_rows_only(bench_run, tmp_path):
+    """--attention small-head: torch rows run our kernel; diffusers' baseline and the ONNX graphs keep SDPA."""
+    code = main(["bench", "--model", "preset:tiny-sd", "--backends", "torch,onnx", "--batch-sizes", "1",
+                 "--steps", "1", "--resolutions", "32x32", "--warmup", "0", "--iters", "1", "--device", "cpu",
+                 "--cache-dir", str(bench_run / "cache"), "--exporter", "legacy", "--attention", "small-head",
+                 "--out", str(tmp_path), "--name", "heads", "-q"])
+    assert code == 0
+    result = json.loads((tmp_path / "heads.json").read_text())
+    assert {r["backend"]: r["attention"] for r in result["rows"]} == {
+        "diffusers": "sdpa", "torch": "small-head", "onnx": "sdpa"}
+    assert result["config"]["attention"] == "small-head" and not result["errors"]
+    assert "| torch (small-head) | 1 | 1 | 32x32 |" in (tmp_path / "heads.md").read_text()

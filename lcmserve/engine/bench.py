@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lcmserve.engine.backends import BACKENDS, BucketSet, create_backend
+from lcmserve.engine.backends import BACKENDS, TORCH_EXECUTED, BucketSet, create_backend
 from lcmserve.engine.cache import library_versions
+from lcmserve.engine.kernels.attention import check_attention, use_small_head_attention, with_standard_attention
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Row
 from lcmserve.errors import InvalidInputError
 from lcmserve.models.loading import DTYPES
@@ -76,6 +77,9 @@ class BenchConfig:
     baseline and the other backends, or in a bench of its own)."""
     exporter: str = "dynamo"
     """torch.onnx exporter of the onnx backend (dynamo or legacy)."""
+    attention: str = "sdpa"
+    """small-head: our CPU attention kernel in the torch-executed backends (torch, compiled, cuda-graph);
+    diffusers' baseline and the onnx/tensorrt graphs keep SDPA."""
     threads: int | None = None
     """CPU threads of torch and ONNX Runtime (None: their defaults). On a shared CPU, 1 avoids
     the OpenMP barrier stalls that many threads suffer when other processes hold the cores."""
@@ -115,6 +119,7 @@ class BenchConfig:
         if self.interleave and self.channels_last:
             raise InvalidInputError("interleave: not with channels_last, which converts the model every backend "
                                     "shares; bench channels-last in a run of its own", param="interleave")
+        check_attention(self.attention)
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise InvalidInputError.out_of_range("threads", self.threads, "an integer in [1, 1024] or None")
 
@@ -168,7 +173,8 @@ def _rows(batch_size: int, guidance: float) -> list[Row]:
 
 
 def diffusers_pipeline(model):
-    """diffusers' own pipeline over the very same modules (no copy), with LCMScheduler."""
+    """diffusers' own pipeline over the very same weights (no copy), with LCMScheduler and diffusers' own
+    attention (a UNet that runs our small-head kernel is given to it as a weight-sharing SDPA twin)."""
     from diffusers import (
         LatentConsistencyModelPipeline,
         LCMScheduler,
@@ -177,14 +183,15 @@ def diffusers_pipeline(model):
     )
 
     scheduler = LCMScheduler.from_config(model.scheduler_config)
+    unet = with_standard_attention(model.unet)
     if model.family == "sdxl":
         pipe = StableDiffusionXLPipeline(
             vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
-            tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler,
+            tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=unet, scheduler=scheduler,
         )
     else:
         cls = LatentConsistencyModelPipeline if model.guidance_mode == "embedding" else StableDiffusionPipeline
-        pipe = cls(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
+        pipe = cls(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=unet,
                    scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -303,6 +310,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     device = model.device
+    if cfg.attention == "small-head" and any(b in TORCH_EXECUTED for b in cfg.backends):
+        use_small_head_attention(model, cfg.cache_dir)  # before the baseline is set up: it takes an SDPA twin
     resolutions = cfg.resolutions or ((model.native_size, model.native_size),)
     shapes = [(r, s, b) for r in resolutions for s in cfg.steps for b in cfg.batch_sizes]
     per_config = cfg.warmup + cfg.iters
@@ -317,6 +326,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.baseline and cfg.baseline_dtype not in (None, model.dtype_name):
         baseline_model = load_model(cfg.model, device=str(device), dtype=cfg.baseline_dtype)
     dtypes = {runner: (baseline_model if runner == BASELINE else model).dtype_name for runner in runners}
+    attentions = {runner: cfg.attention if runner in TORCH_EXECUTED else "sdpa" for runner in runners}
     memory_kind = "cuda_max_reserved" if device.type == "cuda" else "process_peak_rss"
     if cfg.interleave:
         memory_kind += "_all_backends"
@@ -333,7 +343,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     else:
                         backend = create_backend(runner, model, buckets=buckets, cache_dir=cfg.cache_dir,
                                                  compile=cfg.compile, channels_last=cfg.channels_last,
-                                                 exporter=cfg.exporter, threads=cfg.threads)
+                                                 exporter=cfg.exporter, threads=cfg.threads,
+                                                 attention=attentions[runner])
                         target = LCMSampler(model, backend=backend, max_batch_size=max(cfg.batch_sizes))
                 except Exception as exc:  # one broken backend must not cost the rows of the others
                     logger.exception("bench: %s could not be set up", runner)
@@ -348,7 +359,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 for runner, (latencies, stages, profiled) in measured.items():
                     row = {
                         "backend": runner, "batch_size": batch_size, "steps": steps, "height": height,
-                        "width": width, "dtype": dtypes[runner], "iters": cfg.iters, "setup_s": round(live[runner][1], 3),
+                        "width": width, "dtype": dtypes[runner], "attention": attentions[runner], "iters": cfg.iters, "setup_s": round(live[runner][1], 3),
                         **summarize(latencies, batch_size), "peak_memory_mb": round(peak_mb, 1),
                         "peak_memory_kind": memory_kind,
                     }
@@ -394,7 +405,8 @@ def markdown_table(rows: list[dict[str, Any]], with_device: bool = False) -> str
         head.insert(0, "device")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["backend"], str(r["batch_size"]), str(r["steps"]), f"{r['height']}x{r['width']}",
+        label = r["backend"] + (f" ({r['attention']})" if r.get("attention", "sdpa") != "sdpa" else "")
+        cells = [label, str(r["batch_size"]), str(r["steps"]), f"{r['height']}x{r['width']}",
                  r.get("dtype", "?"), _fmt(r["p50_ms"]), _fmt(r["p90_ms"]), _fmt(r["p99_ms"]), _fmt(r["throughput_img_s"], 2),
                  _fmt(r.get("text_ms")), _fmt(r.get("unet_ms")), _fmt(r.get("vae_ms")),
                  _fmt(r.get("speedup_vs_diffusers"), 2), _fmt(r.get("peak_memory_mb"), 0)]

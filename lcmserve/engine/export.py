@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lcmserve.engine.cache import ArtifactCache, fingerprint_module, library_versions
+from lcmserve.engine.kernels.attention import with_standard_attention
 from lcmserve.errors import InvalidInputError
 from lcmserve.models.model import LCMModel
 
@@ -127,7 +128,8 @@ def _graph_module(model: LCMModel, name: str) -> torch.nn.Module:
     if name.startswith("text_encoder"):
         encoder = model.text_encoders[0 if name == "text_encoder" else 1]
         return TextEncoderGraph(encoder, penultimate=model.family == "sdxl", pooled=_has_projection(encoder))
-    return UNetGraph(model.unet) if name == "unet" else VaeDecoderGraph(model.vae)
+    # The exporter traces diffusers' SDPA processors even when the engine runs our CPU kernel.
+    return UNetGraph(with_standard_attention(model.unet)) if name == "unet" else VaeDecoderGraph(model.vae)
 
 
 def _source_module(model: LCMModel, name: str) -> torch.nn.Module:

@@ -42,12 +42,13 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
         logger.warning("model %s has random weights: its images are noise (use it to measure speed)", config.model)
     limits = Limits.for_native_size(model.native_size, max_images=config.max_images)
     sampler = LCMSampler(model, limits=limits, max_batch_size=config.max_batch_size)
-    if config.backend != "torch":
+    if config.backend != "torch" or config.attention != "sdpa":
         from lcmserve.engine.backends import BucketSet, create_backend
 
         sizes = tuple(sorted({min(2**i, config.max_batch_size) for i in range(11)}))
         buckets = BucketSet(sizes, tuple(range(MIN_STEPS, MAX_STEPS + 1)), ((model.native_size, model.native_size),))
-        sampler.backend = create_backend(config.backend, model, buckets=buckets, cache_dir=config.cache_dir)
+        sampler.backend = create_backend(config.backend, model, buckets=buckets, cache_dir=config.cache_dir,
+                                         attention=config.attention)
     client = EngineClient(sampler, config.model, config.batcher_config,
                           on_batch=metrics.on_batch, on_failure=metrics.on_failure)
     metrics.bind_client(client)

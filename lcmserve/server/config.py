@@ -46,8 +46,11 @@ class ServerConfig:
     backend: str = field(default="torch", metadata=_doc(
         "engine backend: torch, compiled, cuda-graph, onnx or tensorrt (the bucketed ones build every batch size "
         "up to max_batch_size in powers of two, steps 1-8, the model's native size, at start-up)"))
+    attention: str = field(default="sdpa", metadata=_doc(
+        "sdpa (torch's attention) or small-head (our CPU kernel for heads of <= 8-16 channels, as in the shapes "
+        "models; torch, compiled and cuda-graph backends on a CPU; built with the C compiler on first use)"))
     cache_dir: str | None = field(default=None, metadata=_doc(
-        "where exported ONNX graphs and TensorRT engines are kept (default $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)"))
+        "where exported ONNX graphs, TensorRT engines and built kernels are kept (default $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)"))
     # 3. batching ----------------------------------------------------------------------------
     max_batch_size: int = field(default=8, metadata=_doc("rows (images) per engine call, 1-1024"))
     max_queue_delay_ms: float = field(default=10.0, metadata=_doc(
@@ -82,10 +85,14 @@ class ServerConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidInputError.out_of_range("model", self.model, "a diffusers folder, Hub id or preset:NAME")
         _check_float("lora_scale", self.lora_scale, 0.0, 10.0)
-        from lcmserve.engine.backends import BACKENDS
+        from lcmserve.engine.backends import BACKENDS, TORCH_EXECUTED
+        from lcmserve.engine.kernels.attention import check_attention
 
         if self.backend not in BACKENDS:
             raise InvalidInputError.out_of_range("backend", self.backend, "one of " + ", ".join(BACKENDS))
+        if check_attention(self.attention) == "small-head" and self.backend not in TORCH_EXECUTED:
+            raise InvalidInputError(f"attention: small-head needs backend {', '.join(TORCH_EXECUTED)}; "
+                                    f"{self.backend} runs its own graph", param="attention")
         _check_int("max_batch_size", self.max_batch_size, 1, 1024)
         _check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 60000.0)
         _check_int("max_queue_rows", self.max_queue_rows, 1, 1_000_000)

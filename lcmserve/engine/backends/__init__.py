@@ -8,9 +8,11 @@ from lcmserve.engine.backends.base import Backend, BackendOutput, Bucket, Denois
 from lcmserve.engine.backends.buckets import BucketSet, pad_batch
 from lcmserve.engine.backends.cuda_graph import CompiledBackend, CudaGraphBackend, CudaGraphConfig
 from lcmserve.engine.backends.torch_backend import TorchBackend
+from lcmserve.engine.kernels.attention import check_attention, use_small_head_attention
 from lcmserve.errors import InvalidInputError
 
 BACKENDS = ("torch", "compiled", "cuda-graph", "onnx", "tensorrt")
+TORCH_EXECUTED = ("torch", "compiled", "cuda-graph")  # the ones whose UNet runs torch's modules (and processors)
 
 
 def create_backend(
@@ -25,6 +27,7 @@ def create_backend(
     build: bool = True,
     threads: int | None = None,
     progress: bool = False,
+    attention: str = "sdpa",
 ) -> Backend:
     """The named backend over ``model``.
 
@@ -32,8 +35,21 @@ def create_backend(
     exported ONNX graphs and TensorRT engines (default ``$LCMSERVE_CACHE_DIR`` or
     ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph and ``channels_last`` NHWC convolutions; ``exporter`` and
     ``build`` apply to onnx (``build=False``: use cached graphs only), ``threads`` to its
-    CPU provider (None: ONNX Runtime's default).
+    CPU provider (None: ONNX Runtime's default). ``attention="small-head"`` routes the UNet's attention
+    through our CPU kernel (engine/kernels/attention.py) for the torch-executed backends on a CPU.
     """
+    if name not in BACKENDS:
+        raise InvalidInputError.out_of_range("backend", name, "one of " + ", ".join(BACKENDS))
+    if check_attention(attention) == "small-head":
+        if name not in TORCH_EXECUTED:
+            raise InvalidInputError(
+                f"attention: small-head is a kernel for the torch-executed backends ({', '.join(TORCH_EXECUTED)}); "
+                f"{name} runs its own graph: use --attention sdpa", param="attention")
+        if model.device.type != "cpu":
+            raise InvalidInputError(
+                f"attention: small-head is a CPU kernel and the model is on {model.device.type} (where SDPA "
+                "already runs flash attention): use --attention sdpa", param="attention")
+        use_small_head_attention(model, cache_dir)
     if name == "torch":
         return TorchBackend(model)
     if name == "compiled":
@@ -46,14 +62,12 @@ def create_backend(
 
         onnx_dir = None if cache_dir is None else Path(cache_dir) / "onnx"
         return OnnxBackend(model, onnx_dir, exporter=exporter, build=build, threads=threads)
-    if name == "tensorrt":
-        from lcmserve.engine.backends.tensorrt_backend import TensorRTBackend, TensorRTConfig
+    from lcmserve.engine.backends.tensorrt_backend import TensorRTBackend, TensorRTConfig
 
-        return TensorRTBackend(model, TensorRTConfig(buckets=buckets or BucketSet()), cache_dir, progress)
-    raise InvalidInputError.out_of_range("backend", name, "one of " + ", ".join(BACKENDS))
+    return TensorRTBackend(model, TensorRTConfig(buckets=buckets or BucketSet()), cache_dir, progress)
 
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendOutput", "Bucket", "BucketSet", "CompiledBackend", "CudaGraphBackend", "CudaGraphConfig",
+    "BACKENDS", "TORCH_EXECUTED", "Backend", "BackendOutput", "Bucket", "BucketSet", "CompiledBackend", "CudaGraphBackend", "CudaGraphConfig",
     "DenoiseBatch", "StageTimes", "TorchBackend", "create_backend", "pad_batch",
 ]

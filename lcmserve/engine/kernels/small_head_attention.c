@@ -1,0 +1,174 @@
+/* Softmax attention for small head dimensions (D <= 16) on a CPU, float32 or bfloat16 in, float32 math.
+ *
+ * PyTorch's CPU flash attention runs blocked GEMMs whose inner dimension is the head dimension; with
+ * D = 4 (8 heads over 32 channels, as in the shapes UNet) those GEMMs do almost no work per call and
+ * the kernel runs at a fraction of the rate of the exponentials it must compute. Here each (batch,
+ * head) keeps K and V transposed in L1 and every query row is three vectorised passes over the keys:
+ * scores, max and exp-sum, weighted sum of V. The loops are written 16 lanes wide with no reduction
+ * inside a lane, so the compiler vectorises them without -ffast-math (NaN and infinity keep their
+ * meaning). Threads come from the process's OpenMP runtime, the one PyTorch already runs.
+ *
+ * Layouts: q, k, v are strided [B, H, N, D] views (the last axis contiguous); o is written through its
+ * own strides (the caller passes a [B, Nq, H, D] tensor, which is what the output projection wants).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define MAX_HEAD_DIM 16
+
+enum { F32 = 0, BF16 = 1 };
+
+static inline float load(const void *p, int64_t i, int dtype) {
+  if (dtype == BF16) {
+    uint32_t u = ((uint32_t)((const uint16_t *)p)[i]) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  return ((const float *)p)[i];
+}
+
+static inline void store(void *p, int64_t i, float f, int dtype) {
+  if (dtype == BF16) { /* round to nearest even, as torch's float -> bfloat16 */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { ((uint16_t *)p)[i] = (uint16_t)((u >> 16) | 0x40); return; } /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+  } else {
+    ((float *)p)[i] = f;
+  }
+}
+
+/* 16 floats as one value: GCC/Clang vector extensions, lowered to AVX-512, AVX2 or SSE as -march allows. */
+typedef float vf __attribute__((vector_size(LANES * 4), aligned(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4), aligned(LANES * 4)));
+
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+
+/* 2^t for t <= 0 as 2^n * 2^f with n = round(t), |f| <= 1/2, and 2^f by its degree-6 Taylor polynomial:
+ * relative error below 2e-7, about a float32 ulp. Rounding adds and subtracts 1.5 * 2^23 (exact in float32
+ * without -ffast-math); below -126 the result stays at 2^-126 instead of going to 0, which no sum of
+ * weights of at least 1 (the row's maximum) can tell apart. */
+static inline vf vexp2_nonpositive(vf t) {
+  const float round_magic = 12582912.0f;
+  t = vmax(t, (vf){0} - 126.0f);
+  vf shifted = t + round_magic;
+  vf n = shifted - round_magic;
+  vf f = t - n;
+  vf p = f * 1.5403530393381606e-4f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  vi exponent = ((vi)shifted - (vi)((vf){0} + round_magic) + 127) << 23;
+  return p * (vf)exponent;
+}
+
+/* Lane reductions as trees (halves onto halves): a chain of 16 dependent adds per row would cost as
+ * much as the row's arithmetic. */
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+
+static inline float vsum(vf a) {
+  union { vf v; vf8 h[2]; } u16 = {a};
+  union { vf8 v; vf4 h[2]; } u8 = {u16.h[0] + u16.h[1]};
+  vf4 q = u8.h[0] + u8.h[1];
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+static inline float vmaxall(vf a) {
+  union { vf v; vf8 h[2]; } u16 = {a};
+  vi8 m8 = u16.h[0] > u16.h[1];
+  union { vf8 v; vf4 h[2]; } u8 = {(vf8)((m8 & (vi8)u16.h[0]) | (~m8 & (vi8)u16.h[1]))};
+  vi4 m4 = u8.h[0] > u8.h[1];
+  vf4 q = (vf4)((m4 & (vi4)u8.h[0]) | (~m4 & (vi4)u8.h[1]));
+  float x = q[0] > q[2] ? q[0] : q[2], y = q[1] > q[3] ? q[1] : q[3];
+  return x > y ? x : y;
+}
+
+/* One (batch, head): every query row against all keys. kt/vt: [D][nb] scratch, s: [nb] (nb = keys / 16). */
+static void one_head(const void *q, const void *k, const void *v, void *o, int64_t b, int64_t h, int64_t nq,
+                     int64_t nk, int64_t d, const int64_t *qs, const int64_t *ks, const int64_t *vs,
+                     const int64_t *os, float scale, int dtype, vf *kt, vf *vt, vf *s) {
+  const int64_t nb = (nk + LANES - 1) / LANES;
+  float *ktf = (float *)kt, *vtf = (float *)vt;
+  for (int64_t c = 0; c < d; c++) /* padding keys: zero, so they add nothing to scores or values */
+    for (int64_t j = nk; j < nb * LANES; j++) ktf[c * nb * LANES + j] = vtf[c * nb * LANES + j] = 0.0f;
+  for (int64_t j = 0; j < nk; j++) {
+    for (int64_t c = 0; c < d; c++) {
+      ktf[c * nb * LANES + j] = load(k, b * ks[0] + h * ks[1] + j * ks[2] + c, dtype);
+      vtf[c * nb * LANES + j] = load(v, b * vs[0] + h * vs[1] + j * vs[2] + c, dtype);
+    }
+  }
+  vf pad = (vf){0}; /* -inf on the padding keys of the last block: weight 0 after the exp */
+  for (int64_t j = nk; j < nb * LANES; j++) pad[j % LANES] = -INFINITY;
+  for (int64_t i = 0; i < nq; i++) {
+    float qi[MAX_HEAD_DIM];
+    for (int64_t c = 0; c < d; c++) qi[c] = load(q, b * qs[0] + h * qs[1] + i * qs[2] + c, dtype);
+    /* 1. unscaled scores and their max (the scale is applied once, to s - max: scaling the keys first
+     *    would round every product and cost an order of magnitude of accuracy on large scores) */
+    for (int64_t j = 0; j < nb; j++) s[j] = (vf){0};
+    for (int64_t c = 0; c < d; c++)
+      for (int64_t j = 0; j < nb; j++) s[j] += qi[c] * kt[c * nb + j];
+    vi below_inf = (vi){0} - 1; /* false for NaN and +inf; -inf is a key with weight 0 */
+    vf m = (vf){0} - INFINITY;
+    for (int64_t j = 0; j < nb; j++) {
+      below_inf &= s[j] <= 3.4028235e38f;
+      m = vmax(m, s[j]);
+    }
+    s[nb - 1] += pad;
+    const float row_max = vmaxall(m);
+    int defined = row_max > -INFINITY; /* all keys -inf: 0/0 */
+    for (int l = 0; l < LANES; l++) defined &= below_inf[l] != 0;
+    /* 2. exp and sum */
+    const float to_exp2 = scale * 1.44269504088896341f;
+    vf sum = (vf){0};
+    for (int64_t j = 0; j < nb; j++) {
+      s[j] = vexp2_nonpositive((s[j] - row_max) * to_exp2);
+      sum += s[j];
+    }
+    /* 3. the weighted sum of values; a NaN or +inf score makes the row NaN, as the math does */
+    const float inv = defined ? 1.0f / vsum(sum) : NAN;
+    for (int64_t c = 0; c < d; c++) {
+      vf acc = (vf){0};
+      for (int64_t j = 0; j < nb; j++) acc += s[j] * vt[c * nb + j];
+      store(o, b * os[0] + h * os[1] + i * os[2] + c, vsum(acc) * inv, dtype);
+    }
+  }
+}
+
+int lcm_small_head_attention_max_head_dim(void) { return MAX_HEAD_DIM; }
+
+/* Returns 0 on success, 1 for a head dimension above MAX_HEAD_DIM, 2 when scratch memory ran out. */
+int lcm_small_head_attention(const void *q, const void *k, const void *v, void *o, int64_t batch, int64_t heads,
+                             int64_t nq, int64_t nk, int64_t d, const int64_t *qs, const int64_t *ks,
+                             const int64_t *vs, const int64_t *os, float scale, int dtype) {
+  if (d < 1 || d > MAX_HEAD_DIM) return 1;
+  const int64_t nb = (nk + LANES - 1) / LANES;
+  int failed = 0;
+#pragma omp parallel
+  {
+    vf *scratch = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)((2 * d + 1) * nb));
+    if (scratch == NULL) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp barrier
+    if (!failed) {
+#pragma omp for schedule(static)
+      for (int64_t bh = 0; bh < batch * heads; bh++)
+        one_head(q, k, v, o, bh / heads, bh % heads, nq, nk, d, qs, ks, vs, os, scale, dtype, scratch,
+                 scratch + d * nb, scratch + 2 * d * nb);
+    }
+    free(scratch);
+  }
+  return failed ? 2 : 0;
+}

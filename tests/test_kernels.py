@@ -1,0 +1,202 @@
+"""The small-head attention kernel: parity with SDPA (float64 reference), its processor and backends, its cache."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from lcmserve.engine import LCMSampler, Row
+from lcmserve.engine.backends import BucketSet, create_backend
+from lcmserve.engine.kernels import attention as kernel
+from lcmserve.errors import InvalidInputError
+from lcmserve.models import load_model
+
+if shutil.which("cc") is None and shutil.which("gcc") is None:
+    pytest.skip("no C compiler to build the kernel with", allow_module_level=True)
+
+ROWS = [Row("a red circle", 1, 8.0), Row("a cat", 2, 1.0), Row("blue square", 3, 3.5)]
+TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded(tmp_path_factory):
+    return kernel.load_kernel(tmp_path_factory.mktemp("kernel-cache"))
+
+
+def heads_view(batch, tokens, heads, head_dim, dtype, gen, scale=1.0):
+    """[B, H, N, D] as diffusers hands it over: a transposed view of a [B, N, H*D] projection."""
+    x = torch.randn(batch, tokens, heads * head_dim, generator=gen) * scale
+    return x.to(dtype).view(batch, tokens, heads, head_dim).transpose(1, 2)
+
+
+def reference(q, k, v):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 21, 5), (1, 8, 256, 256, 4), (3, 2, 16, 1, 16), (2, 4, 64, 33, 8),
+                                   (1, 1, 1, 17, 1)])
+def test_kernel_matches_float64_attention(shape, dtype):
+    batch, heads, n_query, n_key, head_dim = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    q = heads_view(batch, n_query, heads, head_dim, dtype, gen)
+    k, v = (heads_view(batch, n_key, heads, head_dim, dtype, gen) for _ in range(2))
+    out = kernel.small_head_attention(q, k, v)
+    assert out.shape == (batch, n_query, heads, head_dim) and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.double(), reference(q, k, v), **TOL[dtype])
+
+
+def test_kernel_is_stable_for_large_scores_and_takes_contiguous_inputs():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 8, generator=gen) * s for s in (30.0, 30.0, 1.0))  # scores in the thousands
+    expected = reference(q, k, v)
+    error = (kernel.small_head_attention(q, k, v).double() - expected).abs().max().item()
+    # Scores this large carry float32 rounding of ~1e-4 into the exp, in torch's own float32 attention too.
+    sdpa_error = (F.scaled_dot_product_attention(q, k, v).transpose(1, 2).double() - expected).abs().max().item()
+    assert error <= max(2 * sdpa_error, 1e-5), (error, sdpa_error)
+
+
+def test_non_finite_scores_follow_the_math():
+    """A -inf score is a key of weight 0; a NaN or +inf score (or all keys at -inf) makes the row NaN."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 3, 5, 4, generator=gen).abs() + 0.1  # positive, so an infinite key gives a known sign
+    k, v = (torch.randn(1, 3, 9, 4, generator=gen) for _ in range(2))
+    k[0, 0, 2] = -float("inf")  # head 0: key 2 drops out
+    k[0, 1, 4] = float("inf")  # head 1: every row NaN
+    q[0, 2, 3, 0] = float("nan")  # head 2: row 3 NaN
+    out = kernel.small_head_attention(q, k, v).transpose(1, 2).double()
+    scores = q.double() @ k.double().transpose(-1, -2) * 0.5
+    expected = torch.softmax(scores, dim=-1) @ v.double()
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert out[0, 0].isfinite().all() and out[0, 1].isnan().all() and out[0, 2, 3].isnan().all()
+    torch.testing.assert_close(out[~out.isnan()], expected[~expected.isnan()], rtol=1e-5, atol=2e-6)
+
+
+def test_op_compiles_without_a_graph_break():
+    from torch._dynamo.utils import counters
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 20, 4, generator=gen) for _ in range(3))
+    counters.clear()
+    compiled = torch.compile(lambda a, b, c: kernel.small_head_attention(a, b, c) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), kernel.small_head_attention(q, k, v) * 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("preset:tiny-sd", device="cpu", dtype="float32")
+
+
+def test_processor_matches_diffusers_unet_and_leaves_the_rest_alone(tiny):
+    unet = tiny.unet
+    gen = torch.Generator().manual_seed(3)
+    sample = torch.randn(2, 4, 16, 16, generator=gen)
+    text = torch.randn(2, 7, unet.config.cross_attention_dim, generator=gen)
+    cond = torch.randn(2, unet.config.time_cond_proj_dim, generator=gen)
+    with torch.inference_mode():
+        expected = unet(sample, 500, encoder_hidden_states=text, timestep_cond=cond).sample
+    try:
+        taking = kernel.use_small_head_attention(tiny)
+        assert taking > 0  # the tiny UNet's 8-channel heads take the kernel, so the comparison means something
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            got = unet(sample, 500, encoder_hidden_states=text, timestep_cond=cond).sample
+        calls = {e.key: e.count for e in prof.key_averages()}
+        assert calls.get("lcmserve::small_head_attention", 0) == taking
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        twin = kernel.with_standard_attention(unet)  # what diffusers' pipeline and the ONNX exporter get
+        assert twin is not unet and all(type(p) is AttnProcessor2_0 for p in twin.attn_processors.values())
+        assert twin.conv_in.weight is unet.conv_in.weight  # weights shared, not copied
+        assert all(isinstance(p, kernel.SmallHeadAttnProcessor) for p in unet.attn_processors.values())
+    finally:
+        unet.set_attn_processor(AttnProcessor2_0())
+    assert kernel.with_standard_attention(unet) is unet
+
+
+def test_fallbacks_cover_what_the_kernel_does_not(tiny):
+    attn = next(m for m in tiny.unet.modules() if hasattr(m, "processor"))
+    x = torch.randn(1, 4, attn.query_dim)
+    with torch.no_grad():
+        assert kernel.kernel_takes(attn, x)
+        assert not kernel.kernel_takes(attn, x.half())  # no float16 on a CPU
+        assert not kernel.kernel_takes(attn, x[None])  # 4-D (a VAE's spatial attention)
+    with torch.enable_grad():
+        assert not kernel.kernel_takes(attn, x.clone().requires_grad_())  # autograd needs SDPA
+        assert kernel.kernel_takes(attn, x)  # frozen weights and an input without grad: nothing to record
+    big = torch.nn.Module()
+    big.__dict__.update(attn.__dict__)
+    big.heads = 1  # one head of all the channels
+    with torch.no_grad():
+        assert not kernel.kernel_takes(big, x)
+
+
+def test_torch_backend_with_the_kernel_matches_sdpa_and_onnx_export_still_traces_sdpa(tiny):
+    from lcmserve.engine.bench import diffusers_pipeline
+    from lcmserve.engine.export import _graph_module
+
+    expected = LCMSampler(tiny).run_rows(ROWS, 2, 32, 32).images
+    try:
+        backend = create_backend("torch", tiny, attention="small-head")
+        got = LCMSampler(tiny, backend=backend).run_rows(ROWS, 2, 32, 32).images
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        for unet in (_graph_module(tiny, "unet").unet, diffusers_pipeline(tiny).unet):  # the exporter, the baseline
+            assert unet is not tiny.unet and all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    finally:
+        tiny.unet.set_attn_processor(AttnProcessor2_0())
+
+
+def test_compiled_backend_with_the_kernel_matches_eager(tiny):
+    """torch.compile keeps the op opaque: compiled once at warm-up, equal to eager, no retrace."""
+    from torch._dynamo.utils import counters
+
+    expected = LCMSampler(tiny).run_rows(ROWS, 2, 32, 32).images
+    try:
+        backend = create_backend("compiled", tiny, buckets=BucketSet((4,), (2,), ((32, 32),)), attention="small-head")
+        frames = counters["frames"]["ok"]
+        sampler = LCMSampler(tiny, backend=backend)
+        with torch.profiler.profile() as prof:
+            got = sampler.run_rows(ROWS, 2, 32, 32).images
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        assert counters["frames"]["ok"] == frames
+        assert any(e.key == "lcmserve::small_head_attention" for e in prof.key_averages())
+    finally:
+        tiny.unet.set_attn_processor(AttnProcessor2_0())
+        torch._dynamo.reset()
+
+
+def test_bad_attention_settings_are_clear_errors(tiny, monkeypatch):
+    from lcmserve.engine.bench import BenchConfig
+    from lcmserve.server.config import ServerConfig
+
+    with pytest.raises(InvalidInputError, match="attention must be one of sdpa, small-head; got 'flash'"):
+        create_backend("torch", tiny, attention="flash")
+    with pytest.raises(InvalidInputError, match="attention: small-head .* onnx runs its own graph"):
+        create_backend("onnx", tiny, attention="small-head")
+    with pytest.raises(InvalidInputError, match="attention: small-head needs backend"):
+        ServerConfig(backend="tensorrt", attention="small-head")
+    with pytest.raises(InvalidInputError, match="attention must be one of"):
+        BenchConfig(attention="fast")
+    monkeypatch.setattr(kernel, "_lib", None)  # as in a fresh process
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
+    with pytest.raises(InvalidInputError, match="C compiler and none was found.*--attention sdpa") as err:
+        kernel.load_kernel()
+    assert err.value.param == "attention"
+
+
+def test_kernel_cache_rebuilds_on_damage_and_on_a_new_source(tmp_path, monkeypatch, caplog):
+    path = kernel.build_kernel(tmp_path)
+    assert path.is_file() and kernel.build_kernel(tmp_path) == path  # a hit: same entry
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with caplog.at_level(logging.WARNING):
+        rebuilt = kernel.build_kernel(tmp_path)
+    assert "damaged" in caplog.text and rebuilt == path and path.stat().st_size > 100
+    source = tmp_path / "edited.c"
+    source.write_text(kernel.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(kernel, "SOURCE", source)
+    assert kernel.build_kernel(tmp_path).parent != path.parent  # another source, another entry
+    source.write_text("this is not C")
+    with pytest.raises(InvalidInputError, match="compiling the small-head kernel .* failed"):
+        kernel.build_kernel(tmp_path)
