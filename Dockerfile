@@ -56,15 +56,17 @@ RUN pip install ".[${EXTRAS}]" \
 # 2. runtime: the base, python3, the venv, a non-root user ---------------------------------------
 FROM ${BASE_IMAGE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive
+# g++ and python3-dev: what compiles at run time needs them (torch.compile's C++ and Triton
+# kernels for --backend compiled and cuda-graph --compile, the --attention small-head kernel).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
+    && apt-get install -y --no-install-recommends python3 g++ python3-dev \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/lcmserve lcmserve
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/lcmserve /opt/lcmserve
-# The runtime user writes exported ONNX graphs, TensorRT engines and torch.compile's kernels
-# (TORCHINDUCTOR_CACHE_DIR, the compiled backend) here; mount a volume on it to keep them.
+# The runtime user writes exported ONNX graphs, TensorRT engines, built kernels and torch.compile's
+# code (TORCHINDUCTOR_CACHE_DIR, the compiled backend) here; mount a volume on it to keep them.
 RUN mkdir -p /opt/lcmserve/cache/inductor && chown -R 10001:10001 /opt/lcmserve/cache
 # LCMSERVE_HOST: inside a container the server must listen on every interface to be reachable
 # through the published ports; the code's own default stays loopback.

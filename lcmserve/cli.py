@@ -153,6 +153,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compare(args.files, args.out, args.name)
         print((Path(args.out) / f"{args.name}.md").read_text())
         return 0
+    if args.bench_command == "attention":
+        from lcmserve.engine.bench_attention import AttentionBenchConfig, run_attention_bench
+
+        run_attention_bench(AttentionBenchConfig(
+            model=args.model, batch_sizes=tuple(args.batch_sizes), dtypes=tuple(args.dtypes.split(",")),
+            iters=args.iters, threads=args.threads, cache_dir=args.cache_dir, out=args.out, name=args.name))
+        print((Path(args.out) / f"{args.name}.md").read_text())
+        return 0
     cfg = BenchConfig(
         model=args.model, backends=tuple(b for b in args.backends.split(",") if b), batch_sizes=tuple(args.batch_sizes),
         steps=tuple(args.steps), resolutions=parse_resolutions(args.resolutions), warmup=args.warmup, iters=args.iters,
@@ -205,6 +213,16 @@ def _add_bench(sub) -> None:
     cp.add_argument("files", nargs="+", help="bench result JSON files")
     cp.add_argument("--out", default="docs/results")
     cp.add_argument("--name", default="bench-compare")
+    at = bsub.add_parser("attention", help="the small-head CPU attention kernel vs torch SDPA, per attention shape "
+                         "of a model's UNet and over head dims (JSON, markdown, plot)")
+    at.add_argument("--model", default="shapes-lcm", help="model whose UNet's attention shapes are benched")
+    at.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32], help="comma list (default 1,8,32)")
+    at.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
+    at.add_argument("--iters", type=int, default=20, help="timed calls per shape (default 20)")
+    at.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    at.add_argument("--cache-dir", default=None, help="where the kernel is built (default $LCMSERVE_CACHE_DIR)")
+    at.add_argument("--out", default="docs/results")
+    at.add_argument("--name", default="attention-cpu")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ def reference(q, k, v):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 3, 37, 21, 5), (1, 8, 256, 256, 4), (3, 2, 16, 1, 16), (2, 4, 64, 33, 8),
-                                   (1, 1, 1, 17, 1)])
+                                   (1, 1, 1, 17, 1), (1, 2, 20, 19, 32)])
 def test_kernel_matches_float64_attention(shape, dtype):
     batch, heads, n_query, n_key, head_dim = shape
     gen = torch.Generator().manual_seed(sum(shape))
@@ -200,3 +200,23 @@ def test_kernel_cache_rebuilds_on_damage_and_on_a_new_source(tmp_path, monkeypat
     source.write_text("this is not C")
     with pytest.raises(InvalidInputError, match="compiling the small-head kernel .* failed"):
         kernel.build_kernel(tmp_path)
+
+
+def test_bench_attention_records_the_unets_shapes_and_the_sweep(tmp_path):
+    import json
+
+    from lcmserve.cli import main
+
+    code = main(["bench", "attention", "--model", "preset:tiny-sd", "--batch-sizes", "1", "--dtypes", "float32,bfloat16",
+                 "--iters", "2", "--out", str(tmp_path), "--name", "att"])
+    assert code == 0
+    result = json.loads((tmp_path / "att.json").read_text())
+    model_rows = [r for r in result["rows"] if r["set"] == "model"]
+    # the tiny UNet: 8 heads of 8 channels over 16x16 latents' 256 tokens, self- and cross-attention
+    assert {(r["query_tokens"], r["heads"], r["head_dim"]) for r in model_rows} >= {(256, 8, 8)}
+    assert all(r["calls_per_unet"] > 0 and r["sdpa_ms"] > 0 and r["kernel_ms"] > 0 for r in model_rows)
+    assert {r["head_dim"] for r in result["rows"] if r["set"] == "sweep"} == {4, 8, 12, 16, 24, 32}
+    for r in result["rows"]:
+        assert r["kernel_max_error"] <= 2 * r["sdpa_max_error"] + (1e-5 if r["dtype"] == "float32" else 1e-2)
+    assert "| 256 x 256 | 8 x 8 |" in (tmp_path / "att.md").read_text()
+    assert (tmp_path / "att.png").read_bytes()[:4] == b"\x89PNG"

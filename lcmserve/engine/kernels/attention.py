@@ -133,7 +133,7 @@ def small_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(out, (0, 2, 1)),
         head_dim ** -0.5, _DTYPE_CODES[q.dtype])
     if status != 0:
-        raise RuntimeError(f"small_head_attention failed (status {status}: 1 head dim > 16, 2 out of memory)")
+        raise RuntimeError(f"small_head_attention failed (status {status}: 1 head dim > 64, 2 out of memory)")
     return out
 
 
@@ -188,14 +188,17 @@ def use_small_head_attention(model, cache_dir: str | os.PathLike | None = None) 
     head dim the kernel takes in the model's dtype (the others still fall back per call)."""
     load_kernel(cache_dir)
     unet = model.unet
-    processors = {name: SmallHeadAttnProcessor() if type(p) is AttnProcessor2_0 else p
-                  for name, p in unet.attn_processors.items()}
-    unet.set_attn_processor(processors)
+    current = unet.attn_processors
+    fresh = any(type(p) is AttnProcessor2_0 for p in current.values())
+    if fresh:
+        unet.set_attn_processor({name: SmallHeadAttnProcessor() if type(p) is AttnProcessor2_0 else p
+                                 for name, p in current.items()})
     limit = MAX_HEAD_DIM.get(model.dtype, 0)
     layers = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), SmallHeadAttnProcessor)]
     taking = sum(m.inner_dim // m.heads <= limit for m in layers)
-    logger.info("small-head attention: %d of %d attention layers take the kernel (head dim <= %d in %s)",
-                taking, len(unet.attn_processors), limit, model.dtype_name)
+    logger.log(logging.INFO if fresh else logging.DEBUG,
+               "small-head attention: %d of %d attention layers take the kernel (head dim <= %d in %s)",
+               taking, len(current), limit, model.dtype_name)
     return taking
 
 
