@@ -59,6 +59,15 @@ def test_kernel_is_stable_for_large_scores_and_takes_contiguous_inputs():
     assert error <= max(2 * sdpa_error, 1e-5), (error, sdpa_error)
 
 
+def test_all_negative_scores_are_not_swamped_by_the_padding_keys():
+    """Key counts that are not a multiple of 16 are padded; the padding must not set the row's max."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.full((1, 2, 3, 4), 10.0)
+    k = -10.0 + torch.randn(1, 2, 5, 4, generator=gen)  # every score about -400
+    v = torch.randn(1, 2, 5, 4, generator=gen)
+    torch.testing.assert_close(kernel.small_head_attention(q, k, v).double(), reference(q, k, v), **TOL[torch.float32])
+
+
 def test_non_finite_scores_follow_the_math():
     """A -inf score is a key of weight 0; a NaN or +inf score (or all keys at -inf) makes the row NaN."""
     gen = torch.Generator().manual_seed(1)

@@ -114,7 +114,7 @@ def bench_shape(shape: tuple[int, int, int, int], batch: int, dtype: torch.dtype
     return {"query_tokens": n_query, "key_tokens": n_key, "heads": heads, "head_dim": head_dim, "batch_size": batch,
             "dtype": str(dtype).removeprefix("torch."), "sdpa_ms": round(sdpa_ms, 4), "kernel_ms": round(ours_ms, 4),
             "speedup": round(sdpa_ms / ours_ms, 3), "sdpa_max_error": sdpa_err, "kernel_max_error": ours_err,
-            "takes_kernel": head_dim <= kernel.MAX_HEAD_DIM[dtype]}
+            "takes_kernel": head_dim <= kernel.MAX_HEAD_DIM}
 
 
 def run_attention_bench(cfg: AttentionBenchConfig) -> dict[str, Any]:

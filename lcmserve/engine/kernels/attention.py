@@ -43,9 +43,9 @@ LIBRARY = "small_head_attention.so"
 # -march=native: the kernel's 16-float vectors become AVX-512, AVX2 or NEON as this CPU allows (the
 # cache key carries the CPU's flags). No -ffast-math: NaN and infinity keep their meaning.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
-# Head dims that take the kernel, from the kernel-vs-SDPA table in docs/engine.md: it wins for
-# 4-8 channels in both dtypes; at 12-16 it ties SDPA in float32 and edges it in bfloat16.
-MAX_HEAD_DIM = {torch.float32: 8, torch.bfloat16: 16}
+# Head dims that take the kernel, from `lcmserve bench attention` (docs/results/attention-cpu-zen4.md):
+# 3.2-3.9x SDPA at 4 channels, 2.2-2.7x at 8, 1.1-1.7x at 12-16, and 0.5-0.7x from 24 on.
+MAX_HEAD_DIM = 16
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lib: ctypes.CDLL | None = None
@@ -149,7 +149,7 @@ def kernel_takes(attn, hidden_states: torch.Tensor) -> bool:
     head_dim = attn.inner_dim // attn.heads
     return (
         hidden_states.ndim == 3 and hidden_states.device.type == "cpu"
-        and head_dim <= MAX_HEAD_DIM.get(hidden_states.dtype, 0)
+        and head_dim <= MAX_HEAD_DIM and hidden_states.dtype in _DTYPE_CODES
         and getattr(attn, "inner_kv_dim", attn.inner_dim) == attn.inner_dim
         and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
         and not attn.residual_connection
@@ -185,7 +185,7 @@ def use_small_head_attention(model, cache_dir: str | os.PathLike | None = None) 
     """Load the kernel and give the UNet's default (SDPA) attention layers the small-head processor.
 
     Layers with another processor (IP-Adapter, a custom one) keep it. Returns how many layers have a
-    head dim the kernel takes in the model's dtype (the others still fall back per call)."""
+    head dim the kernel takes (at most MAX_HEAD_DIM, float32 or bfloat16; the others fall back per call)."""
     load_kernel(cache_dir)
     unet = model.unet
     current = unet.attn_processors
@@ -193,7 +193,7 @@ def use_small_head_attention(model, cache_dir: str | os.PathLike | None = None) 
     if fresh:
         unet.set_attn_processor({name: SmallHeadAttnProcessor() if type(p) is AttnProcessor2_0 else p
                                  for name, p in current.items()})
-    limit = MAX_HEAD_DIM.get(model.dtype, 0)
+    limit = MAX_HEAD_DIM if model.dtype in _DTYPE_CODES else 0
     layers = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), SmallHeadAttnProcessor)]
     taking = sum(m.inner_dim // m.heads <= limit for m in layers)
     logger.log(logging.INFO if fresh else logging.DEBUG,

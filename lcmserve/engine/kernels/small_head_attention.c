@@ -95,10 +95,13 @@ static inline float vmaxall(vf a) {
   return x > y ? x : y;
 }
 
-/* One (batch, head): every query row against all keys. kt/vt: [D][nb] scratch, s: [nb] (nb = keys / 16). */
-static void one_head(const void *q, const void *k, const void *v, void *o, int64_t b, int64_t h, int64_t nq,
-                     int64_t nk, int64_t d, const int64_t *qs, const int64_t *ks, const int64_t *vs,
-                     const int64_t *os, float scale, int dtype, vf *kt, vf *vt, vf *s) {
+/* One (batch, head): every query row against all keys. kt/vt: [D][nb] scratch, s: [nb] (nb = keys / 16).
+ * Always inlined into a switch over small head dims, so the loops over channels unroll and the
+ * per-channel accumulators live in registers. */
+static inline __attribute__((always_inline)) void one_head(
+    const void *q, const void *k, const void *v, void *o, int64_t b, int64_t h, int64_t nq, int64_t nk,
+    const int64_t d, const int64_t *qs, const int64_t *ks, const int64_t *vs, const int64_t *os, float scale,
+    int dtype, vf *kt, vf *vt, vf *s) {
   const int64_t nb = (nk + LANES - 1) / LANES;
   float *ktf = (float *)kt, *vtf = (float *)vt;
   for (int64_t c = 0; c < d; c++) /* padding keys: zero, so they add nothing to scores or values */
@@ -109,40 +112,53 @@ static void one_head(const void *q, const void *k, const void *v, void *o, int64
       vtf[c * nb * LANES + j] = load(v, b * vs[0] + h * vs[1] + j * vs[2] + c, dtype);
     }
   }
-  vf pad = (vf){0}; /* -inf on the padding keys of the last block: weight 0 after the exp */
+  vf pad = (vf){0}; /* -inf on the padding keys of the last block: weight 0, and never the row's max */
   for (int64_t j = nk; j < nb * LANES; j++) pad[j % LANES] = -INFINITY;
+  const float to_exp2 = scale * 1.44269504088896341f;
   for (int64_t i = 0; i < nq; i++) {
     float qi[MAX_HEAD_DIM];
     for (int64_t c = 0; c < d; c++) qi[c] = load(q, b * qs[0] + h * qs[1] + i * qs[2] + c, dtype);
     /* 1. unscaled scores and their max (the scale is applied once, to s - max: scaling the keys first
      *    would round every product and cost an order of magnitude of accuracy on large scores) */
-    for (int64_t j = 0; j < nb; j++) s[j] = (vf){0};
-    for (int64_t c = 0; c < d; c++)
-      for (int64_t j = 0; j < nb; j++) s[j] += qi[c] * kt[c * nb + j];
     vi below_inf = (vi){0} - 1; /* false for NaN and +inf; -inf is a key with weight 0 */
     vf m = (vf){0} - INFINITY;
     for (int64_t j = 0; j < nb; j++) {
-      below_inf &= s[j] <= 3.4028235e38f;
-      m = vmax(m, s[j]);
+      vf sj = (vf){0};
+      for (int64_t c = 0; c < d; c++) sj += qi[c] * kt[c * nb + j];
+      below_inf &= sj <= 3.4028235e38f;
+      if (j == nb - 1) sj += pad;
+      s[j] = sj;
+      m = vmax(m, sj);
     }
-    s[nb - 1] += pad;
     const float row_max = vmaxall(m);
     int defined = row_max > -INFINITY; /* all keys -inf: 0/0 */
     for (int l = 0; l < LANES; l++) defined &= below_inf[l] != 0;
-    /* 2. exp and sum */
-    const float to_exp2 = scale * 1.44269504088896341f;
-    vf sum = (vf){0};
+    /* 2. exp, their sum and the weighted sum of values in one pass */
+    vf sum = (vf){0}, acc[MAX_HEAD_DIM];
+    for (int64_t c = 0; c < d; c++) acc[c] = (vf){0};
     for (int64_t j = 0; j < nb; j++) {
-      s[j] = vexp2_nonpositive((s[j] - row_max) * to_exp2);
-      sum += s[j];
+      const vf e = vexp2_nonpositive((s[j] - row_max) * to_exp2);
+      sum += e;
+      for (int64_t c = 0; c < d; c++) acc[c] += e * vt[c * nb + j];
     }
-    /* 3. the weighted sum of values; a NaN or +inf score makes the row NaN, as the math does */
+    /* 3. normalise; a NaN or +inf score makes the row NaN, as the math does */
     const float inv = defined ? 1.0f / vsum(sum) : NAN;
-    for (int64_t c = 0; c < d; c++) {
-      vf acc = (vf){0};
-      for (int64_t j = 0; j < nb; j++) acc += s[j] * vt[c * nb + j];
-      store(o, b * os[0] + h * os[1] + i * os[2] + c, vsum(acc) * inv, dtype);
-    }
+    for (int64_t c = 0; c < d; c++) store(o, b * os[0] + h * os[1] + i * os[2] + c, vsum(acc[c]) * inv, dtype);
+  }
+}
+
+#define HEAD_CASE(D)                                                                                      \
+  case D:                                                                                                 \
+    one_head(q, k, v, o, b, h, nq, nk, D, qs, ks, vs, os, scale, dtype, kt, vt, s);                       \
+    break;
+
+static void one_head_any(const void *q, const void *k, const void *v, void *o, int64_t b, int64_t h, int64_t nq,
+                         int64_t nk, int64_t d, const int64_t *qs, const int64_t *ks, const int64_t *vs,
+                         const int64_t *os, float scale, int dtype, vf *kt, vf *vt, vf *s) {
+  switch (d) {
+    HEAD_CASE(1) HEAD_CASE(2) HEAD_CASE(4) HEAD_CASE(8) HEAD_CASE(12) HEAD_CASE(16)
+    default:
+      one_head(q, k, v, o, b, h, nq, nk, d, qs, ks, vs, os, scale, dtype, kt, vt, s);
   }
 }
 
@@ -166,7 +182,7 @@ int lcm_small_head_attention(const void *q, const void *k, const void *v, void *
     if (!failed) {
 #pragma omp for schedule(static)
       for (int64_t bh = 0; bh < batch * heads; bh++)
-        one_head(q, k, v, o, bh / heads, bh % heads, nq, nk, d, qs, ks, vs, os, scale, dtype, scratch,
+        one_head_any(q, k, v, o, bh / heads, bh % heads, nq, nk, d, qs, ks, vs, os, scale, dtype, scratch,
                  scratch + d * nb, scratch + 2 * d * nb);
     }
     free(scratch);
