@@ -229,3 +229,15 @@ def test_bench_attention_records_the_unets_shapes_and_the_sweep(tmp_path):
         assert r["kernel_max_error"] <= 2 * r["sdpa_max_error"] + (1e-5 if r["dtype"] == "float32" else 1e-2)
     assert "| 256 x 256 | 8 x 8 |" in (tmp_path / "att.md").read_text()
     assert (tmp_path / "att.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_server_setting_reaches_the_engine():
+    from lcmserve.engine.backends import TorchBackend
+    from lcmserve.server.app import build_client
+    from lcmserve.server.config import ServerConfig
+    from lcmserve.server.metrics import ServerMetrics
+
+    config = ServerConfig(model="preset:tiny-sd", device="cpu", attention="small-head", warmup_steps=())
+    sampler = build_client(config, ServerMetrics()).sampler
+    assert isinstance(sampler.backend, TorchBackend)
+    assert all(isinstance(p, kernel.SmallHeadAttnProcessor) for p in sampler.model.unet.attn_processors.values())
