@@ -119,12 +119,17 @@ for var in ('LCMSERVE_CACHE_DIR', 'TORCHINDUCTOR_CACHE_DIR'):
     probe = pathlib.Path(os.environ[var]) / '.probe'
     probe.write_text('ok'); probe.unlink()" && log "   LCMSERVE_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR: writable" \
   || die "the runtime user cannot write its cache folders"
-# What compiles at run time compiles here: the small-head attention kernel, built and run by the runtime user.
+# What compiles at run time compiles here, as the runtime user: the small-head attention kernel and
+# torch.compile's C++ (inductor, the compiled backend).
 buildah run --isolation=chroot "$CONTAINER" -- python -c "import torch
 from lcmserve.engine.kernels import attention as k
 print(k.build_kernel()); k.load_kernel(); q = torch.randn(1, 2, 5, 4)
 torch.testing.assert_close(k.small_head_attention(q, q, q).transpose(1, 2), torch.nn.functional.scaled_dot_product_attention(q, q, q))" \
   && log "   --attention small-head: kernel built and run in the image" || die "the small-head kernel does not build in the image"
+buildah run --isolation=chroot "$CONTAINER" -- python -c "import torch
+f = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1); x = torch.randn(64, 64)
+torch.testing.assert_close(f(x), torch.nn.functional.silu(x) * 2 + 1)" \
+  && log "   torch.compile (inductor C++): compiled and run in the image" || die "torch.compile does not work in the image"
 curl -sf -X POST "http://127.0.0.1:$PORT/generate" -H 'content-type: application/json' \
   -d '{"prompt": "a red circle at the top left", "steps": 4, "seed": 7}' -o "$WORK/generate.json" \
   || { cat "$WORK/server.log"; die "POST /generate"; }
