@@ -95,9 +95,70 @@ static inline float vmaxall(vf a) {
   return x > y ? x : y;
 }
 
-/* One (batch, head): every query row against all keys. kt/vt: [D][nb] scratch, s: [nb] (nb = keys / 16).
- * Always inlined into a switch over small head dims, so the loops over channels unroll and the
- * per-channel accumulators live in registers. */
+/* Query rows i .. i+R-1 of one (batch, head) against all keys. R rows at once share every load of K
+ * and V and give the core R independent chains; R and d are constants after inlining, so the loops
+ * over rows and channels unroll and the accumulators live in registers. s: [R][nb] scratch. */
+static inline __attribute__((always_inline)) void query_rows(
+    const void *q, void *o, int64_t b, int64_t h, int64_t i, const int R, int64_t nb, const int64_t d,
+    const int64_t *qs, const int64_t *os, float to_exp2, int dtype, const vf *kt, const vf *vt, vf pad, vf *s) {
+  float qr[2][MAX_HEAD_DIM];
+  for (int r = 0; r < R; r++)
+    for (int64_t c = 0; c < d; c++) qr[r][c] = load(q, b * qs[0] + h * qs[1] + (i + r) * qs[2] + c, dtype);
+  /* 1. unscaled scores and their max (the scale is applied once, to s - max: scaling the keys first
+   *    would round every product and cost an order of magnitude of accuracy on large scores) */
+  vi below_inf[2]; /* false for NaN and +inf; -inf is a key with weight 0 */
+  vf m[2];
+  for (int r = 0; r < R; r++) {
+    below_inf[r] = (vi){0} - 1;
+    m[r] = (vf){0} - INFINITY;
+  }
+  for (int64_t j = 0; j < nb; j++) {
+    vf sj[2] = {(vf){0}, (vf){0}};
+    for (int64_t c = 0; c < d; c++) {
+      const vf kc = kt[c * nb + j];
+      for (int r = 0; r < R; r++) sj[r] += qr[r][c] * kc;
+    }
+    for (int r = 0; r < R; r++) {
+      below_inf[r] &= sj[r] <= 3.4028235e38f;
+      if (j == nb - 1) sj[r] += pad;
+      s[r * nb + j] = sj[r];
+      m[r] = vmax(m[r], sj[r]);
+    }
+  }
+  float row_max[2];
+  int defined[2];
+  for (int r = 0; r < R; r++) {
+    row_max[r] = vmaxall(m[r]);
+    defined[r] = row_max[r] > -INFINITY; /* all keys -inf: 0/0 */
+    for (int l = 0; l < LANES; l++) defined[r] &= below_inf[r][l] != 0;
+  }
+  /* 2. exp, their sum and the weighted sum of values in one pass */
+  vf sum[2], acc[2][MAX_HEAD_DIM];
+  for (int r = 0; r < R; r++) {
+    sum[r] = (vf){0};
+    for (int64_t c = 0; c < d; c++) acc[r][c] = (vf){0};
+  }
+  for (int64_t j = 0; j < nb; j++) {
+    vf e[2];
+    for (int r = 0; r < R; r++) {
+      e[r] = vexp2_nonpositive((s[r * nb + j] - row_max[r]) * to_exp2);
+      sum[r] += e[r];
+    }
+    for (int64_t c = 0; c < d; c++) {
+      const vf vc = vt[c * nb + j];
+      for (int r = 0; r < R; r++) acc[r][c] += e[r] * vc;
+    }
+  }
+  /* 3. normalise; a NaN or +inf score makes the row NaN, as the math does */
+  for (int r = 0; r < R; r++) {
+    const float inv = defined[r] ? 1.0f / vsum(sum[r]) : NAN;
+    for (int64_t c = 0; c < d; c++)
+      store(o, b * os[0] + h * os[1] + (i + r) * os[2] + c, vsum(acc[r][c]) * inv, dtype);
+  }
+}
+
+/* One (batch, head): K and V transposed into kt/vt ([D][nb], nb = keys / 16), then the query rows,
+ * two at a time for heads of up to 8 channels (beyond, two rows' accumulators outgrow the registers). */
 static inline __attribute__((always_inline)) void one_head(
     const void *q, const void *k, const void *v, void *o, int64_t b, int64_t h, int64_t nq, int64_t nk,
     const int64_t d, const int64_t *qs, const int64_t *ks, const int64_t *vs, const int64_t *os, float scale,
@@ -115,36 +176,10 @@ static inline __attribute__((always_inline)) void one_head(
   vf pad = (vf){0}; /* -inf on the padding keys of the last block: weight 0, and never the row's max */
   for (int64_t j = nk; j < nb * LANES; j++) pad[j % LANES] = -INFINITY;
   const float to_exp2 = scale * 1.44269504088896341f;
-  for (int64_t i = 0; i < nq; i++) {
-    float qi[MAX_HEAD_DIM];
-    for (int64_t c = 0; c < d; c++) qi[c] = load(q, b * qs[0] + h * qs[1] + i * qs[2] + c, dtype);
-    /* 1. unscaled scores and their max (the scale is applied once, to s - max: scaling the keys first
-     *    would round every product and cost an order of magnitude of accuracy on large scores) */
-    vi below_inf = (vi){0} - 1; /* false for NaN and +inf; -inf is a key with weight 0 */
-    vf m = (vf){0} - INFINITY;
-    for (int64_t j = 0; j < nb; j++) {
-      vf sj = (vf){0};
-      for (int64_t c = 0; c < d; c++) sj += qi[c] * kt[c * nb + j];
-      below_inf &= sj <= 3.4028235e38f;
-      if (j == nb - 1) sj += pad;
-      s[j] = sj;
-      m = vmax(m, sj);
-    }
-    const float row_max = vmaxall(m);
-    int defined = row_max > -INFINITY; /* all keys -inf: 0/0 */
-    for (int l = 0; l < LANES; l++) defined &= below_inf[l] != 0;
-    /* 2. exp, their sum and the weighted sum of values in one pass */
-    vf sum = (vf){0}, acc[MAX_HEAD_DIM];
-    for (int64_t c = 0; c < d; c++) acc[c] = (vf){0};
-    for (int64_t j = 0; j < nb; j++) {
-      const vf e = vexp2_nonpositive((s[j] - row_max) * to_exp2);
-      sum += e;
-      for (int64_t c = 0; c < d; c++) acc[c] += e * vt[c * nb + j];
-    }
-    /* 3. normalise; a NaN or +inf score makes the row NaN, as the math does */
-    const float inv = defined ? 1.0f / vsum(sum) : NAN;
-    for (int64_t c = 0; c < d; c++) store(o, b * os[0] + h * os[1] + i * os[2] + c, vsum(acc[c]) * inv, dtype);
-  }
+  int64_t i = 0;
+  if (d <= 8)
+    for (; i + 2 <= nq; i += 2) query_rows(q, o, b, h, i, 2, nb, d, qs, os, to_exp2, dtype, kt, vt, pad, s);
+  for (; i < nq; i++) query_rows(q, o, b, h, i, 1, nb, d, qs, os, to_exp2, dtype, kt, vt, pad, s);
 }
 
 #define HEAD_CASE(D)                                                                                      \
@@ -173,7 +208,7 @@ int lcm_small_head_attention(const void *q, const void *k, const void *v, void *
   int failed = 0;
 #pragma omp parallel
   {
-    vf *scratch = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)((2 * d + 1) * nb));
+    vf *scratch = aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)((2 * d + 2) * nb));
     if (scratch == NULL) {
 #pragma omp atomic write
       failed = 1;
