@@ -4,8 +4,9 @@ Why our own kernel: PyTorch's CPU flash attention tiles the work into GEMMs whos
 the head dimension. With 4 channels per head (the shapes UNet: 8 heads over 32 channels at its 16x16
 level) those GEMMs do almost nothing per call, and at batch 32 that one layer type took half of the
 UNet's time. ``small_head_attention.c`` keeps each head's K and V in L1 and streams the query rows
-through scores, exp and the weighted sum of V on 16-float vectors: 2-2.5x faster than
-``scaled_dot_product_attention`` for head dims 4-8 on a 2-core Zen 4 (docs/engine.md). Neither
+through scores, exp and the weighted sum of V on 16-float vectors: 3.5-4x faster than
+``scaled_dot_product_attention`` at 4 channels and 2.5-3x at 8 on a 2-core Zen 4
+(docs/results/attention-cpu-zen4.md). Neither
 diffusers, xformers (CPU) nor ONNX Runtime has a kernel for this case.
 
 The kernel is compiled with the system C compiler (``$CC`` or ``cc``) for this CPU and cached like
@@ -44,7 +45,7 @@ LIBRARY = "small_head_attention.so"
 # cache key carries the CPU's flags). No -ffast-math: NaN and infinity keep their meaning.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 # Head dims that take the kernel, from `lcmserve bench attention` (docs/results/attention-cpu-zen4.md):
-# 3.2-3.9x SDPA at 4 channels, 2.2-2.7x at 8, 1.1-1.7x at 12-16, and 0.5-0.7x from 24 on.
+# 3.7-4.3x SDPA at 4 channels, 2.5-3.1x at 8, 1.1-1.8x at 12, 1.0-1.2x at 16, 0.5-0.7x from 24 on.
 MAX_HEAD_DIM = 16
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
