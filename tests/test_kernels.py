@@ -18,7 +18,7 @@ if shutil.which("cc") is None and shutil.which("gcc") is None:
     pytest.skip("no C compiler to build the kernel with", allow_module_level=True)
 
 ROWS = [Row("a red circle", 1, 8.0), Row("a cat", 2, 1.0), Row("blue square", 3, 3.5)]
-TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 2e-6}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -150,12 +150,12 @@ def _markdown(result: dict[str, Any]) -> str:
              f"- device: {env['device']}, {env['cpu_count']} CPUs, torch threads {env['torch_threads']}",
              f"- date: {env['date']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-             f"- median of {cfg['iters']} calls per shape, SDPA and the kernel taking turns; inputs are [B, N, H*D] "
-             "projections seen as [B, H, N, D], as diffusers passes them; errors against float64\n"]
+             (f"- median of {cfg['iters']} calls per shape, SDPA and the kernel taking turns; inputs are [B, N, H*D] "
+              "projections seen as [B, H, N, D], as diffusers passes them; errors against float64\n")]
     for set_name, title in (("model", f"The attention calls of {cfg['model']}'s UNet (one forward)"),
                             ("sweep", f"Head dims at {SWEEP_TOKENS} tokens, {SWEEP_CHANNELS} channels")):
-        lines += [f"## {title}\n", "| tokens (q x k) | heads x dim | calls | batch | dtype | SDPA ms | kernel ms | "
-                  "speed-up | SDPA err | kernel err | kernel used |", "|" + "---|" * 11]
+        lines += [f"## {title}\n", ("| tokens (q x k) | heads x dim | calls | batch | dtype | SDPA ms | kernel ms | "
+                                     "speed-up | SDPA err | kernel err | kernel used |"), "|" + "---|" * 11]
         for r in (r for r in result["rows"] if r["set"] == set_name):
             lines.append(f"| {r['query_tokens']} x {r['key_tokens']} | {r['heads']} x {r['head_dim']} | "
                          f"{r['calls_per_unet'] if r['calls_per_unet'] is not None else '-'} | {r['batch_size']} | "
