@@ -187,6 +187,10 @@ def test_bad_attention_settings_are_clear_errors(tiny, monkeypatch):
         ServerConfig(backend="tensorrt", attention="small-head")
     with pytest.raises(InvalidInputError, match="attention must be one of"):
         BenchConfig(attention="fast")
+    from lcmserve.engine.bench_attention import AttentionBenchConfig
+
+    with pytest.raises(InvalidInputError, match="dtypes must be each one of float32, bfloat16; got 'float16'"):
+        AttentionBenchConfig(dtypes=("float16",))
     monkeypatch.setattr(kernel, "_lib", None)  # as in a fresh process
     monkeypatch.setenv("CC", "")
     monkeypatch.setattr(kernel.shutil, "which", lambda name: None)

@@ -359,7 +359,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 for runner, (latencies, stages, profiled) in measured.items():
                     row = {
                         "backend": runner, "batch_size": batch_size, "steps": steps, "height": height,
-                        "width": width, "dtype": dtypes[runner], "attention": attentions[runner], "iters": cfg.iters, "setup_s": round(live[runner][1], 3),
+                        "width": width, "dtype": dtypes[runner], "attention": attentions[runner], "iters": cfg.iters,
+                        "setup_s": round(live[runner][1], 3),
                         **summarize(latencies, batch_size), "peak_memory_mb": round(peak_mb, 1),
                         "peak_memory_kind": memory_kind,
                     }

@@ -10,7 +10,6 @@ reference. JSON + markdown + a PNG of the speed-ups.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -24,8 +23,6 @@ import torch.nn.functional as F
 from lcmserve.engine.bench import environment
 from lcmserve.engine.kernels import attention as kernel
 from lcmserve.errors import InvalidInputError
-
-logger = logging.getLogger(__name__)
 
 SWEEP_HEAD_DIMS = (4, 8, 12, 16, 24, 32)
 SWEEP_TOKENS = 256
@@ -48,9 +45,10 @@ class AttentionBenchConfig:
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(not 1 <= b <= 256 for b in self.batch_sizes):
             raise InvalidInputError.out_of_range("batch_sizes", list(self.batch_sizes), "integers in [1, 256]")
+        names = [str(d).removeprefix("torch.") for d in kernel.DTYPE_CODES]
         for dtype in self.dtypes:
-            if dtype not in ("float32", "bfloat16"):
-                raise InvalidInputError.out_of_range("dtypes", dtype, "each float32 or bfloat16")
+            if dtype not in names:
+                raise InvalidInputError.out_of_range("dtypes", dtype, "each one of " + ", ".join(names))
         if not 1 <= self.iters <= 1000:
             raise InvalidInputError.out_of_range("iters", self.iters, "an integer in [1, 1000]")
 

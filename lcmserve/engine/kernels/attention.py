@@ -47,7 +47,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 # Head dims that take the kernel, from `lcmserve bench attention` (docs/results/attention-cpu-zen4.md):
 # 3.7-4.3x SDPA at 4 channels, 2.5-3.1x at 8, 1.1-1.8x at 12, 1.0-1.2x at 16, 0.5-0.7x from 24 on.
 MAX_HEAD_DIM = 16
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernel takes, as its C enum
 
 _lib: ctypes.CDLL | None = None
 
@@ -133,7 +133,7 @@ def small_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     status = _lib.lcm_small_head_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch, heads, n_query, k.shape[2], head_dim,
         _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(out, (0, 2, 1)),
-        head_dim ** -0.5, _DTYPE_CODES[q.dtype])
+        head_dim ** -0.5, DTYPE_CODES[q.dtype])
     if status != 0:
         raise RuntimeError(f"small_head_attention failed (status {status}: 1 head dim > 64, 2 out of memory)")
     return out
@@ -151,7 +151,7 @@ def kernel_takes(attn, hidden_states: torch.Tensor) -> bool:
     head_dim = attn.inner_dim // attn.heads
     return (
         hidden_states.ndim == 3 and hidden_states.device.type == "cpu"
-        and head_dim <= MAX_HEAD_DIM and hidden_states.dtype in _DTYPE_CODES
+        and head_dim <= MAX_HEAD_DIM and hidden_states.dtype in DTYPE_CODES
         and getattr(attn, "inner_kv_dim", attn.inner_dim) == attn.inner_dim
         and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
         and not attn.residual_connection
@@ -195,7 +195,7 @@ def use_small_head_attention(model, cache_dir: str | os.PathLike | None = None) 
     if fresh:
         unet.set_attn_processor({name: SmallHeadAttnProcessor() if type(p) is AttnProcessor2_0 else p
                                  for name, p in current.items()})
-    limit = MAX_HEAD_DIM if model.dtype in _DTYPE_CODES else 0
+    limit = MAX_HEAD_DIM if model.dtype in DTYPE_CODES else 0
     layers = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), SmallHeadAttnProcessor)]
     taking = sum(m.inner_dim // m.heads <= limit for m in layers)
     logger.log(logging.INFO if fresh else logging.DEBUG,
