@@ -245,3 +245,19 @@ def test_the_server_setting_reaches_the_engine():
     sampler = build_client(config, ServerMetrics()).sampler
     assert isinstance(sampler.backend, TorchBackend)
     assert all(isinstance(p, kernel.SmallHeadAttnProcessor) for p in sampler.model.unet.attn_processors.values())
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86 instruction-set levels")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # 8 lanes (AVX2) and 4 lanes (SSE2)
+def test_narrower_vector_builds_match_too(march, tmp_path, monkeypatch):
+    """-march=native picks the lane count; the AVX2 and SSE builds must compute the same attention."""
+    monkeypatch.setattr(kernel, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in kernel.FLAGS))
+    monkeypatch.setattr(kernel, "_lib", None)
+    kernel.load_kernel(tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(2, 3, 37, 21, 5), (1, 4, 9, 3, 8), (2, 2, 5, 33, 16)]:
+        batch, heads, n_query, n_key, head_dim = shape
+        q = heads_view(batch, n_query, heads, head_dim, torch.float32, gen)
+        k, v = (heads_view(batch, n_key, heads, head_dim, torch.float32, gen) for _ in range(2))
+        torch.testing.assert_close(kernel.small_head_attention(q, k, v).double(), reference(q, k, v),
+                                   **TOL[torch.float32])

@@ -4,7 +4,7 @@ Why our own kernel: PyTorch's CPU flash attention tiles the work into GEMMs whos
 the head dimension. With 4 channels per head (the shapes UNet: 8 heads over 32 channels at its 16x16
 level) those GEMMs do almost nothing per call, and at batch 32 that one layer type took half of the
 UNet's time. ``small_head_attention.c`` keeps each head's K and V in L1 and streams the query rows
-through scores, exp and the weighted sum of V on 16-float vectors: 3.5-4x faster than
+through scores, exp and the weighted sum of V on whole vector registers: 3.5-4x faster than
 ``scaled_dot_product_attention`` at 4 channels and 2.5-3x at 8 on a 2-core Zen 4
 (docs/results/attention-cpu-zen4.md). Neither
 diffusers, xformers (CPU) nor ONNX Runtime has a kernel for this case.
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 ATTENTION_MODES = ("sdpa", "small-head")
 SOURCE = Path(__file__).with_name("small_head_attention.c")
 LIBRARY = "small_head_attention.so"
-# -march=native: the kernel's 16-float vectors become AVX-512, AVX2 or NEON as this CPU allows (the
+# -march=native: the kernel's vectors are AVX-512, AVX2, SSE or NEON registers as this CPU allows (the
 # cache key carries the CPU's flags). No -ffast-math: NaN and infinity keep their meaning.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 # Head dims that take the kernel, from `lcmserve bench attention` (docs/results/attention-cpu-zen4.md):

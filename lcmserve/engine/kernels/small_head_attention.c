@@ -4,10 +4,11 @@
  * PyTorch's CPU flash attention runs blocked GEMMs whose inner dimension is the head dimension; with
  * D = 4 (8 heads over 32 channels, as in the shapes UNet) those GEMMs do almost no work per call and
  * the kernel runs at a fraction of the rate of the exponentials it must compute. Here each (batch,
- * head) keeps K and V transposed in L1 and every query row is three vectorised passes over the keys:
- * scores, max and exp-sum, weighted sum of V. The loops are written 16 lanes wide with no reduction
- * inside a lane, so the compiler vectorises them without -ffast-math (NaN and infinity keep their
- * meaning). Threads come from the process's OpenMP runtime, the one PyTorch already runs.
+ * head) keeps K and V transposed in L1 and every query row is two vectorised passes over the keys:
+ * scores and their max, then the exponentials, their sum and the weighted sum of V. The loops are
+ * written on whole vector registers (GCC vector extensions), so they vectorise without -ffast-math
+ * (NaN and infinity keep their meaning) on AVX-512, AVX2, SSE or NEON. Threads come from the
+ * process's OpenMP runtime, the one PyTorch already runs.
  *
  * Layouts: q, k, v are strided [B, H, N, D] views (the last axis contiguous); o is written through its
  * own strides (the caller passes a [B, Nq, H, D] tensor, which is what the output projection wants).
@@ -17,7 +18,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* One vector register of floats: 16 with AVX-512, 8 with AVX2, 4 otherwise (SSE, NEON). Wider vectors
+ * than the target has would be split into pieces and passed through memory. */
+#if defined(__AVX512F__)
 #define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
 #define MAX_HEAD_DIM 64
 
 enum { F32 = 0, BF16 = 1 };
@@ -44,18 +53,18 @@ static inline void store(void *p, int64_t i, float f, int dtype) {
   }
 }
 
-/* 16 floats as one value: GCC/Clang vector extensions, lowered to AVX-512, AVX2 or SSE as -march allows. */
+/* LANES floats as one value: GCC/Clang vector extensions. */
 typedef float vf __attribute__((vector_size(LANES * 4), aligned(LANES * 4)));
 typedef int32_t vi __attribute__((vector_size(LANES * 4), aligned(LANES * 4)));
 
-static inline vf vselect(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
-static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+static inline __attribute__((always_inline)) vf vselect(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+static inline __attribute__((always_inline)) vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
 
 /* 2^t for t <= 0 as 2^n * 2^f with n = round(t), |f| <= 1/2, and 2^f by its degree-6 Taylor polynomial:
  * relative error below 2e-7, about a float32 ulp. Rounding adds and subtracts 1.5 * 2^23 (exact in float32
  * without -ffast-math); below -126 the result stays at 2^-126 instead of going to 0, which no sum of
  * weights of at least 1 (the row's maximum) can tell apart. */
-static inline vf vexp2_nonpositive(vf t) {
+static inline __attribute__((always_inline)) vf vexp2_nonpositive(vf t) {
   const float round_magic = 12582912.0f;
   t = vmax(t, (vf){0} - 126.0f);
   vf shifted = t + round_magic;
@@ -71,28 +80,22 @@ static inline vf vexp2_nonpositive(vf t) {
   return p * (vf)exponent;
 }
 
-/* Lane reductions as trees (halves onto halves): a chain of 16 dependent adds per row would cost as
- * much as the row's arithmetic. */
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-typedef int32_t vi4 __attribute__((vector_size(16)));
-
-static inline float vsum(vf a) {
-  union { vf v; vf8 h[2]; } u16 = {a};
-  union { vf8 v; vf4 h[2]; } u8 = {u16.h[0] + u16.h[1]};
-  vf4 q = u8.h[0] + u8.h[1];
-  return (q[0] + q[2]) + (q[1] + q[3]);
+/* Lane reductions as trees (halves onto halves): a chain of LANES dependent adds per row would cost
+ * as much as the row's arithmetic. */
+static inline __attribute__((always_inline)) float vsum(vf a) {
+  float t[LANES];
+  memcpy(t, &a, sizeof t);
+  for (int width = LANES / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; l++) t[l] += t[l + width];
+  return t[0];
 }
 
-static inline float vmaxall(vf a) {
-  union { vf v; vf8 h[2]; } u16 = {a};
-  vi8 m8 = u16.h[0] > u16.h[1];
-  union { vf8 v; vf4 h[2]; } u8 = {(vf8)((m8 & (vi8)u16.h[0]) | (~m8 & (vi8)u16.h[1]))};
-  vi4 m4 = u8.h[0] > u8.h[1];
-  vf4 q = (vf4)((m4 & (vi4)u8.h[0]) | (~m4 & (vi4)u8.h[1]));
-  float x = q[0] > q[2] ? q[0] : q[2], y = q[1] > q[3] ? q[1] : q[3];
-  return x > y ? x : y;
+static inline __attribute__((always_inline)) float vmaxall(vf a) {
+  float t[LANES];
+  memcpy(t, &a, sizeof t);
+  for (int width = LANES / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; l++) t[l] = t[l + width] > t[l] ? t[l + width] : t[l];
+  return t[0];
 }
 
 /* Query rows i .. i+R-1 of one (batch, head) against all keys. R rows at once share every load of K
@@ -157,7 +160,7 @@ static inline __attribute__((always_inline)) void query_rows(
   }
 }
 
-/* One (batch, head): K and V transposed into kt/vt ([D][nb], nb = keys / 16), then the query rows,
+/* One (batch, head): K and V transposed into kt/vt ([D][nb], nb = keys / LANES), then the query rows,
  * two at a time for heads of up to 8 channels (beyond, two rows' accumulators outgrow the registers). */
 static inline __attribute__((always_inline)) void one_head(
     const void *q, const void *k, const void *v, void *o, int64_t b, int64_t h, int64_t nq, int64_t nk,
