@@ -80,22 +80,42 @@ static inline __attribute__((always_inline)) vf vexp2_nonpositive(vf t) {
   return p * (vf)exponent;
 }
 
-/* Lane reductions as trees (halves onto halves): a chain of LANES dependent adds per row would cost
- * as much as the row's arithmetic. */
+/* Lane reductions as trees of vector halves down to 4 lanes (on 16 lanes, a chain of dependent scalar
+ * adds per row would cost as much as the row's arithmetic for short key counts). */
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+#if LANES >= 8
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+#endif
+
+static inline __attribute__((always_inline)) vf4 quarter(vf a, int is_max) {
+#if LANES == 16
+  union { vf v; vf8 h[2]; } u16 = {a};
+  vi8 m8 = u16.h[0] > u16.h[1];
+  vf8 a8 = is_max ? (vf8)((m8 & (vi8)u16.h[0]) | (~m8 & (vi8)u16.h[1])) : u16.h[0] + u16.h[1];
+#elif LANES == 8
+  vf8 a8 = a;
+#endif
+#if LANES >= 8
+  union { vf8 v; vf4 h[2]; } u8 = {a8};
+  vi4 m4 = u8.h[0] > u8.h[1];
+  return is_max ? (vf4)((m4 & (vi4)u8.h[0]) | (~m4 & (vi4)u8.h[1])) : u8.h[0] + u8.h[1];
+#else
+  (void)is_max;
+  return a;
+#endif
+}
+
 static inline __attribute__((always_inline)) float vsum(vf a) {
-  float t[LANES];
-  memcpy(t, &a, sizeof t);
-  for (int width = LANES / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; l++) t[l] += t[l + width];
-  return t[0];
+  vf4 q = quarter(a, 0);
+  return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 static inline __attribute__((always_inline)) float vmaxall(vf a) {
-  float t[LANES];
-  memcpy(t, &a, sizeof t);
-  for (int width = LANES / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; l++) t[l] = t[l + width] > t[l] ? t[l + width] : t[l];
-  return t[0];
+  vf4 q = quarter(a, 1);
+  float x = q[0] > q[2] ? q[0] : q[2], y = q[1] > q[3] ? q[1] : q[3];
+  return x > y ? x : y;
 }
 
 /* Query rows i .. i+R-1 of one (batch, head) against all keys. R rows at once share every load of K
