@@ -5,7 +5,7 @@ the head dimension. With 4 channels per head (the shapes UNet: 8 heads over 32 c
 level) those GEMMs do almost nothing per call, and at batch 32 that one layer type took half of the
 UNet's time. ``small_head_attention.c`` keeps each head's K and V in L1 and streams the query rows
 through scores, exp and the weighted sum of V on whole vector registers: 3.5-4x faster than
-``scaled_dot_product_attention`` at 4 channels and 2.5-3x at 8 on a 2-core Zen 4
+``scaled_dot_product_attention`` at 4 channels and 2.3-2.9x at 8 on a 2-core Zen 4
 (docs/results/attention-cpu-zen4.md). Neither
 diffusers, xformers (CPU) nor ONNX Runtime has a kernel for this case.
 
@@ -45,7 +45,7 @@ LIBRARY = "small_head_attention.so"
 # cache key carries the CPU's flags). No -ffast-math: NaN and infinity keep their meaning.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 # Head dims that take the kernel, from `lcmserve bench attention` (docs/results/attention-cpu-zen4.md):
-# 3.7-4.3x SDPA at 4 channels, 2.5-3.1x at 8, 1.1-1.8x at 12, 1.0-1.2x at 16, 0.5-0.7x from 24 on.
+# 3.7-4.2x SDPA at 4 channels, 2.3-2.9x at 8, 1.2-1.8x at 12, 0.9-1.2x at 16, 0.5-0.7x from 24 on.
 MAX_HEAD_DIM = 16
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernel takes, as its C enum
 
