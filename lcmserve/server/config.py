@@ -85,14 +85,9 @@ class ServerConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidInputError.out_of_range("model", self.model, "a diffusers folder, Hub id or preset:NAME")
         _check_float("lora_scale", self.lora_scale, 0.0, 10.0)
-        from lcmserve.engine.backends import BACKENDS, TORCH_EXECUTED
-        from lcmserve.engine.kernels.attention import check_attention
+        from lcmserve.engine.backends import check_backend_attention
 
-        if self.backend not in BACKENDS:
-            raise InvalidInputError.out_of_range("backend", self.backend, "one of " + ", ".join(BACKENDS))
-        if check_attention(self.attention) == "small-head" and self.backend not in TORCH_EXECUTED:
-            raise InvalidInputError(f"attention: small-head needs backend {', '.join(TORCH_EXECUTED)}; "
-                                    f"{self.backend} runs its own graph", param="attention")
+        check_backend_attention(self.backend, self.attention)
         _check_int("max_batch_size", self.max_batch_size, 1, 1024)
         _check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 60000.0)
         _check_int("max_queue_rows", self.max_queue_rows, 1, 1_000_000)

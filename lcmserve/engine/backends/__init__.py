@@ -15,6 +15,17 @@ BACKENDS = ("torch", "compiled", "cuda-graph", "onnx", "tensorrt")
 TORCH_EXECUTED = ("torch", "compiled", "cuda-graph")  # the ones whose UNet runs torch's modules (and processors)
 
 
+def check_backend_attention(name: str, attention: str) -> str:
+    """Check a backend name and an attention mode that go together (before any model is loaded); returns the mode."""
+    if name not in BACKENDS:
+        raise InvalidInputError.out_of_range("backend", name, "one of " + ", ".join(BACKENDS))
+    if check_attention(attention) == "small-head" and name not in TORCH_EXECUTED:
+        raise InvalidInputError(
+            f"attention: small-head needs backend {', '.join(TORCH_EXECUTED)} (the torch-executed ones); "
+            f"{name} runs its own graph: use --attention sdpa", param="attention")
+    return attention
+
+
 def create_backend(
     name: str,
     model,
@@ -38,13 +49,7 @@ def create_backend(
     CPU provider (None: ONNX Runtime's default). ``attention="small-head"`` routes the UNet's attention
     through our CPU kernel (engine/kernels/attention.py) for the torch-executed backends on a CPU.
     """
-    if name not in BACKENDS:
-        raise InvalidInputError.out_of_range("backend", name, "one of " + ", ".join(BACKENDS))
-    if check_attention(attention) == "small-head":
-        if name not in TORCH_EXECUTED:
-            raise InvalidInputError(
-                f"attention: small-head is a kernel for the torch-executed backends ({', '.join(TORCH_EXECUTED)}); "
-                f"{name} runs its own graph: use --attention sdpa", param="attention")
+    if check_backend_attention(name, attention) == "small-head":
         if model.device.type != "cpu":
             raise InvalidInputError(
                 f"attention: small-head is a CPU kernel and the model is on {model.device.type} (where SDPA "
@@ -69,5 +74,5 @@ def create_backend(
 
 __all__ = [
     "BACKENDS", "TORCH_EXECUTED", "Backend", "BackendOutput", "Bucket", "BucketSet", "CompiledBackend", "CudaGraphBackend", "CudaGraphConfig",
-    "DenoiseBatch", "StageTimes", "TorchBackend", "create_backend", "pad_batch",
+    "DenoiseBatch", "StageTimes", "TorchBackend", "check_backend_attention", "create_backend", "pad_batch",
 ]

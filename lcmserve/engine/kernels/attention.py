@@ -4,10 +4,10 @@ Why our own kernel: PyTorch's CPU flash attention tiles the work into GEMMs whos
 the head dimension. With 4 channels per head (the shapes UNet: 8 heads over 32 channels at its 16x16
 level) those GEMMs do almost nothing per call, and at batch 32 that one layer type took half of the
 UNet's time. ``small_head_attention.c`` keeps each head's K and V in L1 and streams the query rows
-through scores, exp and the weighted sum of V on whole vector registers: 3.5-4x faster than
+through scores, exp and the weighted sum of V on whole vector registers: 3.3-4.2x faster than
 ``scaled_dot_product_attention`` at 4 channels and 2.3-2.9x at 8 on a 2-core Zen 4
-(docs/results/attention-cpu-zen4.md). Neither
-diffusers, xformers (CPU) nor ONNX Runtime has a kernel for this case.
+(docs/results/attention-cpu-zen4.md). Neither diffusers, xformers (CPU) nor ONNX Runtime has a
+kernel for this case.
 
 The kernel is compiled with the system C compiler (``$CC`` or ``cc``) for this CPU and cached like
 an ONNX graph: under a hash of the source, the compiler, the flags and the CPU, verified on every
