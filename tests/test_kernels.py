@@ -38,7 +38,7 @@ def reference(q, k, v):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 3, 37, 21, 5), (1, 8, 256, 256, 4), (3, 2, 16, 1, 16), (2, 4, 64, 33, 8),
-                                   (1, 1, 1, 17, 1), (1, 2, 20, 19, 32)])
+                                   (1, 1, 1, 17, 1), (1, 2, 20, 19, 32), (2, 3, 19, 16, 24)])
 def test_kernel_matches_float64_attention(shape, dtype):
     batch, heads, n_query, n_key, head_dim = shape
     gen = torch.Generator().manual_seed(sum(shape))
@@ -59,8 +59,8 @@ def test_kernel_is_stable_for_large_scores_and_takes_contiguous_inputs():
     assert error <= max(2 * sdpa_error, 1e-5), (error, sdpa_error)
 
 
-def test_all_negative_scores_are_not_swamped_by_the_padding_keys():
-    """Key counts that are not a multiple of 16 are padded; the padding must not set the row's max."""
+def test_all_negative_scores_keep_their_weights():
+    """Every score about -400: the row's max is one of them (not a zero from an empty lane), so no weight underflows."""
     gen = torch.Generator().manual_seed(4)
     q = torch.full((1, 2, 3, 4), 10.0)
     k = -10.0 + torch.randn(1, 2, 5, 4, generator=gen)  # every score about -400
@@ -134,11 +134,18 @@ def test_fallbacks_cover_what_the_kernel_does_not(tiny):
     with torch.enable_grad():
         assert not kernel.kernel_takes(attn, x.clone().requires_grad_())  # autograd needs SDPA
         assert kernel.kernel_takes(attn, x)  # frozen weights and an input without grad: nothing to record
+    wide = torch.nn.Module()
+    wide.__dict__.update(attn.__dict__)
+    wide.heads = 3  # heads of 64 // 3 = 21 channels: the kernel only over a few keys
+    few, many = torch.randn(1, kernel.FEW_KEYS, 7), torch.randn(1, kernel.FEW_KEYS + 1, 7)
     big = torch.nn.Module()
     big.__dict__.update(attn.__dict__)
     big.heads = 1  # one head of all the channels
     with torch.no_grad():
-        assert not kernel.kernel_takes(big, x)
+        assert kernel.MAX_HEAD_DIM < attn.inner_dim // 3 <= kernel.FEW_KEYS_MAX_HEAD_DIM < attn.inner_dim
+        assert kernel.kernel_takes(wide, x, few) and not kernel.kernel_takes(wide, x, many)
+        assert kernel.kernel_takes(wide, x) == (x.shape[1] <= kernel.FEW_KEYS)
+        assert not kernel.kernel_takes(big, x) and not kernel.kernel_takes(big, x, few)
 
 
 def test_torch_backend_with_the_kernel_matches_sdpa_and_onnx_export_still_traces_sdpa(tiny):
@@ -228,7 +235,10 @@ def test_bench_attention_records_the_unets_shapes_and_the_sweep(tmp_path):
     # the tiny UNet: 8 heads of 8 channels over 16x16 latents' 256 tokens, self- and cross-attention
     assert {(r["query_tokens"], r["heads"], r["head_dim"]) for r in model_rows} >= {(256, 8, 8)}
     assert all(r["calls_per_unet"] > 0 and r["sdpa_ms"] > 0 and r["kernel_ms"] > 0 for r in model_rows)
-    assert {r["head_dim"] for r in result["rows"] if r["set"] == "sweep"} == {4, 8, 12, 16, 24, 32}
+    sweep = [r for r in result["rows"] if r["set"] == "sweep"]
+    assert {(r["key_tokens"], r["head_dim"]) for r in sweep} == {(k, d) for k in (256, 77) for d in (4, 8, 12, 16, 24, 32)}
+    assert {(r["key_tokens"], r["head_dim"]) for r in sweep if r["takes_kernel"]} == {
+        (k, d) for k in (256, 77) for d in (4, 8, 12, 16)} | {(77, 24)}
     for r in result["rows"]:
         assert r["kernel_max_error"] <= 2 * r["sdpa_max_error"] + (1e-5 if r["dtype"] == "float32" else 1e-2)
     assert "| 256 x 256 | 8 x 8 |" in (tmp_path / "att.md").read_text()

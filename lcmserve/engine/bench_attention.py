@@ -1,8 +1,9 @@
 """``lcmserve bench attention``: our small-head CPU kernel against torch's SDPA, shape by shape.
 
 Two sets of shapes: the attention calls of a model's UNet (recorded from one forward pass, so the
-table names what the model really runs), and a sweep of head dims at a fixed token count, which
-is where ``MAX_HEAD_DIM`` in engine/kernels/attention.py comes from. Each shape is timed in both
+table names what the model really runs), and a sweep of head dims at a fixed query count over a
+long and a short key sequence, which is where ``MAX_HEAD_DIM`` and ``FEW_KEYS`` in
+engine/kernels/attention.py come from. Each shape is timed in both
 dtypes, the two implementations taking turns call by call, and checked against a float64
 reference. JSON + markdown + a PNG of the speed-ups.
 """
@@ -26,6 +27,7 @@ from lcmserve.errors import InvalidInputError
 
 SWEEP_HEAD_DIMS = (4, 8, 12, 16, 24, 32)
 SWEEP_TOKENS = 256
+SWEEP_KEYS = (256, 77)  # self-attention over the queries; cross-attention over an SD-length prompt
 SWEEP_CHANNELS = 64  # heads = channels / head dim, as a UNet level of fixed width would split them
 
 
@@ -112,7 +114,7 @@ def bench_shape(shape: tuple[int, int, int, int], batch: int, dtype: torch.dtype
     return {"query_tokens": n_query, "key_tokens": n_key, "heads": heads, "head_dim": head_dim, "batch_size": batch,
             "dtype": str(dtype).removeprefix("torch."), "sdpa_ms": round(sdpa_ms, 4), "kernel_ms": round(ours_ms, 4),
             "speedup": round(sdpa_ms / ours_ms, 3), "sdpa_max_error": sdpa_err, "kernel_max_error": ours_err,
-            "takes_kernel": head_dim <= kernel.MAX_HEAD_DIM}
+            "takes_kernel": kernel.head_dim_takes(head_dim, n_key)}
 
 
 def run_attention_bench(cfg: AttentionBenchConfig) -> dict[str, Any]:
@@ -125,7 +127,7 @@ def run_attention_bench(cfg: AttentionBenchConfig) -> dict[str, Any]:
     kernel.load_kernel(cfg.cache_dir)
     model = load_model(cfg.model, device="cpu", dtype="float32")
     model_shapes = unet_attention_shapes(model)
-    sweep = [(SWEEP_TOKENS, SWEEP_TOKENS, SWEEP_CHANNELS // d, d) for d in SWEEP_HEAD_DIMS]
+    sweep = [(SWEEP_TOKENS, keys, SWEEP_CHANNELS // d, d) for keys in SWEEP_KEYS for d in SWEEP_HEAD_DIMS]
     jobs = [(set_name, shape, batch, dtype) for set_name, shapes in (("model", list(model_shapes)), ("sweep", sweep))
             for shape in shapes for batch in cfg.batch_sizes for dtype in cfg.dtypes]
     rows = []
@@ -151,7 +153,8 @@ def _markdown(result: dict[str, Any]) -> str:
              (f"- median of {cfg['iters']} calls per shape, SDPA and the kernel taking turns; inputs are [B, N, H*D] "
               "projections seen as [B, H, N, D], as diffusers passes them; errors against float64\n")]
     for set_name, title in (("model", f"The attention calls of {cfg['model']}'s UNet (one forward)"),
-                            ("sweep", f"Head dims at {SWEEP_TOKENS} tokens, {SWEEP_CHANNELS} channels")):
+                            ("sweep", f"Head dims at {SWEEP_TOKENS} query tokens over "
+                                      f"{' and '.join(map(str, SWEEP_KEYS))} keys, {SWEEP_CHANNELS} channels")):
         lines += [f"## {title}\n", ("| tokens (q x k) | heads x dim | calls | batch | dtype | SDPA ms | kernel ms | "
                                      "speed-up | SDPA err | kernel err | kernel used |"), "|" + "---|" * 11]
         for r in (r for r in result["rows"] if r["set"] == set_name):
@@ -172,11 +175,15 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
     sweep = [r for r in result["rows"] if r["set"] == "sweep"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (batch, dtype) in sorted({(r["batch_size"], r["dtype"]) for r in sweep}):
-        pts = sorted((r["head_dim"], r["speedup"]) for r in sweep if r["batch_size"] == batch and r["dtype"] == dtype)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {batch}, {dtype}")
+    colours = {}
+    for (keys, batch, dtype) in sorted({(r["key_tokens"], r["batch_size"], r["dtype"]) for r in sweep}, reverse=True):
+        pts = sorted((r["head_dim"], r["speedup"]) for r in sweep
+                     if (r["key_tokens"], r["batch_size"], r["dtype"]) == (keys, batch, dtype))
+        colour = colours.setdefault((batch, dtype), f"C{len(colours)}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour,
+                linestyle="-" if keys == SWEEP_KEYS[0] else "--", label=f"{keys} keys, batch {batch}, {dtype}")
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel(f"head dim ({SWEEP_TOKENS} tokens, {SWEEP_CHANNELS} channels)")
+    ax.set_xlabel(f"head dim ({SWEEP_TOKENS} query tokens, {SWEEP_CHANNELS} channels)")
     ax.set_ylabel("SDPA time / kernel time")
     ax.set_title("small-head attention kernel vs torch SDPA (CPU)")
     ax.legend(fontsize=8)

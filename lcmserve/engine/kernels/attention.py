@@ -3,11 +3,11 @@
 Why our own kernel: PyTorch's CPU flash attention tiles the work into GEMMs whose inner dimension is
 the head dimension. With 4 channels per head (the shapes UNet: 8 heads over 32 channels at its 16x16
 level) those GEMMs do almost nothing per call, and at batch 32 that one layer type took half of the
-UNet's time. ``small_head_attention.c`` keeps each head's K and V in L1 and streams the query rows
-through scores, exp and the weighted sum of V on whole vector registers: 3.3-4.2x faster than
-``scaled_dot_product_attention`` at 4 channels and 2.3-2.9x at 8 on a 2-core Zen 4
-(docs/results/attention-cpu-zen4.md). Neither diffusers, xformers (CPU) nor ONNX Runtime has a
-kernel for this case.
+UNet's time. ``small_head_attention.c`` puts a block of query rows in the lanes of a vector register
+and streams each head's keys through scores, exp and the weighted sum of V, so nothing is reduced
+across lanes: several times faster than ``scaled_dot_product_attention`` at 4 to 16 channels on a
+2-core Zen 4 (docs/results/attention-cpu-zen4.md). Neither diffusers, xformers (CPU) nor ONNX
+Runtime has a kernel for this case.
 
 The kernel is compiled with the system C compiler (``$CC`` or ``cc``) for this CPU and cached like
 an ONNX graph: under a hash of the source, the compiler, the flags and the CPU, verified on every
@@ -45,8 +45,10 @@ LIBRARY = "small_head_attention.so"
 # cache key carries the CPU's flags). No -ffast-math: NaN and infinity keep their meaning.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 # Head dims that take the kernel, from `lcmserve bench attention` (docs/results/attention-cpu-zen4.md):
-# 3.7-4.2x SDPA at 4 channels, 2.3-2.9x at 8, 1.2-1.8x at 12, 0.9-1.2x at 16, 0.5-0.7x from 24 on.
+# up to 16 channels it beats SDPA at any length; at 24 only over a few keys (text tokens, a small
+# latent), where SDPA's per-tile overhead dominates; from 32 on SDPA's GEMMs win.
 MAX_HEAD_DIM = 16
+FEW_KEYS, FEW_KEYS_MAX_HEAD_DIM = 80, 24
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernel takes, as its C enum
 
 _lib: ctypes.CDLL | None = None
@@ -146,12 +148,18 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tens
 
 
 # 3. the processor --------------------------------------------------------------------------------
-def kernel_takes(attn, hidden_states: torch.Tensor) -> bool:
+def head_dim_takes(head_dim: int, n_key: int) -> bool:
+    """Whether heads of ``head_dim`` channels over ``n_key`` keys run faster in the kernel than in SDPA."""
+    return head_dim <= MAX_HEAD_DIM or (head_dim <= FEW_KEYS_MAX_HEAD_DIM and n_key <= FEW_KEYS)
+
+
+def kernel_takes(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> bool:
     """Whether this layer and input are the plain case the kernel covers (checked per call)."""
     head_dim = attn.inner_dim // attn.heads
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     return (
-        hidden_states.ndim == 3 and hidden_states.device.type == "cpu"
-        and head_dim <= MAX_HEAD_DIM and hidden_states.dtype in DTYPE_CODES
+        hidden_states.ndim == 3 and context.ndim == 3 and hidden_states.device.type == "cpu"
+        and head_dim_takes(head_dim, context.shape[1]) and hidden_states.dtype in DTYPE_CODES
         and getattr(attn, "inner_kv_dim", attn.inner_dim) == attn.inner_dim
         and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
         and not attn.residual_connection
@@ -166,7 +174,7 @@ class SmallHeadAttnProcessor(AttnProcessor2_0):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        if attention_mask is not None or args or kwargs or not kernel_takes(attn, hidden_states):
+        if attention_mask is not None or args or kwargs or not kernel_takes(attn, hidden_states, encoder_hidden_states):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         batch = hidden_states.shape[0]
         context = hidden_states
@@ -187,7 +195,7 @@ def use_small_head_attention(model, cache_dir: str | os.PathLike | None = None) 
     """Load the kernel and give the UNet's default (SDPA) attention layers the small-head processor.
 
     Layers with another processor (IP-Adapter, a custom one) keep it. Returns how many layers have a
-    head dim the kernel takes (at most MAX_HEAD_DIM, float32 or bfloat16; the others fall back per call)."""
+    head dim the kernel takes over some key count (float32 or bfloat16; the others fall back per call)."""
     load_kernel(cache_dir)
     unet = model.unet
     current = unet.attn_processors
@@ -195,12 +203,13 @@ def use_small_head_attention(model, cache_dir: str | os.PathLike | None = None) 
     if fresh:
         unet.set_attn_processor({name: SmallHeadAttnProcessor() if type(p) is AttnProcessor2_0 else p
                                  for name, p in current.items()})
-    limit = MAX_HEAD_DIM if model.dtype in DTYPE_CODES else 0
+    limit = FEW_KEYS_MAX_HEAD_DIM if model.dtype in DTYPE_CODES else 0
     layers = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), SmallHeadAttnProcessor)]
     taking = sum(m.inner_dim // m.heads <= limit for m in layers)
     logger.log(logging.INFO if fresh else logging.DEBUG,
-               "small-head attention: %d of %d attention layers take the kernel (head dim <= %d in %s)",
-               taking, len(current), limit, model.dtype_name)
+               "small-head attention: %d of %d attention layers take the kernel (head dim <= %d, or <= %d over "
+               "at most %d keys, in %s)", taking, len(current), min(limit, MAX_HEAD_DIM), limit, FEW_KEYS,
+               model.dtype_name)
     return taking
 
 
