@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from lcmserve.engine import LCMSampler, Row
 from lcmserve.engine.backends import BucketSet, create_backend
 from lcmserve.engine.kernels import attention as kernel
+from lcmserve.engine.kernels import build
 from lcmserve.errors import InvalidInputError
 from lcmserve.models import load_model
 
@@ -176,7 +177,9 @@ def test_compiled_backend_with_the_kernel_matches_eager(tiny):
             got = sampler.run_rows(ROWS, 2, 32, 32).images
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
         assert counters["frames"]["ok"] == frames
-        assert any(e.key == "lcmserve::small_head_attention" for e in prof.key_averages())
+        ops = {e.key for e in prof.key_averages()}
+        assert "lcmserve::small_head_attention" in ops
+        assert "lcmserve::group_norm_stats" in ops  # the compiled backend's group norms (the VAE's 32x32 maps)
     finally:
         tiny.unet.set_attn_processor(AttnProcessor2_0())
         torch._dynamo.reset()
@@ -200,7 +203,7 @@ def test_bad_attention_settings_are_clear_errors(tiny, monkeypatch):
         AttentionBenchConfig(dtypes=("float16",))
     monkeypatch.setattr(kernel, "_lib", None)  # as in a fresh process
     monkeypatch.setenv("CC", "")
-    monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
     with pytest.raises(InvalidInputError, match="C compiler and none was found.*--attention sdpa") as err:
         kernel.load_kernel()
     assert err.value.param == "attention"
@@ -261,7 +264,7 @@ def test_the_server_setting_reaches_the_engine():
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # 8 lanes (AVX2) and 4 lanes (SSE2)
 def test_narrower_vector_builds_match_too(march, tmp_path, monkeypatch):
     """-march=native picks the lane count; the AVX2 and SSE builds must compute the same attention."""
-    monkeypatch.setattr(kernel, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in kernel.FLAGS))
+    monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
     monkeypatch.setattr(kernel, "_lib", None)
     kernel.load_kernel(tmp_path)
     gen = torch.Generator().manual_seed(5)

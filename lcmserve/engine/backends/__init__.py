@@ -58,7 +58,7 @@ def create_backend(
     if name == "torch":
         return TorchBackend(model)
     if name == "compiled":
-        return CompiledBackend(model, buckets, progress)
+        return CompiledBackend(model, buckets, progress, cache_dir=cache_dir)
     if name == "cuda-graph":
         return CudaGraphBackend(model, CudaGraphConfig(buckets=buckets or BucketSet(), compile=compile,
                                                         channels_last=channels_last), progress)

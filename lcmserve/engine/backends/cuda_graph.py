@@ -374,13 +374,19 @@ class CompiledBackend(CudaGraphBackend):
     weights, prepacks them for oneDNN. Its kernels are specialised to shapes, so they are
     compiled per batch size at start-up (a minute or two each for the shapes model on two
     cores; inductor's on-disk cache, ``$TORCHINDUCTOR_CACHE_DIR``, makes a restart faster) and a
-    batch pads to the next bucket, as with CUDA graphs. On a GPU, ``cuda-graph`` with
+    batch pads to the next bucket, as with CUDA graphs. On a CPU its group norms over large maps take
+    our statistics kernel (``group_norm_kernel``; engine/kernels/group_norm.py). On a GPU, ``cuda-graph`` with
     ``compile=True`` adds the graphs on top and is the better choice.
     """
 
     name = "compiled"
 
     def __init__(self, model: LCMModel, buckets: BucketSet | None = None, progress: bool = False,
-                 freeze: bool = True) -> None:
+                 freeze: bool = True, group_norm_kernel: bool = True, cache_dir=None) -> None:
+        if group_norm_kernel and model.device.type == "cpu":
+            # inductor's group norm is slow on the channels-last maps it gives oneDNN (engine/kernels/group_norm.py)
+            from lcmserve.engine.kernels.group_norm import use_group_norm_kernel
+
+            use_group_norm_kernel(model.unet, model.vae, cache_dir=cache_dir)
         config = CudaGraphConfig(buckets=buckets or BucketSet(), capture=False, compile=True, freeze=freeze)
         super().__init__(model, config, progress)

@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from lcmserve.engine.cache import ArtifactCache, default_cache_dir, file_sha256
+from lcmserve.engine.kernels.build import KernelSource, build_library
 from lcmserve.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -41,9 +37,6 @@ logger = logging.getLogger(__name__)
 ATTENTION_MODES = ("sdpa", "small-head")
 SOURCE = Path(__file__).with_name("small_head_attention.c")
 LIBRARY = "small_head_attention.so"
-# -march=native: the kernel's vectors are AVX-512, AVX2, SSE or NEON registers as this CPU allows (the
-# cache key carries the CPU's flags). No -ffast-math: NaN and infinity keep their meaning.
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 # Head dims that take the kernel, from `lcmserve bench attention` (docs/results/attention-cpu-zen4.md):
 # up to 16 channels it beats SDPA at any length; at 24 only over a few keys (text tokens, a small
 # latent), where SDPA's per-tile overhead dominates; from 32 on SDPA's GEMMs win.
@@ -61,46 +54,10 @@ def check_attention(mode: str) -> str:
 
 
 # 1. build and load ----------------------------------------------------------------------------
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise InvalidInputError(
-            "attention: small-head builds its CPU kernel with a C compiler and none was found (set $CC or "
-            "install gcc); or use --attention sdpa", param="attention")
-    return cc
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (what -march=native compiles for), hashed."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    except OSError:
-        line = ""
-    return hashlib.sha256((line or platform.processor()).encode()).hexdigest()[:16]
-
-
-def kernel_spec(cc: str) -> dict[str, str | list[str]]:
-    """Everything that shapes the built library: source, compiler, flags, CPU."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    return {"source_sha256": file_sha256(SOURCE), "compiler": cc, "compiler_version": version.splitlines()[0]
-            if version else "unknown", "flags": list(FLAGS), "machine": platform.machine(), "cpu_flags": _cpu_flags()}
-
-
 def build_kernel(cache_dir: str | os.PathLike | None = None) -> Path:
     """The kernel's shared library, compiled now if the cache has no intact copy."""
-    cc = _compiler()
-
-    def build(folder: Path) -> None:
-        done = subprocess.run([cc, *FLAGS, "-o", str(folder / LIBRARY), str(SOURCE)], capture_output=True, text=True,
-                              check=False)
-        if done.returncode != 0:
-            raise InvalidInputError(
-                f"attention: compiling the small-head kernel with {cc} failed:\n{done.stderr.strip()}\n"
-                "fix the compiler or use --attention sdpa", param="attention")
-
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return ArtifactCache(root / "kernels").get_or_build("small-head-attention", kernel_spec(cc), build) / LIBRARY
+    return build_library(KernelSource("small-head-attention", SOURCE, LIBRARY, param="attention",
+                                      purpose="the small-head kernel", instead="use --attention sdpa"), cache_dir)
 
 
 def load_kernel(cache_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
