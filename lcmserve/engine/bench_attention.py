@@ -153,8 +153,8 @@ def _markdown(result: dict[str, Any]) -> str:
              (f"- median of {cfg['iters']} calls per shape, SDPA and the kernel taking turns; inputs are [B, N, H*D] "
               "projections seen as [B, H, N, D], as diffusers passes them; errors against float64\n")]
     for set_name, title in (("model", f"The attention calls of {cfg['model']}'s UNet (one forward)"),
-                            ("sweep", f"Head dims at {SWEEP_TOKENS} query tokens over "
-                                      f"{' and '.join(map(str, SWEEP_KEYS))} keys, {SWEEP_CHANNELS} channels")):
+                            ("sweep", (f"Head dims at {SWEEP_TOKENS} query tokens over "
+                                       f"{' and '.join(map(str, SWEEP_KEYS))} keys, {SWEEP_CHANNELS} channels"))):
         lines += [f"## {title}\n", ("| tokens (q x k) | heads x dim | calls | batch | dtype | SDPA ms | kernel ms | "
                                      "speed-up | SDPA err | kernel err | kernel used |"), "|" + "---|" * 11]
         for r in (r for r in result["rows"] if r["set"] == set_name):
