@@ -178,3 +178,27 @@ def test_compiled_backend_compiles_at_start_up_and_matches_eager(tiny):
         compiled.run_rows(ROWS, 2, 32, 32)
     ops = {e.key for e in prof.key_averages()}
     assert "mkldnn::_convolution_pointwise" in ops and "aten::convolution" not in ops
+
+
+def test_compiled_backends_of_two_models_keep_to_their_own_weights(tiny):
+    """The CPU compile drops dynamo's guards on the modules (their per-call cost), so two models of the same
+    architecture compiled in one process must not reach each other's compiled code (weights frozen into it)."""
+    from lcmserve.engine.backends import create_backend
+
+    other = load_model("preset:tiny-sd", device="cpu", dtype="float32")
+    with torch.no_grad():
+        other.unet.conv_out.weight.add_(0.05)
+        other.vae.decoder.conv_out.weight.mul_(-1.0)
+    buckets = BucketSet((1,), (2,), ((32, 32),))
+    rows = ROWS[:1]
+    try:
+        first = create_backend("compiled", tiny, buckets=buckets)
+        second = create_backend("compiled", other, buckets=buckets)
+        for model, backend in ((tiny, first), (other, second), (tiny, first)):
+            expected = LCMSampler(model).run_rows(rows, 2, 32, 32).images
+            got = LCMSampler(model, backend=backend).run_rows(rows, 2, 32, 32).images
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        assert not torch.allclose(LCMSampler(tiny).run_rows(rows, 2, 32, 32).images,
+                                  LCMSampler(other).run_rows(rows, 2, 32, 32).images, atol=1e-2)
+    finally:
+        torch._dynamo.reset()
