@@ -1,5 +1,6 @@
 """The small-head attention kernel: parity with SDPA (float64 reference), its processor and backends, its cache."""
 
+import dataclasses
 import logging
 import shutil
 
@@ -209,7 +210,7 @@ def test_bad_attention_settings_are_clear_errors(tiny, monkeypatch):
     assert err.value.param == "attention"
 
 
-def test_kernel_cache_rebuilds_on_damage_and_on_a_new_source(tmp_path, monkeypatch, caplog):
+def test_kernel_cache_rebuilds_on_damage_and_on_a_new_source(tmp_path, caplog):
     path = kernel.build_kernel(tmp_path)
     assert path.is_file() and kernel.build_kernel(tmp_path) == path  # a hit: same entry
     path.write_bytes(path.read_bytes()[:100])  # truncated
@@ -218,11 +219,11 @@ def test_kernel_cache_rebuilds_on_damage_and_on_a_new_source(tmp_path, monkeypat
     assert "damaged" in caplog.text and rebuilt == path and path.stat().st_size > 100
     source = tmp_path / "edited.c"
     source.write_text(kernel.SOURCE.read_text() + "\n/* edited */\n")
-    monkeypatch.setattr(kernel, "SOURCE", source)
-    assert kernel.build_kernel(tmp_path).parent != path.parent  # another source, another entry
+    edited = dataclasses.replace(kernel.KERNEL, source=source)
+    assert build.build_library(edited, tmp_path).parent != path.parent  # another source, another entry
     source.write_text("this is not C")
-    with pytest.raises(InvalidInputError, match="compiling the small-head kernel .* failed"):
-        kernel.build_kernel(tmp_path)
+    with pytest.raises(InvalidInputError, match="attention: compiling the small-head kernel .* failed"):
+        build.build_library(edited, tmp_path)
 
 
 def test_bench_attention_records_the_unets_shapes_and_the_sweep(tmp_path):

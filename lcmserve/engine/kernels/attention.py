@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from lcmserve.engine.kernels.build import KernelSource, build_library
+from lcmserve.engine.kernels.build import DTYPE_CODES, I64_POINTER, KernelSource, build_library, load_library
 from lcmserve.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ LIBRARY = "small_head_attention.so"
 # latent), where SDPA's per-tile overhead dominates; from 32 on SDPA's GEMMs win.
 MAX_HEAD_DIM = 16
 FEW_KEYS, FEW_KEYS_MAX_HEAD_DIM = 80, 24
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernel takes, as its C enum
 
 _lib: ctypes.CDLL | None = None
 
@@ -54,23 +53,21 @@ def check_attention(mode: str) -> str:
 
 
 # 1. build and load ----------------------------------------------------------------------------
+KERNEL = KernelSource("small-head-attention", SOURCE, LIBRARY, param="attention", purpose="the small-head kernel",
+                      instead="use --attention sdpa")
+
+
 def build_kernel(cache_dir: str | os.PathLike | None = None) -> Path:
     """The kernel's shared library, compiled now if the cache has no intact copy."""
-    return build_library(KernelSource("small-head-attention", SOURCE, LIBRARY, param="attention",
-                                      purpose="the small-head kernel", instead="use --attention sdpa"), cache_dir)
+    return build_library(KERNEL, cache_dir)
 
 
 def load_kernel(cache_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
     """Build (if needed) and load the kernel; later calls reuse the loaded library."""
     global _lib
     if _lib is None:
-        # torch is imported, so the library's libgomp.so.1 resolves to the OpenMP runtime torch runs.
-        lib = ctypes.CDLL(str(build_kernel(cache_dir)))
-        i64p = ctypes.POINTER(ctypes.c_int64)
-        lib.lcm_small_head_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [i64p] * 4 + [
-            ctypes.c_float, ctypes.c_int]
-        lib.lcm_small_head_attention.restype = ctypes.c_int
-        _lib = lib
+        _lib = load_library(KERNEL, cache_dir, "lcm_small_head_attention",
+                            [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [I64_POINTER] * 4 + [ctypes.c_float, ctypes.c_int])
     return _lib
 
 

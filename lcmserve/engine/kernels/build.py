@@ -8,6 +8,7 @@ OpenMP threads (they are loaded after torch, so their libgomp.so.1 is the runtim
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -16,12 +17,16 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lcmserve.engine.cache import ArtifactCache, default_cache_dir, file_sha256
 from lcmserve.errors import InvalidInputError
 
 # -march=native: vectors are AVX-512, AVX2, SSE or NEON registers as this CPU allows (the cache key
 # carries the CPU's flags). No -ffast-math: NaN and infinity keep their meaning.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes our kernels take, as their C enum
+I64_POINTER = ctypes.POINTER(ctypes.c_int64)
 
 
 @dataclass(frozen=True)
@@ -76,3 +81,14 @@ def build_library(kernel: KernelSource, cache_dir: str | os.PathLike | None = No
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return ArtifactCache(root / "kernels").get_or_build(kernel.name, kernel_spec(cc, kernel.source), build) / kernel.library
+
+
+def load_library(kernel: KernelSource, cache_dir: str | os.PathLike | None, function: str, argtypes: list) -> ctypes.CDLL:
+    """Build (if needed) and load the kernel's library, declaring its entry point (which returns an int status).
+
+    torch is imported first, so the library's libgomp.so.1 resolves to the OpenMP runtime torch runs."""
+    lib = ctypes.CDLL(str(build_library(kernel, cache_dir)))
+    entry = getattr(lib, function)
+    entry.argtypes = argtypes
+    entry.restype = ctypes.c_int
+    return lib

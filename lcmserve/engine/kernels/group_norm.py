@@ -25,34 +25,27 @@ from pathlib import Path
 
 import torch
 
-from lcmserve.engine.kernels.build import KernelSource, build_library
+from lcmserve.engine.kernels.build import DTYPE_CODES, I64_POINTER, KernelSource, load_library
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("group_norm.c")
 LIBRARY = "group_norm.so"
 MIN_PIXELS = 32 * 32
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as the C enum
 
 _lib: ctypes.CDLL | None = None
 
 
-def build_kernel(cache_dir: str | os.PathLike | None = None) -> Path:
-    return build_library(KernelSource("group-norm", SOURCE, LIBRARY, param="backend",
-                                      purpose="the compiled backend's group-norm kernel",
-                                      instead="use --backend torch"), cache_dir)
+KERNEL = KernelSource("group-norm", SOURCE, LIBRARY, param="backend", purpose="the compiled backend's group-norm kernel",
+                      instead="use --backend torch")
 
 
 def load_kernel(cache_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
     """Build (if needed) and load the kernel; later calls reuse the loaded library."""
     global _lib
     if _lib is None:
-        lib = ctypes.CDLL(str(build_kernel(cache_dir)))
-        i64p = ctypes.POINTER(ctypes.c_int64)
-        lib.lcm_group_norm_stats.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [
-            i64p, ctypes.c_float, ctypes.c_int]
-        lib.lcm_group_norm_stats.restype = ctypes.c_int
-        _lib = lib
+        _lib = load_library(KERNEL, cache_dir, "lcm_group_norm_stats",
+                            [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [I64_POINTER, ctypes.c_float, ctypes.c_int])
     return _lib
 
 
