@@ -113,7 +113,8 @@ def _generate_backend(args: argparse.Namespace, model, resolved):
 def _add_attention(parser) -> None:
     parser.add_argument("--attention", choices=["sdpa", "small-head"], default="sdpa",
                         help="sdpa: torch's scaled_dot_product_attention (default); small-head: our CPU kernel for "
-                             "heads of <= 16 channels (the shapes models), built with the C compiler on first use")
+                             "heads of up to 16 channels, or 24 over at most 80 keys (the shapes models), built "
+                             "with the C compiler on first use")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -47,8 +47,9 @@ class ServerConfig:
         "engine backend: torch, compiled, cuda-graph, onnx or tensorrt (the bucketed ones build every batch size "
         "up to max_batch_size in powers of two, steps 1-8, the model's native size, at start-up)"))
     attention: str = field(default="sdpa", metadata=_doc(
-        "sdpa (torch's attention) or small-head (our CPU kernel for heads of <= 16 channels, as in the shapes "
-        "models; torch, compiled and cuda-graph backends on a CPU; built with the C compiler on first use)"))
+        "sdpa (torch's attention) or small-head (our CPU kernel for heads of up to 16 channels, or 24 over at most 80 "
+        "keys, as in the shapes models; torch, compiled and cuda-graph backends on a CPU; built with the C compiler "
+        "on first use)"))
     cache_dir: str | None = field(default=None, metadata=_doc(
         "where exported ONNX graphs, TensorRT engines and built kernels are kept (default $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)"))
     # 3. batching ----------------------------------------------------------------------------
