@@ -76,6 +76,20 @@ def test_profile_lists_the_top_operators_of_the_torch_rows(bench_run):
     assert "### onnx" not in md
 
 
+def test_profile_of_a_compiled_row_says_how_to_name_the_calls_inside_its_graph():
+    from lcmserve.engine.bench import _profile_markdown
+
+    def row(*ops):
+        return {"backend": "compiled", "batch_size": 1, "steps": 4, "height": 64, "width": 64,
+                "profile": {"clock": "cpu", "total_ms": 3.0,
+                            "ops": [{"op": op, "self_ms": 1.0, "share": 0.3, "calls": 4} for op in ops]}}
+
+    hint = "TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1"
+    assert hint in _profile_markdown([row("## Call CompiledFxGraph None ##", "lcmserve::small_head_attention")])
+    assert hint not in _profile_markdown([row("## Call CompiledFxGraph None ##", "aoti_torch_cpu__linear_pointwise")])
+    assert hint not in _profile_markdown([row("aten::mkldnn_convolution")])
+
+
 def test_compare_merges_runs_from_two_machines(bench_run, tmp_path):
     first = json.loads((bench_run / "run.json").read_text())
     second = json.loads(json.dumps(first))

@@ -438,6 +438,9 @@ def _markdown(result: dict[str, Any]) -> str:
     )
 
 
+COMPILED_GRAPH_EVENT = "## Call CompiledFxGraph"
+
+
 def _profile_markdown(rows: list[dict[str, Any]]) -> str:
     profiled = [r for r in rows if r.get("profile")]
     if not profiled:
@@ -452,6 +455,10 @@ def _profile_markdown(rows: list[dict[str, Any]]) -> str:
                      "|---|---|---|---|\n")
         parts.extend(f"| `{op['op']}` | {op['self_ms']:.2f} | {op['share']:.1%} | {op['calls']} |\n"
                      for op in prof["ops"])
+        if any(op["op"].startswith(COMPILED_GRAPH_EVENT) for op in prof["ops"]) and \
+                not any(op["op"].startswith("aoti_torch_") for op in prof["ops"]):
+            parts.append(f"\n`{COMPILED_GRAPH_EVENT}` holds the calls that inductor's C++ wrapper makes (oneDNN's "
+                         "and its own kernels); `TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1` names each of them.\n")
     return "".join(parts)
 
 

@@ -46,10 +46,14 @@ class TorchBackend(Backend):
         self._uncond: TextConditioning | None = None
 
     # -- the three networks: accelerated backends that reuse this logic override these -------
+    def text_encoder(self, index: int):
+        """Text encoder ``index`` as this backend calls it (compiled backends return their compiled twin)."""
+        return self.model.text_encoders[index]
+
     def text_forward(self, index: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoder ``index``: its last (SD) or penultimate (SDXL) hidden states, and its pooled projection if any."""
         m = self.model
-        encoder = m.text_encoders[index]
+        encoder = self.text_encoder(index)
         ids = input_ids.to(m.device)
         if m.family == "sd":
             return encoder(ids)[0], None
