@@ -120,7 +120,8 @@ for var in ('LCMSERVE_CACHE_DIR', 'TORCHINDUCTOR_CACHE_DIR'):
     probe.write_text('ok'); probe.unlink()" && log "   LCMSERVE_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR: writable" \
   || die "the runtime user cannot write its cache folders"
 # What compiles at run time compiles here, as the runtime user: the small-head attention kernel,
-# and the compiled backend's torch.compile C++ (inductor) with its group-norm kernel.
+# and the compiled backend's torch.compile C++ (inductor, with the backend's settings: C++ wrapper,
+# frozen weights) with its group-norm kernel.
 buildah run --isolation=chroot "$CONTAINER" -- python -c "import torch
 from lcmserve.engine.kernels import attention as k
 print(k.build_kernel()); k.load_kernel(); q = torch.randn(1, 2, 5, 4)
@@ -128,13 +129,14 @@ torch.testing.assert_close(k.small_head_attention(q, q, q).transpose(1, 2), torc
   && log "   --attention small-head: kernel built and run in the image" || die "the small-head kernel does not build in the image"
 buildah run --isolation=chroot "$CONTAINER" -- python -c "import torch
 from lcmserve.engine.kernels import group_norm as g
+from lcmserve.engine.backends.cuda_graph import inductor_cpu_settings
 norm = torch.nn.GroupNorm(8, 32); g.use_group_norm_kernel(norm)
 x = torch.randn(2, 32, 32, 32).contiguous(memory_format=torch.channels_last)
 f = torch.compile(lambda x: torch.nn.functional.silu(norm(x)))
-with torch.inference_mode(), torch.profiler.profile() as prof: y = f(x)
+with torch.inference_mode(), torch._inductor.config.patch(**inductor_cpu_settings()), torch.profiler.profile() as prof: y = f(x)
 assert any(e.key == 'lcmserve::group_norm_stats' for e in prof.key_averages())
 torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 8)))" \
-  && log "   torch.compile (inductor C++) with the group-norm kernel: compiled and run in the image" \
+  && log "   torch.compile (inductor C++, C++ wrapper, frozen) with the group-norm kernel: compiled and run in the image" \
   || die "torch.compile or the group-norm kernel does not work in the image"
 curl -sf -X POST "http://127.0.0.1:$PORT/generate" -H 'content-type: application/json' \
   -d '{"prompt": "a red circle at the top left", "steps": 4, "seed": 7}' -o "$WORK/generate.json" \

@@ -43,6 +43,24 @@ GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 COMPILE_MODE = "max-autotune-no-cudagraphs"  # inductor kernels inside our own graphs
 
 
+def inductor_cpu_settings(freeze: bool = True) -> dict[str, bool]:
+    """Inductor's global settings while the compiled backend compiles on a CPU (``torch._inductor.config.patch``)."""
+    # cpp_wrapper: inductor writes the code that calls its kernels and oneDNN's as C++ rather than
+    # Python. The shapes UNet makes about 150 such calls per step; in C++ a batch-1 request is 8-12%
+    # faster and one of batch 8-32 3-6% (docs/engine.md), with the same output. Building the wrapper
+    # apart from the kernels compiles it at -O1 instead of -O3 with them: a fifth less compile time,
+    # the same speed.
+    settings = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+    if freeze:
+        # Freezing folds the weights in as constants, which lets inductor prepack them for oneDNN
+        # and fuse the activation into the convolution (mkldnn::_convolution_pointwise); safe because
+        # a served model's weights never change.
+        settings["freezing"] = True
+    # These have to be in inductor's global config while a graph compiles:
+    # torch.compile(options={"freezing": True}) does not reach the freezing pass.
+    return settings
+
+
 @dataclass(frozen=True)
 class CudaGraphConfig:
     """How the cuda-graph backend builds its buckets."""
@@ -189,20 +207,7 @@ class CudaGraphBackend(TorchBackend):
         """Inductor settings in force while the buckets compile (compilation happens on first call)."""
         if self.device.type != "cpu" or not self.config.compile:
             return contextlib.nullcontext()
-        # cpp_wrapper: inductor writes the code that calls its kernels and oneDNN's as C++ rather than
-        # Python. The shapes UNet makes about 150 such calls per step; in C++ a batch-1 request is 8-12%
-        # faster and one of batch 8-32 3-6% (docs/engine.md), with the same output. Building the wrapper
-        # apart from the kernels compiles it at -O1 instead of -O3 with them: a fifth less compile time,
-        # the same speed.
-        settings = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
-        if self.config.freeze:
-            # Freezing folds the weights in as constants, which lets inductor prepack them for oneDNN
-            # and fuse the activation into the convolution (mkldnn::_convolution_pointwise); safe because
-            # a served model's weights never change.
-            settings["freezing"] = True
-        # Both have to be on in inductor's global config while the graph compiles:
-        # torch.compile(options={"freezing": True}) does not reach the freezing pass.
-        return torch._inductor.config.patch(**settings)
+        return torch._inductor.config.patch(**inductor_cpu_settings(self.config.freeze))
 
     # -- the networks, compiled when asked ----------------------------------------------------
     def text_encoder(self, index: int):
