@@ -141,7 +141,7 @@ def test_a_backend_that_fails_does_not_cost_the_rows_of_the_others(tmp_path, mon
     assert "| torch | 1 | 1 | 32x32 |" in table and "| torch | 2 |" not in table
     assert "- cuda-graph failed (setup): InvalidInputError:" in table
     assert "- torch failed (run, batch 2, 1 steps, 32x32): RuntimeError: CUDA out of memory" in table
-    assert [r for r in result["rows"] if r["backend"] == "torch"][0]["speedup_vs_diffusers"] > 0
+    assert next(r for r in result["rows"] if r["backend"] == "torch")["speedup_vs_diffusers"] > 0
 
 
 @pytest.mark.parametrize("interleave,order", [(False, "DDDOOO"), (True, "DODODO")])
