@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from lcmserve.engine.kernels import group_norm as gn
 
-if shutil.which("cc") is None and shutil.which("gcc") is None:
-    pytest.skip("no C compiler to build the kernel with", allow_module_level=True)
+if shutil.which("cc") is None or shutil.which("c++") is None:
+    pytest.skip("no C and C++ compiler to build the kernel with", allow_module_level=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,13 +52,15 @@ def test_stats_keep_their_precision_far_from_zero():
     torch.testing.assert_close(rstd.double(), exact_rstd, rtol=1e-4, atol=0)
 
 
-def test_other_layouts_take_torchs_statistics():
+def test_other_layouts_and_dtypes_are_copied_for_the_kernel():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 32, 40, 40, generator=gen)  # NCHW
     assert not gn.channels_last(x)
-    for tensor in (x, x.half()):
-        mean, rstd = gn.group_norm_stats(tensor, 8, 1e-5)
-        exact_mean, exact_rstd = exact_stats(tensor, 8, 1e-5)
+    one_channel = torch.randn(3, 1, 8, 8, generator=gen)  # NCHW and NHWC at once
+    odd = torch.randn(2, 16, 12, 12, generator=gen).contiguous(memory_format=torch.channels_last)[:, :, ::2]
+    for tensor, groups in ((x, 8), (x.half(), 8), (x.double(), 8), (one_channel, 1), (odd, 4), (x[:, :, :1], 8)):
+        mean, rstd = gn.group_norm_stats(tensor, groups, 1e-5)
+        exact_mean, exact_rstd = exact_stats(tensor, groups, 1e-5)
         torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rstd.double(), exact_rstd, rtol=1e-5, atol=1e-6)
 

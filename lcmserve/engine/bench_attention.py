@@ -47,7 +47,7 @@ class AttentionBenchConfig:
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(not 1 <= b <= 256 for b in self.batch_sizes):
             raise InvalidInputError.out_of_range("batch_sizes", list(self.batch_sizes), "integers in [1, 256]")
-        names = [str(d).removeprefix("torch.") for d in kernel.DTYPE_CODES]
+        names = [str(d).removeprefix("torch.") for d in kernel.KERNEL_DTYPES]
         for dtype in self.dtypes:
             if dtype not in names:
                 raise InvalidInputError.out_of_range("dtypes", dtype, "each one of " + ", ".join(names))

@@ -9,9 +9,10 @@ across lanes: several times faster than ``scaled_dot_product_attention`` at 4 to
 2-core Zen 4 (docs/results/attention-cpu-zen4.md). Neither diffusers, xformers (CPU) nor ONNX
 Runtime has a kernel for this case.
 
-The kernel is compiled with the system C compiler (``$CC`` or ``cc``) for this CPU and cached like
-an ONNX graph: under a hash of the source, the compiler, the flags and the CPU, verified on every
-load (a damaged file is rebuilt with a warning). It runs on PyTorch's own OpenMP threads.
+The kernel is the CPU implementation of the operator ``lcmserve::small_head_attention``, registered
+from C++ (``small_head_attention_op.cpp``) so that torch.compile's C++ wrapper calls it directly. Both
+files are compiled with the system's C and C++ compilers for this CPU and cached like an ONNX graph
+(see ``build.py``). It runs on PyTorch's own OpenMP threads.
 
 Opt-in (``--attention small-head``): the torch, compiled and cuda-graph backends on a CPU route their
 UNet's plain attention layers through it; anything else (a mask, a GPU tensor, a large head, autograd)
@@ -21,7 +22,6 @@ goes to diffusers' ``AttnProcessor2_0`` unchanged.
 from __future__ import annotations
 
 import copy
-import ctypes
 import logging
 import os
 from pathlib import Path
@@ -29,21 +29,20 @@ from pathlib import Path
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from lcmserve.engine.kernels.build import DTYPE_CODES, I64_POINTER, KernelSource, build_library, load_library
+from lcmserve.engine.kernels.build import KERNEL_DTYPES, KernelSource, build_library, is_loaded, load_library
 from lcmserve.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("sdpa", "small-head")
 SOURCE = Path(__file__).with_name("small_head_attention.c")
+OP_SOURCE = Path(__file__).with_name("small_head_attention_op.cpp")
 LIBRARY = "small_head_attention.so"
 # Head dims that take the kernel, from `lcmserve bench attention` (docs/results/attention-cpu-zen4.md):
 # up to 16 channels it beats SDPA at any length; at 24 only over a few keys (text tokens, a small
 # latent), where SDPA's per-tile overhead dominates; from 32 on SDPA's GEMMs win.
 MAX_HEAD_DIM = 16
 FEW_KEYS, FEW_KEYS_MAX_HEAD_DIM = 80, 24
-
-_lib: ctypes.CDLL | None = None
 
 
 def check_attention(mode: str) -> str:
@@ -53,8 +52,8 @@ def check_attention(mode: str) -> str:
 
 
 # 1. build and load ----------------------------------------------------------------------------
-KERNEL = KernelSource("small-head-attention", SOURCE, LIBRARY, param="attention", purpose="the small-head kernel",
-                      instead="use --attention sdpa")
+KERNEL = KernelSource("small-head-attention", SOURCE, OP_SOURCE, LIBRARY, param="attention",
+                      purpose="the small-head kernel", instead="use --attention sdpa")
 
 
 def build_kernel(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -62,43 +61,30 @@ def build_kernel(cache_dir: str | os.PathLike | None = None) -> Path:
     return build_library(KERNEL, cache_dir)
 
 
-def load_kernel(cache_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
-    """Build (if needed) and load the kernel; later calls reuse the loaded library."""
-    global _lib
-    if _lib is None:
-        _lib = load_library(KERNEL, cache_dir, "lcm_small_head_attention",
-                            [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [I64_POINTER] * 4 + [ctypes.c_float, ctypes.c_int])
-    return _lib
+def load_kernel(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Build (if needed) and load the kernel, once per process; returns the loaded library."""
+    return load_library(KERNEL, cache_dir)
 
 
 # 2. the op --------------------------------------------------------------------------------------
-def _strides(t: torch.Tensor, dims: tuple[int, int, int]) -> ctypes.Array:
-    return (ctypes.c_int64 * 3)(*(t.stride(d) for d in dims))
+# The schema and the fake kernel (for torch.compile's tracing) live here; the CPU kernel comes with
+# the library. The op is opaque to torch.compile, which calls it as it is.
+torch.library.define("lcmserve::small_head_attention", "(Tensor query, Tensor key, Tensor value) -> Tensor")
 
 
-@torch.library.custom_op("lcmserve::small_head_attention", mutates_args=())
+@torch.library.register_fake("lcmserve::small_head_attention")
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    batch, heads, n_query, head_dim = query.shape
+    return query.new_empty(batch, n_query, heads, head_dim)
+
+
 def small_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for [B, H, N, D] CPU tensors (float32 or bfloat16); returns [B, Nq, H, D].
 
     The output is laid out as the output projection reads it. Needs ``load_kernel()`` first."""
-    if _lib is None:
+    if not is_loaded(KERNEL):
         raise RuntimeError("small_head_attention: the kernel is not loaded; call load_kernel() first")
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key, value))
-    batch, heads, n_query, head_dim = q.shape
-    out = torch.empty(batch, n_query, heads, head_dim, dtype=q.dtype)
-    status = _lib.lcm_small_head_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch, heads, n_query, k.shape[2], head_dim,
-        _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(out, (0, 2, 1)),
-        head_dim ** -0.5, DTYPE_CODES[q.dtype])
-    if status != 0:
-        raise RuntimeError(f"small_head_attention failed (status {status}: 1 head dim > 64, 2 out of memory)")
-    return out
-
-
-@small_head_attention.register_fake
-def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    batch, heads, n_query, head_dim = query.shape
-    return query.new_empty(batch, n_query, heads, head_dim)
+    return torch.ops.lcmserve.small_head_attention(query, key, value)
 
 
 # 3. the processor --------------------------------------------------------------------------------
@@ -113,7 +99,7 @@ def kernel_takes(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     return (
         hidden_states.ndim == 3 and context.ndim == 3 and hidden_states.device.type == "cpu"
-        and head_dim_takes(head_dim, context.shape[1]) and hidden_states.dtype in DTYPE_CODES
+        and head_dim_takes(head_dim, context.shape[1]) and hidden_states.dtype in KERNEL_DTYPES
         and getattr(attn, "inner_kv_dim", attn.inner_dim) == attn.inner_dim
         and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
         and not attn.residual_connection
@@ -157,7 +143,7 @@ def use_small_head_attention(model, cache_dir: str | os.PathLike | None = None) 
     if fresh:
         unet.set_attn_processor({name: SmallHeadAttnProcessor() if type(p) is AttnProcessor2_0 else p
                                  for name, p in current.items()})
-    limit = FEW_KEYS_MAX_HEAD_DIM if model.dtype in DTYPE_CODES else 0
+    limit = FEW_KEYS_MAX_HEAD_DIM if model.dtype in KERNEL_DTYPES else 0
     layers = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), SmallHeadAttnProcessor)]
     taking = sum(m.inner_dim // m.heads <= limit for m in layers)
     logger.log(logging.INFO if fresh else logging.DEBUG,

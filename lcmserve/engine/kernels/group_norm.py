@@ -12,41 +12,36 @@ SiLU that follows into one element-wise loop.
 Where: ``use_group_norm_kernel`` gives a module's ``nn.GroupNorm`` layers a subclass that takes
 this path only while torch.compile traces it (not eagerly, not under torch.export or the ONNX
 exporter), for 4-D float32/bfloat16 CPU inputs of at least ``MIN_PIXELS`` pixels. Smaller maps
-stay with inductor: on the shapes UNet's 16x16 and smaller maps the op's per-call cost outweighed
-what it saved. The compiled backend installs it on the UNet and the VAE on a CPU.
+stay with inductor: on the shapes UNet's 16x16 and smaller maps the kernel gains nothing (with the
+op called through Python it lost; as a C++ op it is a wash). The compiled backend installs it on
+the UNet and the VAE on a CPU. The op's CPU kernel is registered from C++ (``group_norm_op.cpp``,
+see ``build.py``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from lcmserve.engine.kernels.build import DTYPE_CODES, I64_POINTER, KernelSource, load_library
+from lcmserve.engine.kernels.build import KERNEL_DTYPES, KernelSource, is_loaded, load_library
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("group_norm.c")
+OP_SOURCE = Path(__file__).with_name("group_norm_op.cpp")
 LIBRARY = "group_norm.so"
 MIN_PIXELS = 32 * 32
 
-_lib: ctypes.CDLL | None = None
+KERNEL = KernelSource("group-norm", SOURCE, OP_SOURCE, LIBRARY, param="backend",
+                      purpose="the compiled backend's group-norm kernel", instead="use --backend torch")
 
 
-KERNEL = KernelSource("group-norm", SOURCE, LIBRARY, param="backend", purpose="the compiled backend's group-norm kernel",
-                      instead="use --backend torch")
-
-
-def load_kernel(cache_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
-    """Build (if needed) and load the kernel; later calls reuse the loaded library."""
-    global _lib
-    if _lib is None:
-        _lib = load_library(KERNEL, cache_dir, "lcm_group_norm_stats",
-                            [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [I64_POINTER, ctypes.c_float, ctypes.c_int])
-    return _lib
+def load_kernel(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Build (if needed) and load the kernel, once per process; returns the loaded library."""
+    return load_library(KERNEL, cache_dir)
 
 
 def channels_last(x: torch.Tensor) -> bool:
@@ -54,28 +49,26 @@ def channels_last(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and (x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3))
 
 
-@torch.library.custom_op("lcmserve::group_norm_stats", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+# The schema (with inductor's flexible_layout tag: the op takes its input in whatever layout inductor
+# chose, channels-last after a frozen convolution) and the fake kernel live here; the CPU kernel, from
+# C++, comes with the library. Inputs the kernel does not read directly (another layout, another
+# dtype) are copied to NHWC float32/bfloat16 first.
+torch.library.define("lcmserve::group_norm_stats", "(Tensor x, int groups, float eps) -> (Tensor, Tensor)",
+                     tags=(torch.Tag.flexible_layout,))
+
+
+@torch.library.register_fake("lcmserve::group_norm_stats")
+def _(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], groups, dtype=torch.float32), x.new_empty(x.shape[0], groups, dtype=torch.float32)
+
+
 def group_norm_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and 1/sqrt(var + eps) per (image, group) of a [N, C, H, W] CPU tensor, float32 [N, groups] each.
 
-    Channels-last float32/bfloat16 inputs run the kernel; others take torch's own var_mean. The op's
-    flexible layout lets inductor pass its channels-last activations as they are."""
-    n, c, h, w = x.shape
-    if x.dtype not in DTYPE_CODES or not channels_last(x) or _lib is None:
-        var, mean = torch.var_mean(x.float().reshape(n, groups, c // groups * h * w), dim=-1, correction=0)
-        return mean, torch.rsqrt(var + eps)
-    mean, rstd = torch.empty(n, groups), torch.empty(n, groups)
-    strides = (ctypes.c_int64 * 3)(x.stride(0), x.stride(1), x.stride(3))
-    status = _lib.lcm_group_norm_stats(x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), n, c, h * w, groups, strides,
-                                       eps, DTYPE_CODES[x.dtype])
-    if status != 0:
-        raise RuntimeError(f"group_norm_stats failed (status {status}: 1 bad layout or groups, 2 out of memory)")
-    return mean, rstd
-
-
-@group_norm_stats.register_fake
-def _(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape[0], groups, dtype=torch.float32), x.new_empty(x.shape[0], groups, dtype=torch.float32)
+    Needs ``load_kernel()`` first."""
+    if not is_loaded(KERNEL):
+        raise RuntimeError("group_norm_stats: the kernel is not loaded; call load_kernel() first")
+    return torch.ops.lcmserve.group_norm_stats(x, groups, eps)
 
 
 class KernelGroupNorm(torch.nn.GroupNorm):
@@ -83,8 +76,8 @@ class KernelGroupNorm(torch.nn.GroupNorm):
 
     def takes(self, x: torch.Tensor) -> bool:
         return (
-            torch.compiler.is_compiling() and not torch.compiler.is_exporting() and _lib is not None
-            and x.ndim == 4 and x.device.type == "cpu" and x.dtype in DTYPE_CODES
+            torch.compiler.is_compiling() and not torch.compiler.is_exporting() and is_loaded(KERNEL)
+            and x.ndim == 4 and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
             and x.shape[2] * x.shape[3] >= MIN_PIXELS
             and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
         )
