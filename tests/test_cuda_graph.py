@@ -186,6 +186,22 @@ def test_compiled_backend_compiles_at_start_up_and_matches_eager(tiny):
     assert "aten::linear" not in ops  # the text encoder is compiled too (its linears are oneDNN's, from C++)
 
 
+def test_cpu_compile_keeps_the_guards_that_tell_buckets_apart():
+    """The compiled backend keeps only dynamo's guards on tensor arguments: each shape still gets its own code."""
+    from torch._dynamo.utils import counters
+
+    from lcmserve.engine.backends.cuda_graph import cpu_compile_options
+
+    layer = torch.nn.Linear(4, 3)
+    compiled = torch.compile(layer, dynamic=False, backend="eager", **cpu_compile_options())
+    before = counters["frames"]["ok"]
+    with torch.inference_mode():
+        for rows in (1, 2, 1, 2):
+            x = torch.randn(rows, 4)
+            torch.testing.assert_close(compiled(x), layer(x))
+    assert counters["frames"]["ok"] - before == 2  # one entry per shape, each found again
+
+
 def test_compiled_backends_of_two_models_keep_to_their_own_weights(tiny):
     """The CPU compile drops dynamo's guards on the modules (their per-call cost), so two models of the same
     architecture compiled in one process must not reach each other's compiled code (weights frozen into it)."""
