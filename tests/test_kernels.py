@@ -244,6 +244,24 @@ def test_kernel_cache_rebuilds_on_damage_and_on_a_new_source(tmp_path, caplog):
     source.write_text("this is not C")
     with pytest.raises(InvalidInputError, match="attention: compiling the small-head kernel .* failed"):
         build.build_library(edited, tmp_path)
+    op_source = tmp_path / "edited_op.cpp"
+    op_source.write_text("this is not C++")
+    with pytest.raises(InvalidInputError, match="attention: compiling the small-head kernel with .* failed"):
+        build.build_library(dataclasses.replace(kernel.KERNEL, op_source=op_source), tmp_path)
+
+
+def test_kernel_cache_key_follows_both_sources_and_torch(tmp_path, monkeypatch):
+    from lcmserve.engine.cache import ArtifactCache
+
+    cache = ArtifactCache(tmp_path)
+    cc, cxx = build.compilers(kernel.KERNEL)
+    entry = cache.entry_dir(kernel.KERNEL.name, build.kernel_spec(kernel.KERNEL, cc, cxx))
+    op_source = tmp_path / "op.cpp"
+    op_source.write_text(kernel.OP_SOURCE.read_text() + "\n// edited\n")
+    edited = dataclasses.replace(kernel.KERNEL, op_source=op_source)
+    assert cache.entry_dir(edited.name, build.kernel_spec(edited, cc, cxx)) != entry
+    monkeypatch.setattr(build.torch, "__version__", "2.99.0")  # another torch: the library links against it
+    assert cache.entry_dir(kernel.KERNEL.name, build.kernel_spec(kernel.KERNEL, cc, cxx)) != entry
 
 
 def test_bench_attention_records_the_unets_shapes_and_the_sweep(tmp_path):
