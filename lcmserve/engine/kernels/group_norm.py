@@ -44,11 +44,6 @@ def load_kernel(cache_dir: str | os.PathLike | None = None) -> Path:
     return load_library(KERNEL, cache_dir)
 
 
-def channels_last(x: torch.Tensor) -> bool:
-    """Whether a [N, C, H, W] tensor has its channels contiguous and its pixels evenly spaced (NHWC)."""
-    return x.stride(1) == 1 and (x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3))
-
-
 # The schema (with inductor's flexible_layout tag: the op takes its input in whatever layout inductor
 # chose, channels-last after a frozen convolution) and the fake kernel live here; the CPU kernel, from
 # C++, comes with the library. Inputs the kernel does not read directly (another layout, another
