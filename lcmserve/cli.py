@@ -102,8 +102,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_backend(args: argparse.Namespace, model, resolved):
     from lcmserve.engine.backends import BucketSet, create_backend
 
-    # Compiled backends build just what this run needs: its steps, its size, batch buckets up to --batch-size.
-    sizes = tuple(sorted({min(2**i, args.batch_size) for i in range(7)}))
+    # Compiled backends build just what this run needs: its steps, its size and its batch sizes (the sampler
+    # runs the images in batches of --batch-size and one of what is left), each bucket a compile at start-up.
+    full, rest = min(args.batch_size, args.num_images), args.num_images % args.batch_size
+    sizes = tuple(sorted({full, rest} - {0}))
     buckets = BucketSet(sizes, (resolved.steps,), ((resolved.height, resolved.width),))
     return create_backend(args.backend, model, buckets=buckets, cache_dir=args.cache_dir, compile=args.compile,
                           channels_last=args.channels_last, exporter=args.exporter, progress=not args.quiet,

@@ -30,6 +30,25 @@ def test_generate_is_reproducible(tmp_path, lcm_sd_dir):
     assert a == Image.open(tmp_path / "b" / "000-seed1.webp").tobytes()
 
 
+def test_generate_builds_only_the_batch_sizes_it_runs(tmp_path, lcm_sd_dir, monkeypatch):
+    """A compiled backend compiles every bucket at start-up: generate asks for the batches it will run, no more."""
+    from lcmserve.engine import backends
+    from lcmserve.engine.backends import TorchBackend
+
+    asked = []
+
+    def create_backend(name, model, buckets, **kwargs):
+        asked.append(buckets)
+        return TorchBackend(model)
+
+    monkeypatch.setattr(backends, "create_backend", create_backend)
+    for images, batch, sizes in ((1, 8, (1,)), (3, 8, (3,)), (8, 4, (4,)), (10, 4, (2, 4))):
+        assert main(["generate", "a cat", "--model", str(lcm_sd_dir), "--steps", "2", "-n", str(images),
+                     "--batch-size", str(batch), "--backend", "compiled", "-o", str(tmp_path / f"{images}-{batch}"),
+                     "-q"]) == 0
+        assert asked[-1].batch_sizes == sizes and asked[-1].steps == (2,)
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
