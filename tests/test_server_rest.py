@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from lcmserve.errors import InvalidInputError
@@ -158,9 +159,13 @@ def test_generate_json_seeds_are_returned_and_reproducible(http):
     assert (out["width"], out["height"], out["steps"], out["output_format"]) == (64, 64, 2, "png")
     assert out["timings"]["total_s"] >= out["timings"]["engine_s"] > 0
     alone = http.post("/generate", headers=AUTH, json={"prompt": "a red circle", "steps": 2, "seed": 8}).json()
-    second = _png_pixels(base64.b64decode(out["images"][1]["b64"]))
-    assert _png_pixels(base64.b64decode(alone["images"][0]["b64"])) == second
-    assert _png_pixels(base64.b64decode(out["images"][0]["b64"])) != second
+    second = np.frombuffer(_png_pixels(base64.b64decode(out["images"][1]["b64"])), np.uint8).astype(int)
+    # the same image alone as in the batch, to float rounding: the CPU's matrix kernels block a batch of 2
+    # differently from a batch of 1, and a value on a rounding edge may land one 8-bit level apart
+    again = np.frombuffer(_png_pixels(base64.b64decode(alone["images"][0]["b64"])), np.uint8).astype(int)
+    assert np.abs(again - second).max() <= 1 and (again != second).mean() < 1e-3
+    first = np.frombuffer(_png_pixels(base64.b64decode(out["images"][0]["b64"])), np.uint8).astype(int)
+    assert np.abs(first - second).mean() > 1
     # seed null draws one and returns it; that seed reproduces the image
     drawn = http.post("/generate", headers=AUTH, json={"prompt": "x", "steps": 1, "seed": None}).json()
     seed = drawn["images"][0]["seed"]
