@@ -37,6 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
     p.add_argument("--lora", default=None, help="LCM-LoRA adapter (folder or file) fused into the model at load")
     p.add_argument("--lora-scale", type=float, default=1.0, help="weight of the fused LoRA (default 1.0)")
     p.add_argument("--unet", default=None, help="an LCM UNet folder that replaces the pipeline's UNet")
+    p.add_argument("--vae", default=None, help="a VAE that replaces the pipeline's: a folder or Hub id of an "
+                   "AutoencoderKL or AutoencoderTiny (TAESD: a much faster decode), or preset:taesd (random weights)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: fp16 on GPU, fp32 on CPU)")
 
@@ -44,7 +46,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
 def _load(args):
     from lcmserve.models import load_model
 
-    return load_model(args.model, lora=args.lora, lora_scale=args.lora_scale, unet=args.unet,
+    return load_model(args.model, lora=args.lora, lora_scale=args.lora_scale, unet=args.unet, vae=args.vae,
                       device=args.device, dtype=args.dtype)
 
 
@@ -165,7 +167,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print((Path(args.out) / f"{args.name}.md").read_text())
         return 0
     cfg = BenchConfig(
-        model=args.model, backends=tuple(b for b in args.backends.split(",") if b), batch_sizes=tuple(args.batch_sizes),
+        model=args.model, vae=args.vae, backends=tuple(b for b in args.backends.split(",") if b), batch_sizes=tuple(args.batch_sizes),
         steps=tuple(args.steps), resolutions=parse_resolutions(args.resolutions), warmup=args.warmup, iters=args.iters,
         baseline=not args.no_baseline, device=args.device, dtype=args.dtype, guidance=args.guidance,
         cache_dir=args.cache_dir, compile=args.compile, channels_last=args.channels_last, exporter=args.exporter,
@@ -184,6 +186,8 @@ def _add_bench(sub) -> None:
     bn = sub.add_parser("bench", help="latency/throughput of the backends vs diffusers (JSON, markdown, plot); "
                         "`bench compare A.json B.json` merges runs")
     bn.add_argument("--model", default="shapes-lcm", help="model to load (default shapes-lcm, the bundled model)")
+    bn.add_argument("--vae", default=None, help="a VAE that replaces the model's, for ours and diffusers' alike "
+                    "(folder, Hub id, or preset:taesd for TAESD's architecture with random weights)")
     bn.add_argument("--backends", default="torch", help="comma list of torch, compiled, cuda-graph, onnx, tensorrt")
     bn.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma list in [1, 32] (default 1,8)")
     bn.add_argument("--steps", type=_int_list, default=[4], help="comma list in [1, 8] (default 4)")

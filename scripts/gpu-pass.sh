@@ -18,7 +18,8 @@
 # --train-text-encoder --snr-gamma 5); TEACHER_AUTO=1 first times the training step per batch size and
 # precision (`shapes train-speed`, AUTO_BATCHES, AUTO_VARIANTS) and trains with the fastest for the
 # budget, the learning rate scaled by the square root of the batch ratio; BENCH_COMPILE=1 adds a bench of
-# cuda-graph + torch.compile, BENCH_CL=1 one of cuda-graph with channels-last convolutions. OUT_DIR receives teacher.tgz and lcm.tgz (the
+# cuda-graph + torch.compile, BENCH_CL=1 one of cuda-graph with channels-last convolutions, BENCH_TAESD=1 one of cuda-graph and diffusers
+# both decoding with TAESD's architecture (--vae preset:taesd). OUT_DIR receives teacher.tgz and lcm.tgz (the
 # float16 UNets and training-configs.json, to unpack into lcmserve/shapes/weights), the bench
 # files, and results.tgz (evals, distillation summaries and samples, logs).
 # Python packages missing on the machine may be given as wheels in .whl/ (installed to /tmp/site).
@@ -139,6 +140,12 @@ if [ -n "${BENCH_CL:-}" ]; then  # channels-last converts the model: a bench of 
     --backends cuda-graph --channels-last --no-baseline --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
     --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-nhwc -q > "$RUN/logs/bench-nhwc.log" 2>&1
   grep "^|\|failed" "$OUT/bench-gpu-sd15-nhwc.md" 2>/dev/null | head -n 6
+fi
+if [ -n "${BENCH_TAESD:-}" ]; then  # the tiny decoder, ours and diffusers' alike
+  timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --vae preset:taesd --device "$DEV" \
+    --dtype float16 --backends cuda-graph --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
+    --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-taesd -q > "$RUN/logs/bench-taesd.log" 2>&1
+  grep "^|\|failed" "$OUT/bench-gpu-sd15-taesd.md" 2>/dev/null | head -n 6
 fi
 fi
 

@@ -48,6 +48,8 @@ class BenchConfig:
 
     model: str = "shapes-lcm"
     """Model to load (folder, Hub id or preset:NAME)."""
+    vae: str | None = None
+    """A VAE that replaces the model's (e.g. preset:taesd); diffusers' baseline decodes with it too."""
     backends: tuple[str, ...] = ("torch",)
     """Backends to measure, from torch, compiled, cuda-graph, onnx, tensorrt."""
     batch_sizes: tuple[int, ...] = (1, 8)
@@ -308,7 +310,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = load_model(cfg.model, vae=cfg.vae, device=cfg.device, dtype=cfg.dtype)
     device = model.device
     if cfg.attention == "small-head" and any(b in TORCH_EXECUTED for b in cfg.backends):
         use_small_head_attention(model, cfg.cache_dir)  # before the baseline is set up: it takes an SDPA twin
@@ -324,7 +326,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
     baseline_model = model
     if cfg.baseline and cfg.baseline_dtype not in (None, model.dtype_name):
-        baseline_model = load_model(cfg.model, device=str(device), dtype=cfg.baseline_dtype)
+        baseline_model = load_model(cfg.model, vae=cfg.vae, device=str(device), dtype=cfg.baseline_dtype)
     dtypes = {runner: (baseline_model if runner == BASELINE else model).dtype_name for runner in runners}
     attentions = {runner: cfg.attention if runner in TORCH_EXECUTED else "sdpa" for runner in runners}
     memory_kind = "cuda_max_reserved" if device.type == "cuda" else "process_peak_rss"
@@ -359,7 +361,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 for runner, (latencies, stages, profiled) in measured.items():
                     row = {
                         "backend": runner, "batch_size": batch_size, "steps": steps, "height": height,
-                        "width": width, "dtype": dtypes[runner], "attention": attentions[runner], "iters": cfg.iters,
+                        "width": width, "dtype": dtypes[runner], "attention": attentions[runner], "vae": cfg.vae,
+                        "iters": cfg.iters,
                         "setup_s": round(live[runner][1], 3),
                         **summarize(latencies, batch_size), "peak_memory_mb": round(peak_mb, 1),
                         "peak_memory_kind": memory_kind,
@@ -406,7 +409,7 @@ def markdown_table(rows: list[dict[str, Any]], with_device: bool = False) -> str
         head.insert(0, "device")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        label = r["backend"] + (f" ({r['attention']})" if r.get("attention", "sdpa") != "sdpa" else "")
+        label = _row_label(r)
         cells = [label, str(r["batch_size"]), str(r["steps"]), f"{r['height']}x{r['width']}",
                  r.get("dtype", "?"), _fmt(r["p50_ms"]), _fmt(r["p90_ms"]), _fmt(r["p99_ms"]), _fmt(r["throughput_img_s"], 2),
                  _fmt(r.get("text_ms")), _fmt(r.get("unet_ms")), _fmt(r.get("vae_ms")),
@@ -417,11 +420,15 @@ def markdown_table(rows: list[dict[str, Any]], with_device: bool = False) -> str
     return "\n".join(lines) + "\n"
 
 
+def _model_label(cfg: dict[str, Any]) -> str:
+    return cfg["model"] + (f" with VAE {cfg['vae']}" if cfg.get("vae") else "")
+
+
 def _markdown(result: dict[str, Any]) -> str:
     env, cfg = result["environment"], result["config"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     return (
-        f"# lcmserve bench: {cfg['model']}\n\n"
+        f"# lcmserve bench: {_model_label(cfg)}\n\n"
         f"- device: {env['device']} ({env['device_type']}), machine {env['machine']}, {env['platform']}, "
         f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']}\n"
         f"- date: {env['date']}\n- versions: {versions}\n"
@@ -462,8 +469,14 @@ def _profile_markdown(rows: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+def _row_label(r: dict[str, Any]) -> str:
+    """The backend, with what sets the row apart: our attention kernel, a replacement VAE."""
+    return (r["backend"] + (f" ({r['attention']})" if r.get("attention", "sdpa") != "sdpa" else "")
+            + (f" + VAE {r['vae']}" if r.get("vae") else ""))
+
+
 def _label(r: dict[str, Any]) -> str:
-    return f"{r['backend']} {r['steps']} steps {r['height']}x{r['width']}"
+    return f"{_row_label(r)} {r['steps']} steps {r['height']}x{r['width']}"
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str, label=_label) -> None:
@@ -517,7 +530,7 @@ def compare(files: list[str | Path], out: str | Path, name: str = "bench-compare
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise InvalidInputError(f"files: {path} is not a bench result ({exc})", param="files") from exc
         sources.append({"file": str(path), "device": env["device"], "machine": env["machine"], "date": env["date"],
-                        "model": result["config"]["model"]})
+                        "model": _model_label(result["config"])})
         merged.extend({**r, "device": env["device"], "machine": env["machine"]} for r in rows)
     merged.sort(key=lambda r: (r["steps"], r["height"], r["width"], r["batch_size"], r["device"], r["backend"]))
     out = Path(out)

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from lcmserve.errors import InvalidInputError, ModelLoadError
-from lcmserve.models.model import LCMModel, NoiseSchedule
-from lcmserve.models.presets import PRESET_PREFIX, build_preset_pipeline, get_preset
+from lcmserve.models.model import LCMModel, NoiseSchedule, vae_scale_factor
+from lcmserve.models.presets import PRESET_PREFIX, build_preset_pipeline, build_preset_vae, get_preset
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")  # what --vae may load: the full KL VAE or TAESD
 _SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _SDXL_COMPONENTS = _SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
 # Components we never run; passing None keeps diffusers from loading their weights.
@@ -150,6 +151,87 @@ def _swap_unet(pipe, unet_spec: str, dtype: torch.dtype) -> None:
         raise ModelLoadError(f"unet: could not load {unet_spec!r}: {exc}", param="unet") from exc
 
 
+def _read_vae_config(vae_spec: str, param: str) -> tuple[str | None, dict[str, Any]]:
+    """(subfolder, config) of a VAE folder, a pipeline folder's vae/, or a Hub id."""
+    folder = Path(vae_spec).expanduser()
+    if folder.is_dir():
+        for subfolder in (None, "vae"):
+            config_file = folder / (subfolder or "") / "config.json"
+            if config_file.is_file():
+                try:
+                    return subfolder, json.loads(config_file.read_text())
+                except json.JSONDecodeError as exc:
+                    raise ModelLoadError(f"{param}: {config_file} is not valid JSON ({exc})", param=param) from exc
+        raise ModelLoadError(
+            f"{param}: folder {vae_spec!r} holds no VAE (config.json, or vae/config.json)", param=param)
+    if folder.exists():
+        raise ModelLoadError(f"{param}: {vae_spec!r} is a file; give the VAE's folder", param=param)
+    if _looks_like_path(vae_spec):
+        raise ModelLoadError(f"{param}: folder {vae_spec!r} does not exist", param=param)
+    from diffusers import AutoencoderKL
+
+    try:  # a Hub id (e.g. madebyollin/taesd): diffusers resolves it when the user has the network
+        return None, dict(AutoencoderKL.load_config(vae_spec))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{param}: {vae_spec!r} is not a local folder or preset and could not be loaded from the Hugging Face "
+            f"Hub ({exc})", param=param) from exc
+
+
+def load_vae(vae_spec: str, *, latent_channels: int, scale_factor: int, dtype: torch.dtype,
+             param: str = "vae") -> torch.nn.Module:
+    """A VAE (folder, pipeline folder, Hub id or ``preset:taesd``) that fits the model's latents, on the CPU.
+
+    ``param`` names the setting in errors (``vae``, or the server's ``preview_vae``)."""
+    import diffusers
+
+    if not isinstance(vae_spec, str) or not vae_spec.strip():
+        raise ModelLoadError(f"{param}: give a VAE folder, a Hub id or preset:taesd", param=param)
+    if vae_spec.startswith(PRESET_PREFIX):
+        vae = build_preset_vae(vae_spec, dtype=dtype, param=param)
+    else:
+        subfolder, config = _read_vae_config(vae_spec, param)
+        class_name = config.get("_class_name")
+        if class_name not in VAE_CLASSES:
+            raise ModelLoadError(
+                f"{param}: {vae_spec!r} holds a {class_name}; allowed: {', '.join(VAE_CLASSES)}", param=param)
+        try:
+            vae = getattr(diffusers, class_name).from_pretrained(vae_spec, subfolder=subfolder, dtype=dtype)
+        except Exception as exc:
+            raise ModelLoadError(f"{param}: could not load {vae_spec!r}: {exc}", param=param) from exc
+    if int(vae.config.latent_channels) != latent_channels:
+        raise ModelLoadError(
+            f"{param}: {vae_spec!r} decodes {vae.config.latent_channels}-channel latents; the model's UNet makes "
+            f"{latent_channels}", param=param)
+    if vae_scale_factor(vae) != scale_factor:
+        raise ModelLoadError(
+            f"{param}: {vae_spec!r} upsamples latents {vae_scale_factor(vae)}x; the model's VAE does "
+            f"{scale_factor}x, and the two must agree", param=param)
+    return vae.eval().requires_grad_(False)
+
+
+def load_preview_decoder(model: LCMModel, vae_spec: str) -> torch.nn.Module:
+    """A second decoder for step previews only (e.g. TAESD), on the model's device, fitted to its latents."""
+    vae = load_vae(vae_spec, latent_channels=model.latent_channels, scale_factor=model.vae_scale_factor,
+                   dtype=model.dtype, param="preview_vae")
+    return vae.to(model.device, _decoder_dtype(vae, model.family))
+
+
+def _decoder_dtype(vae, family: str) -> torch.dtype:
+    """The SDXL KL VAE overflows in fp16; diffusers' SDXL pipelines upcast it too. SD 1.x/2.x VAEs decode fine
+    in fp16 (diffusers' SD pipelines never upcast them), although their configs say force_upcast; TAESD never
+    needs it (its config says so)."""
+    if family == "sdxl" and vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+        return torch.float32
+    return vae.dtype
+
+
+def _swap_vae(pipe, vae_spec: str, dtype: torch.dtype) -> None:
+    """Replace the pipeline's VAE: a TAESD (AutoencoderTiny) decodes in a fraction of the time."""
+    pipe.vae = load_vae(vae_spec, latent_channels=int(pipe.unet.config.in_channels),
+                        scale_factor=vae_scale_factor(pipe.vae), dtype=dtype)
+
+
 def _fuse_lora(pipe, lora: str, lora_scale: float) -> None:
     path = Path(lora).expanduser()
     if not path.exists() and _looks_like_path(lora):
@@ -172,16 +254,22 @@ def load_model(
     lora: str | None = None,
     lora_scale: float = 1.0,
     unet: str | None = None,
+    vae: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ) -> LCMModel:
-    """Load ``spec`` (folder, Hub id, ``preset:NAME`` or a bundled model, e.g. ``shapes-lcm``) as an LCM."""
+    """Load ``spec`` (folder, Hub id, ``preset:NAME`` or a bundled model, e.g. ``shapes-lcm``) as an LCM.
+
+    ``unet`` replaces the pipeline's UNet; ``vae`` its VAE (a folder or Hub id of an AutoencoderKL or
+    AutoencoderTiny, or ``preset:taesd``): a TAESD trades some detail for a far faster decode."""
     dev, torch_dtype = resolve_device_dtype(device, dtype)
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError("model: give a diffusers folder, a Hub id or preset:NAME", param="model")
     pipe = _load_pipeline(spec, torch_dtype)
     if unet is not None:
         _swap_unet(pipe, unet, torch_dtype)
+    if vae is not None:
+        _swap_vae(pipe, vae, torch_dtype)
     if lora is not None:
         _fuse_lora(pipe, lora, lora_scale)
     if lora is None and not _is_lcm(pipe):
@@ -191,19 +279,16 @@ def load_model(
             "UNet (--unet), or distil it first (lcmserve distill)",
             param="model",
         )
-    return _to_lcm_model(pipe, spec, lora, dev)
+    return _to_lcm_model(pipe, spec, lora, dev, vae_source=vae)
 
 
-def _to_lcm_model(pipe, name: str, lora: str | None, device: torch.device) -> LCMModel:
+def _to_lcm_model(pipe, name: str, lora: str | None, device: torch.device, vae_source: str | None = None) -> LCMModel:
     family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
     encoders = (pipe.text_encoder, pipe.text_encoder_2) if family == "sdxl" else (pipe.text_encoder,)
     tokenizers = (pipe.tokenizer, pipe.tokenizer_2) if family == "sdxl" else (pipe.tokenizer,)
     for module in (pipe.unet, pipe.vae, *encoders):
         module.to(device).eval().requires_grad_(False)
-    if family == "sdxl" and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
-        # The SDXL VAE overflows in fp16; diffusers' SDXL pipelines upcast it too. SD 1.x/2.x VAEs decode
-        # fine in fp16 (diffusers' SD pipelines never upcast them), although their configs say force_upcast.
-        pipe.vae.to(torch.float32)
+    pipe.vae.to(_decoder_dtype(pipe.vae, family))
     scheduler_config = dict(pipe.scheduler.config)
     return LCMModel(
         name=name,
@@ -216,5 +301,6 @@ def _to_lcm_model(pipe, name: str, lora: str | None, device: torch.device) -> LC
         guidance_mode="embedding" if pipe.unet.config.time_cond_proj_dim is not None else "cfg",
         scheduler_config=scheduler_config,
         lora=lora,
+        vae_source=vae_source,
         force_zeros_for_empty_prompt=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
     )

@@ -43,6 +43,12 @@ class NoiseSchedule:
         )
 
 
+def vae_scale_factor(vae: torch.nn.Module) -> int:
+    """Pixels per latent, each way: the KL VAE doubles per block, AutoencoderTiny by its configured factor."""
+    factor = int(vae.config.get("upsampling_scaling_factor", 2))
+    return factor ** (len(vae.config.block_out_channels) - 1)
+
+
 @dataclass
 class LCMModel:
     """Everything the engine needs from a diffusers-format LCM, already on its device and dtype."""
@@ -57,6 +63,7 @@ class LCMModel:
     guidance_mode: GuidanceMode
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     lora: str | None = None
+    vae_source: str | None = None  # where a replacement VAE came from (--vae); None: the pipeline's own
     force_zeros_for_empty_prompt: bool = True
 
     @property
@@ -74,7 +81,7 @@ class LCMModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @property
     def latent_channels(self) -> int:
@@ -107,6 +114,7 @@ class LCMModel:
             "family": self.family,
             "guidance_mode": self.guidance_mode,
             "lora": self.lora,
+            "vae": {"class": type(self.vae).__name__, "source": self.vae_source},
             "device": str(self.device),
             "dtype": self.dtype_name,
             "native_size": self.native_size,

@@ -5,6 +5,10 @@ Stable Diffusion 1.5, 2.1 and XL, with LCM's guidance embedding (``time_cond_pro
 added, so that speed and memory match the real models without downloading them. The
 ``tiny-*`` presets are the few-hundred-kilobyte models that tests and demos build in
 well under a second. Images from any preset are noise: the weights are random.
+
+Decoder presets (``--vae preset:NAME``) swap the model's VAE for another architecture, again
+with random weights: ``preset:taesd`` is TAESD's (diffusers' ``AutoencoderTiny``, the tiny
+decoder that real-time LCM setups use), for timing it against the full decoder.
 """
 
 from __future__ import annotations
@@ -136,6 +140,21 @@ _TINY_CLIP = dict(
     max_position_embeddings=77, vocab_size=1000, projection_dim=32, hidden_act="gelu", layer_norm_eps=1e-5,
 )
 
+# TAESD's published config (madebyollin/taesd; taesdxl has the same architecture): diffusers' defaults.
+_TAESD = dict(
+    encoder_block_out_channels=[64, 64, 64, 64], decoder_block_out_channels=[64, 64, 64, 64],
+    num_encoder_blocks=[1, 3, 3, 3], num_decoder_blocks=[3, 3, 3, 1], latent_channels=4, act_fn="relu",
+    latent_magnitude=3, latent_shift=0.5, scaling_factor=1.0, upsampling_scaling_factor=2,
+)
+_TINY_TAESD = {  # scale factor 2, as the tiny presets' VAE
+    **_TAESD, "encoder_block_out_channels": [16, 16], "decoder_block_out_channels": [16, 16],
+    "num_encoder_blocks": [1, 1], "num_decoder_blocks": [1, 1],
+}
+VAE_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {  # name: (diffusers class, config)
+    "taesd": ("AutoencoderTiny", _TAESD),
+    "tiny-taesd": ("AutoencoderTiny", _TINY_TAESD),
+}
+
 
 @dataclass(frozen=True)
 class PresetSpec:
@@ -180,6 +199,24 @@ def get_preset(name: str) -> PresetSpec:
         allowed = ", ".join(PRESET_PREFIX + n for n in preset_names())
         raise ModelLoadError(f"model: unknown preset {name!r}; allowed: {allowed}", param="model")
     return PRESETS[key]
+
+
+def build_preset_vae(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     param: str = "vae") -> torch.nn.Module:
+    """A decoder preset (``preset:taesd``, ``preset:tiny-taesd``) with seeded random weights."""
+    import diffusers
+
+    from lcmserve.errors import ModelLoadError
+
+    key = name.removeprefix(PRESET_PREFIX)
+    if key not in VAE_PRESETS:
+        allowed = ", ".join(PRESET_PREFIX + n for n in sorted(VAE_PRESETS))
+        raise ModelLoadError(f"{param}: unknown preset {name!r}; allowed: {allowed}", param=param)
+    class_name, config = VAE_PRESETS[key]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = getattr(diffusers, class_name)(**copy.deepcopy(config)).eval()
+    return vae if dtype == torch.float32 else vae.to(dtype)
 
 
 def unet_config(spec: PresetSpec, lcm: bool = True) -> dict[str, Any]:

@@ -34,9 +34,9 @@ HTTP_SHUTDOWN_S = 5.0
 
 def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
     """Model -> sampler -> engine client whose batcher feeds ``metrics``; not started yet."""
-    from lcmserve.models import load_model
+    from lcmserve.models import load_model, load_preview_decoder
 
-    model = load_model(config.model, lora=config.lora, lora_scale=config.lora_scale, unet=config.unet,
+    model = load_model(config.model, lora=config.lora, lora_scale=config.lora_scale, unet=config.unet, vae=config.vae,
                        device=config.device, dtype=config.dtype)
     if config.model.startswith("preset:"):
         logger.warning("model %s has random weights: its images are noise (use it to measure speed)", config.model)
@@ -49,8 +49,9 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
         buckets = BucketSet(sizes, tuple(range(MIN_STEPS, MAX_STEPS + 1)), ((model.native_size, model.native_size),))
         sampler.backend = create_backend(config.backend, model, buckets=buckets, cache_dir=config.cache_dir,
                                          attention=config.attention)
+    preview_decoder = load_preview_decoder(model, config.preview_vae) if config.preview_vae else None
     client = EngineClient(sampler, config.model, config.batcher_config,
-                          on_batch=metrics.on_batch, on_failure=metrics.on_failure)
+                          on_batch=metrics.on_batch, on_failure=metrics.on_failure, preview_decoder=preview_decoder)
     metrics.bind_client(client)
     metrics.set_model_info({**model.describe(), "lcmserve_model": config.model})
     return client

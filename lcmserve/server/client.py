@@ -7,7 +7,8 @@ bad value fails only its own request (422 / INVALID_ARGUMENT).
 
 A caller that wants progress passes ``on_step``: it gets a ``StepEvent`` per denoising step,
 and with ``previews=True`` the step's x0 estimate of its own images decoded by the model's
-VAE (a VAE pass per step, paid by that request's rows only).
+VAE, or by the preview decoder when one is given (a decode per step, paid by that request's
+rows only; a tiny decoder such as TAESD makes it cheap).
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ class EngineClient:
 
     def __init__(self, sampler: LCMSampler, model_name: str, config: BatcherConfig | None = None,
                  on_batch: Callable[[BatchInfo], None] | None = None,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None,
+                 preview_decoder: torch.nn.Module | None = None) -> None:
         self.sampler = sampler
+        self.preview_decoder = preview_decoder
         self.model_name = model_name
         self.batcher = Batcher(sampler.run_rows, config or BatcherConfig(), on_batch=on_batch, on_failure=on_failure)
         self.ready = False
@@ -105,12 +108,12 @@ class EngineClient:
 
     @torch.inference_mode()
     def decode_previews(self, latents: torch.Tensor) -> list[torch.Tensor]:
-        """x0 estimates [n, C, h, w] -> images float [3, H, W] in [0, 1] on the CPU, by the model's VAE.
+        """x0 estimates [n, C, h, w] -> images float [3, H, W] in [0, 1] on the CPU.
 
-        The same decode as the torch backend's last stage, so the preview of the last step is
-        the final image (before its encoding).
+        By the model's VAE, the same decode as the torch backend's last stage, so that the preview
+        of the last step is the final image (before its encoding); or by the preview decoder.
         """
-        vae = self.sampler.model.vae
+        vae = self.preview_decoder if self.preview_decoder is not None else self.sampler.model.vae
         scaled = (latents / vae.config.scaling_factor).to(vae.device, vae.dtype)
         images = vae.decode(scaled, return_dict=False)[0]
         return list((images.float() / 2 + 0.5).clamp(0, 1).cpu())

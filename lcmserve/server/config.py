@@ -41,6 +41,12 @@ class ServerConfig:
     lora: str | None = field(default=None, metadata=_doc("LCM-LoRA adapter (folder or file) fused at load"))
     lora_scale: float = field(default=1.0, metadata=_doc("weight of the fused LoRA, in [0, 10]"))
     unet: str | None = field(default=None, metadata=_doc("an LCM UNet folder that replaces the pipeline's UNet"))
+    vae: str | None = field(default=None, metadata=_doc(
+        "a VAE that replaces the pipeline's: folder or Hub id of an AutoencoderKL or AutoencoderTiny (TAESD, a much "
+        "faster decode), or preset:taesd"))
+    preview_vae: str | None = field(default=None, metadata=_doc(
+        "a second decoder for gRPC's per-step previews only (same forms as vae; e.g. TAESD, so that previews cost "
+        "the batch a fraction of a full decode); final images keep the model's VAE"))
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     dtype: str = field(default="auto", metadata=_doc("auto, float32, bfloat16 or float16"))
     backend: str = field(default="torch", metadata=_doc(

@@ -11,7 +11,8 @@ grpcio-tools versions; none are written by hand or committed.
 ``GenerateStream`` sends one ``STAGE_QUEUED`` progress event when the request is accepted,
 one ``STAGE_STEP`` event per denoising step (``EngineClient.submit(..., on_step=...)``), each
 with a low-quality JPEG preview of every image's current x0 estimate unless the request sets
-``previews = false`` (a VAE decode per step, paid by that request's rows only), and the
+``previews = false`` (a decode per step, paid by that request's rows only; the server's
+``preview_vae``, e.g. TAESD, makes it cheap), and the
 images last. When the server has an API key, the generation RPCs require the metadata
 ``authorization: Bearer <key>`` (UNAUTHENTICATED otherwise); health and reflection are open.
 """
