@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lcmserve.cli import main
 from lcmserve.engine.bench import BenchConfig, compare, summarize
@@ -55,6 +56,9 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
             assert r["unet_ms"] > 0 and r["vae_ms"] > 0 and r["text_ms"] > 0
     env = result["environment"]
     assert env["device_type"] == "cpu" and env["versions"]["torch"] and env["date"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(env["cpu_bfloat16"], bool)
+    assert f"bfloat16 instructions {'yes' if env['cpu_bfloat16'] else 'no'}" in (bench_run / "run.md").read_text()
     assert "| onnx | 2 | 1 | 32x32 |" in (bench_run / "run.md").read_text()
     assert (bench_run / "run.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -148,3 +148,22 @@ def test_saved_lcm_loads_in_diffusers_own_pipeline(lcm_sd_dir):
 
     pipe = DiffusionPipeline.from_pretrained(lcm_sd_dir, safety_checker=None, feature_extractor=None)
     assert isinstance(pipe, LatentConsistencyModelPipeline)
+
+
+def test_bfloat16_on_a_cpu_without_its_instructions_warns(monkeypatch, caplog):
+    import platform
+
+    from lcmserve.models.loading import cpu_has_bfloat16, resolve_device_dtype
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert cpu_has_bfloat16() is native
+        caplog.clear()
+        assert resolve_device_dtype("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+        assert ("no bfloat16 instructions" in caplog.text) is (not native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    caplog.clear()
+    resolve_device_dtype("cpu", "float32")  # float32 is not warned about on any CPU
+    assert caplog.text == ""

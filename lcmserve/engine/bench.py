@@ -33,7 +33,7 @@ from lcmserve.engine.cache import library_versions
 from lcmserve.engine.kernels.attention import check_attention, use_small_head_attention, with_standard_attention
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Row
 from lcmserve.errors import InvalidInputError
-from lcmserve.models.loading import DTYPES
+from lcmserve.models.loading import DTYPES, cpu_has_bfloat16
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {k: v for k, v in library_versions(_LIBRARIES).items() if v != "absent"},
+        **({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bfloat16": cpu_has_bfloat16()}
+           if device.type == "cpu" else {}),
     }
 
 
@@ -430,7 +432,9 @@ def _markdown(result: dict[str, Any]) -> str:
     return (
         f"# lcmserve bench: {_model_label(cfg)}\n\n"
         f"- device: {env['device']} ({env['device_type']}), machine {env['machine']}, {env['platform']}, "
-        f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']}\n"
+        f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']}"
+        + (f", vectors {env['cpu_capability']}, bfloat16 instructions {'yes' if env['cpu_bfloat16'] else 'no'}"
+           if "cpu_bfloat16" in env else "") + "\n"
         f"- date: {env['date']}\n- versions: {versions}\n"
         f"- {cfg['warmup']} warm-up + {cfg['iters']} timed batches per row; guidance {cfg['guidance']}; latency is "
         "end to end per batch (tokenize, noise, text encoder, LCM loop, VAE decode); stage times are the backend's "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,17 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
         raise InvalidInputError(
             "dtype: float16 is not supported on CPU (slow and inexact there); use float32 or bfloat16", param="dtype"
         )
+    if dev.type == "cpu" and dtype == "bfloat16" and not cpu_has_bfloat16():
+        logger.warning("dtype: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); bfloat16 runs emulated "
+                       "here, typically 2-3x slower than float32 (use --dtype float32)")
     return dev, DTYPES[dtype]
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether an x86 CPU computes in bfloat16 natively (AVX512-BF16 or AMX); other CPUs are taken at their word."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _looks_like_path(spec: str) -> bool:
