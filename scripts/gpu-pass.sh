@@ -13,9 +13,10 @@
 #      (1/2/4/8 steps; guidance 3/5/9/15 at 4 steps) and each ablation run.
 #
 # Usage: scripts/gpu-pass.sh OUT_DIR [SECONDS]
-# Everything is bounded by SECONDS (default 575). SKIP=lcd,tests,bench,eval leaves stages out (the
-# teacher then gets their time: TEACHER_S); TEACHER_FLAGS adds flags to the teacher's training (e.g.
-# --train-text-encoder --snr-gamma 5); TEACHER_AUTO=1 first times the training step per batch size and
+# Everything is bounded by SECONDS (default 575). SKIP=teacher,lcd,tests,bench,eval leaves stages out
+# (the teacher then gets their time: TEACHER_S; with the teacher left out, the shipped one is distilled and evaluated,
+# and SKIP=teacher,lcd,eval is the engine's pass alone: GPU tests and benches); TEACHER_FLAGS adds flags to the
+# teacher's training (e.g. --train-text-encoder --snr-gamma 5); TEACHER_AUTO=1 first times the training step per batch size and
 # precision (`shapes train-speed`, AUTO_BATCHES, AUTO_VARIANTS) and trains with the fastest for the
 # budget, the learning rate scaled by the square root of the batch ratio; BENCH_COMPILE=1 adds a bench of
 # cuda-graph + torch.compile, BENCH_CL=1 one of cuda-graph with channels-last convolutions, BENCH_TAESD=1 one of cuda-graph and diffusers
@@ -50,6 +51,7 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 
 # -- 1. the teacher ----------------------------------------------------------------------------
+if want teacher; then
 TEACHER_S=${TEACHER_S:-160}
 log "1. teacher: ${TEACHER_S} s"
 T1=$(date +%s)
@@ -87,11 +89,14 @@ $LCM shapes bundle --clip shipped --vae shipped --teacher "$RUN/teacher" --class
 tar -C "$RUN/bundle" -czf "$OUT/teacher.tgz" shapes-teacher/unet shapes-teacher/text_encoder training-configs.json
 python3 -c "import json,torch; s=torch.load('$RUN/teacher/checkpoint.pt',weights_only=False); \
 json.dump({'steps': s['step'], 'losses': s['losses']}, open('$RUN/logs/teacher-losses.json','w'))"
+fi
 TEACHER_DIR=$RUN/bundle/shapes-teacher
 [ -f "$TEACHER_DIR/unet/config.json" ] || TEACHER_DIR=lcmserve/shapes/weights/shapes-teacher  # the shipped one
+if want teacher; then
 log "teacher check ($TEACHER_DIR): DDIM 50, guidance 8, 256 held-out prompts"
 timeout 45 $LCM eval "$TEACHER_DIR" --sampler ddim --steps 50 --guidance 8 --num-images ${EVAL_N_QUICK:-256} --batch-size 256 \
   --device "$DEV" -o "$RUN/eval-teacher-quick" 2>&1 | grep "^| \(real\|ddim\)"
+fi
 
 # -- 2. distillation: the ablation grid, side by side ----------------------------------------------
 if want lcd; then
@@ -108,7 +113,9 @@ lcd k20-ddim & lcd k1-ddim --skipping-step 1 & lcd k5-ddim --skipping-step 5 & l
 lcd k50-ddim --skipping-step 50 & lcd k20-dpmsolver --solver dpmsolver & lcd k20-dpmsolverpp --solver dpmsolver++ &
 wait
 grep -h "distilled\|max_minutes\|Error" "$RUN"/logs/lcd-*.log
-$LCM shapes bundle --clip shipped --vae shipped --teacher "$RUN/teacher" --classifier shipped \
+TEACHER_RUN=$RUN/teacher
+[ -d "$TEACHER_RUN" ] || TEACHER_RUN=shipped
+$LCM shapes bundle --clip shipped --vae shipped --teacher "$TEACHER_RUN" --classifier shipped \
   --lcm "$RUN/lcd-k20-ddim" -o "$RUN/bundle" 2>&1 | tail -n 1
 tar -C "$RUN/bundle" -czf "$OUT/lcm.tgz" --exclude shapes-lcm/vae --exclude shapes-lcm/text_encoder shapes-lcm \
   training-configs.json
@@ -129,23 +136,24 @@ timeout $(( $(left) - 70 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --dev
   --resolutions ${BENCH_SIZE:-512x512} --warmup 3 --iters ${BENCH_ITERS:-15} --profile \
   --out "$OUT" --name bench-gpu-sd15 -q > "$RUN/logs/bench.log" 2>&1
 grep "^|\|failed" "$OUT/bench-gpu-sd15.md" 2>/dev/null | head -n 12
-if [ -n "${BENCH_COMPILE:-}" ]; then
-  timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" --dtype float16 \
-    --backends cuda-graph --compile --no-baseline --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
-    --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-compile -q > "$RUN/logs/bench-compile.log" 2>&1
-  grep "^|\|failed" "$OUT/bench-gpu-sd15-compile.md" 2>/dev/null | head -n 6
-fi
 if [ -n "${BENCH_CL:-}" ]; then  # channels-last converts the model: a bench of its own
-  timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" --dtype float16 \
+  timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" --dtype ${BENCH_DTYPE:-float16} \
     --backends cuda-graph --channels-last --no-baseline --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
     --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-nhwc -q > "$RUN/logs/bench-nhwc.log" 2>&1
   grep "^|\|failed" "$OUT/bench-gpu-sd15-nhwc.md" 2>/dev/null | head -n 6
 fi
 if [ -n "${BENCH_TAESD:-}" ]; then  # the tiny decoder, ours and diffusers' alike
-  timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --vae preset:taesd --device "$DEV" \
-    --dtype float16 --backends cuda-graph --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
+  timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --vae ${BENCH_VAE:-preset:taesd} --device "$DEV" \
+    --dtype ${BENCH_DTYPE:-float16} --backends cuda-graph --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
     --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-taesd -q > "$RUN/logs/bench-taesd.log" 2>&1
   grep "^|\|failed" "$OUT/bench-gpu-sd15-taesd.md" 2>/dev/null | head -n 6
+fi
+# torch.compile last: its compilation is the longest, and a cut run keeps the others
+if [ -n "${BENCH_COMPILE:-}" ]; then
+  timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" --dtype ${BENCH_DTYPE:-float16} \
+    --backends cuda-graph --compile --no-baseline --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
+    --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-compile -q > "$RUN/logs/bench-compile.log" 2>&1
+  grep "^|\|failed" "$OUT/bench-gpu-sd15-compile.md" 2>/dev/null | head -n 6
 fi
 fi
 
