@@ -44,7 +44,7 @@ def test_taesd_folder_matches_diffusers_pipeline_with_the_same_decoder(lcm_sd_di
                     generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
     model = load_model(str(lcm_sd_dir), vae=str(taesd_dir), device="cpu", dtype="float32")
     assert isinstance(model.vae, AutoencoderTiny)
-    assert model.describe()["vae"] == {"class": "AutoencoderTiny", "source": str(taesd_dir)}
+    assert (model.describe()["vae"], model.describe()["vae_source"]) == ("AutoencoderTiny", str(taesd_dir))
     got = LCMSampler(model).run_rows(ROWS, 2, 64, 64).images
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     # and the swap changes the images (the full VAE decodes the same latents differently)
@@ -133,7 +133,7 @@ def test_cli_generate_and_bench_take_the_decoder(tmp_path, lcm_sd_dir, taesd_dir
     assert main(["generate", "a cat", "--model", str(lcm_sd_dir), "--vae", str(taesd_dir), "--steps", "1",
                  "-o", str(tmp_path / "gen"), "-q"]) == 0
     record = json.loads((tmp_path / "gen" / "generation.json").read_text())
-    assert record["model"]["vae"] == {"class": "AutoencoderTiny", "source": str(taesd_dir)}
+    assert (record["model"]["vae"], record["model"]["vae_source"]) == ("AutoencoderTiny", str(taesd_dir))
     assert main(["bench", "--model", "preset:tiny-sd", "--vae", "preset:tiny-taesd", "--backends", "torch",
                  "--batch-sizes", "1", "--steps", "1", "--resolutions", "32x32", "--warmup", "0", "--iters", "1",
                  "--device", "cpu", "--out", str(tmp_path), "--name", "taesd", "-q"]) == 0
@@ -142,7 +142,7 @@ def test_cli_generate_and_bench_take_the_decoder(tmp_path, lcm_sd_dir, taesd_dir
     assert "| torch + VAE preset:tiny-taesd | 1 | 1 | 32x32 |" in markdown
     result = json.loads((tmp_path / "taesd.json").read_text())
     assert {r["backend"] for r in result["rows"]} == {"diffusers", "torch"}
-    assert result["model"]["vae"]["class"] == "AutoencoderTiny"
+    assert result["model"]["vae"] == "AutoencoderTiny"
 
 
 def test_diffusers_baseline_decodes_with_the_same_decoder():
@@ -174,7 +174,9 @@ def test_preview_decoder_decodes_the_previews_and_leaves_the_images_alone():
     config = ServerConfig(model="preset:tiny-sd", device="cpu", dtype="float32", warmup_steps=(),
                           max_queue_delay_ms=0, grpc_port=0)
     plain = build_client(config, ServerMetrics())
-    tiny = build_client(ServerConfig(**{**config.__dict__, "preview_vae": "preset:tiny-taesd"}), ServerMetrics())
+    metrics = ServerMetrics()
+    tiny = build_client(ServerConfig(**{**config.__dict__, "preview_vae": "preset:tiny-taesd"}), metrics)
+    assert 'vae="AutoencoderKL"' in metrics.render()[0].decode()  # the model's decoder, on /metrics
     assert plain.preview_decoder is None and isinstance(tiny.preview_decoder, AutoencoderTiny)
     assert tiny.preview_decoder.device == tiny.sampler.model.device
     results = {}
