@@ -54,6 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lcmserve.engine import GenerationRequest, LCMSampler, Limits
+    from lcmserve.engine.backends.cuda_graph import compile_options
     from lcmserve.engine.request import check_guidance, check_num_images, check_seed, check_steps
 
     started = time.perf_counter()
@@ -63,6 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_guidance(args.guidance, limits)
     check_num_images(args.num_images, limits)
     check_seed(args.seed)
+    compile_options("cuda", args.compile_mode)
     model = _load(args)
     if args.model.startswith("preset:"):
         logger.warning("model %s has random weights: its images are noise (use it to measure speed)", args.model)
@@ -110,8 +112,8 @@ def _generate_backend(args: argparse.Namespace, model, resolved):
     sizes = tuple(sorted({full, rest} - {0}))
     buckets = BucketSet(sizes, (resolved.steps,), ((resolved.height, resolved.width),))
     return create_backend(args.backend, model, buckets=buckets, cache_dir=args.cache_dir, compile=args.compile,
-                          channels_last=args.channels_last, exporter=args.exporter, progress=not args.quiet,
-                          attention=args.attention)
+                          compile_mode=args.compile_mode, channels_last=args.channels_last, exporter=args.exporter,
+                          progress=not args.quiet, attention=args.attention)
 
 
 def _add_attention(parser) -> None:
@@ -170,7 +172,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, vae=args.vae, backends=tuple(b for b in args.backends.split(",") if b), batch_sizes=tuple(args.batch_sizes),
         steps=tuple(args.steps), resolutions=parse_resolutions(args.resolutions), warmup=args.warmup, iters=args.iters,
         baseline=not args.no_baseline, device=args.device, dtype=args.dtype, guidance=args.guidance,
-        cache_dir=args.cache_dir, compile=args.compile, channels_last=args.channels_last, exporter=args.exporter,
+        cache_dir=args.cache_dir, compile=args.compile, compile_mode=args.compile_mode,
+        channels_last=args.channels_last, exporter=args.exporter,
         threads=args.threads, baseline_dtype=args.baseline_dtype, interleave=args.interleave, profile=args.profile,
         attention=args.attention, out=args.out, name=args.name, progress=not args.quiet,
     )
@@ -200,6 +203,9 @@ def _add_bench(sub) -> None:
     bn.add_argument("--guidance", type=float, default=8.0)
     bn.add_argument("--cache-dir", default=None, help="ONNX/TensorRT cache (default $LCMSERVE_CACHE_DIR)")
     bn.add_argument("--compile", action="store_true", help="torch.compile inside cuda-graph")
+    bn.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                    help="cuda-graph --compile on a GPU: max-autotune-no-cudagraphs (default; minutes of autotuning "
+                    "per bucket) or default (library kernels, a short warm-up)")
     bn.add_argument("--channels-last", action="store_true", help="cuda-graph: NHWC convolutions")
     bn.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
     _add_attention(bn)
@@ -569,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache-dir", default=None,
                      help="ONNX/TensorRT cache (default $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)")
     gen.add_argument("--compile", action="store_true", help="cuda-graph: torch.compile the UNet and VAE")
+    gen.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                     help="cuda-graph --compile: max-autotune-no-cudagraphs (default) or default (a short warm-up)")
     gen.add_argument("--channels-last", action="store_true", help="cuda-graph: NHWC convolutions")
     gen.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="onnx: torch.onnx exporter")
     _add_attention(gen)

@@ -19,7 +19,7 @@
 # teacher's training (e.g. --train-text-encoder --snr-gamma 5); TEACHER_AUTO=1 first times the training step per batch size and
 # precision (`shapes train-speed`, AUTO_BATCHES, AUTO_VARIANTS) and trains with the fastest for the
 # budget, the learning rate scaled by the square root of the batch ratio; BENCH_COMPILE=1 adds a bench of
-# cuda-graph + torch.compile, BENCH_CL=1 one of cuda-graph with channels-last convolutions, BENCH_TAESD=1 one of cuda-graph and diffusers
+# cuda-graph + torch.compile (BENCH_COMPILE_MODE, default: `default`, as max-autotune's tuning outlasts the budget), BENCH_CL=1 one of cuda-graph with channels-last convolutions, BENCH_TAESD=1 one of cuda-graph and diffusers
 # both decoding with TAESD's architecture (--vae preset:taesd). OUT_DIR receives teacher.tgz and lcm.tgz (the
 # float16 UNets and training-configs.json, to unpack into lcmserve/shapes/weights), the bench
 # files, and results.tgz (evals, distillation summaries and samples, logs).
@@ -151,7 +151,7 @@ fi
 # torch.compile last: its compilation is the longest, and a cut run keeps the others
 if [ -n "${BENCH_COMPILE:-}" ]; then
   timeout $(( $(left) - 60 )) $LCM bench --model ${BENCH_MODEL:-preset:sd15} --device "$DEV" --dtype ${BENCH_DTYPE:-float16} \
-    --backends cuda-graph --compile --no-baseline --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
+    --backends cuda-graph --compile --compile-mode ${BENCH_COMPILE_MODE:-default} --no-baseline --batch-sizes 1,16 --steps 4 --resolutions ${BENCH_SIZE:-512x512} \
     --warmup 3 --iters ${BENCH_ITERS:-15} --out "$OUT" --name bench-gpu-sd15-compile -q > "$RUN/logs/bench-compile.log" 2>&1
   grep "^|\|failed" "$OUT/bench-gpu-sd15-compile.md" 2>/dev/null | head -n 6
 fi

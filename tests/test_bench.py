@@ -22,7 +22,7 @@ def test_summarize_percentiles_and_throughput():
     ({"iters": 0}, "iters"), ({"warmup": -1}, "warmup"), ({"resolutions": ((100, 64),)}, "resolutions"),
     ({"backends": (), "baseline": False}, "backends"),
     ({"threads": 0}, "threads"), ({"interleave": True, "channels_last": True}, "interleave"),
-    ({"baseline_dtype": "fp8"}, "baseline_dtype"),
+    ({"baseline_dtype": "fp8"}, "baseline_dtype"), ({"compile_mode": "reduce-overhead"}, "compile_mode"),
 ])
 def test_bench_config_checks(kwargs, param):
     with pytest.raises(InvalidInputError) as info:

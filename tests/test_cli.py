@@ -62,6 +62,8 @@ def test_generate_builds_only_the_batch_sizes_it_runs(tmp_path, lcm_sd_dir, monk
         (["--seed", "-3"], "seed must be null or an integer"),
         (["--model", "/does/not/exist"], "model: folder '/does/not/exist' does not exist (see --model)"),
         (["--dtype", "float16", "--device", "cpu"], "float16 is not supported on CPU"),
+        (["--compile-mode", "reduce-overhead"],
+         "compile_mode must be one of max-autotune-no-cudagraphs, default (reduce-overhead and max-autotune"),
     ],
 )
 def test_generate_bad_flags(tmp_path, flags, message, capsys):

@@ -224,3 +224,15 @@ def test_compiled_backends_of_two_models_keep_to_their_own_weights(tiny):
                                   LCMSampler(other).run_rows(rows, 2, 32, 32).images, atol=1e-2)
     finally:
         torch._dynamo.reset()
+
+
+def test_compile_mode_is_checked_and_reaches_torch_compile_on_a_gpu():
+    from lcmserve.engine.backends.cuda_graph import compile_options, cpu_compile_options
+
+    assert compile_options("cuda", "default") == {"mode": "default"}
+    assert compile_options("cuda") == {"mode": "max-autotune-no-cudagraphs"}
+    assert compile_options("cpu", "default").keys() == cpu_compile_options().keys()  # the CPU keeps its own set
+    for mode in ("reduce-overhead", "max-autotune", "fast"):
+        with pytest.raises(InvalidInputError, match="compile_mode must be one of") as info:
+            CudaGraphConfig(compile_mode=mode)
+        assert info.value.param == "compile_mode"

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from lcmserve.engine.backends import BACKENDS, TORCH_EXECUTED, BucketSet, create_backend
+from lcmserve.engine.backends.cuda_graph import compile_options
 from lcmserve.engine.cache import library_versions
 from lcmserve.engine.kernels.attention import check_attention, use_small_head_attention, with_standard_attention
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Row
@@ -74,6 +75,8 @@ class BenchConfig:
     """ONNX graphs and TensorRT engines (default: $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)."""
     compile: bool = False
     """torch.compile inside the cuda-graph backend."""
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    """torch.compile mode on a GPU: max-autotune-no-cudagraphs or default (a far shorter warm-up)."""
     channels_last: bool = False
     """NHWC convolutions in the cuda-graph backend (it converts the shared model: run it after the
     baseline and the other backends, or in a bench of its own)."""
@@ -122,6 +125,7 @@ class BenchConfig:
             raise InvalidInputError("interleave: not with channels_last, which converts the model every backend "
                                     "shares; bench channels-last in a run of its own", param="interleave")
         check_attention(self.attention)
+        compile_options("cuda", self.compile_mode)  # checks the mode before any model is loaded
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise InvalidInputError.out_of_range("threads", self.threads, "an integer in [1, 1024] or None")
 
@@ -346,7 +350,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                         target = diffusers_pipeline(baseline_model)
                     else:
                         backend = create_backend(runner, model, buckets=buckets, cache_dir=cfg.cache_dir,
-                                                 compile=cfg.compile, channels_last=cfg.channels_last,
+                                                 compile=cfg.compile, compile_mode=cfg.compile_mode,
+                                                 channels_last=cfg.channels_last,
                                                  exporter=cfg.exporter, threads=cfg.threads,
                                                  attention=attentions[runner])
                         target = LCMSampler(model, backend=backend, max_batch_size=max(cfg.batch_sizes))

@@ -33,6 +33,7 @@ def create_backend(
     buckets: BucketSet | None = None,
     cache_dir: str | Path | None = None,
     compile: bool = False,
+    compile_mode: str = "max-autotune-no-cudagraphs",
     channels_last: bool = False,
     exporter: str = "dynamo",
     build: bool = True,
@@ -44,7 +45,8 @@ def create_backend(
 
     ``buckets`` are the shapes compiled, cuda-graph and tensorrt build at start-up; ``cache_dir`` holds
     exported ONNX graphs and TensorRT engines (default ``$LCMSERVE_CACHE_DIR`` or
-    ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph and ``channels_last`` NHWC convolutions; ``exporter`` and
+    ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph (``compile_mode``: max-autotune-no-cudagraphs or default) and
+    ``channels_last`` NHWC convolutions; ``exporter`` and
     ``build`` apply to onnx (``build=False``: use cached graphs only), ``threads`` to its
     CPU provider (None: ONNX Runtime's default). ``attention="small-head"`` routes the UNet's attention
     through our CPU kernel (engine/kernels/attention.py) for the torch-executed backends on a CPU.
@@ -61,7 +63,8 @@ def create_backend(
         return CompiledBackend(model, buckets, progress, cache_dir=cache_dir)
     if name == "cuda-graph":
         return CudaGraphBackend(model, CudaGraphConfig(buckets=buckets or BucketSet(), compile=compile,
-                                                        channels_last=channels_last), progress)
+                                                        compile_mode=compile_mode, channels_last=channels_last),
+                                progress)
     if name == "onnx":
         from lcmserve.engine.backends.onnx_backend import OnnxBackend
 

@@ -40,7 +40,12 @@ from lcmserve.models.model import LCMModel
 logger = logging.getLogger(__name__)
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-COMPILE_MODE = "max-autotune-no-cudagraphs"  # inductor kernels inside our own graphs
+# torch.compile modes on a GPU, inside our own CUDA graphs: "reduce-overhead" and "max-autotune" capture
+# graphs of their own and are left out. max-autotune-no-cudagraphs benchmarks Triton templates against
+# cuBLAS/cuDNN for every matrix product and convolution at compile time (minutes for an SD1.5 bucket);
+# default keeps the libraries' kernels and fuses the elementwise work around them (group norm + SiLU, ...).
+COMPILE_MODES = ("max-autotune-no-cudagraphs", "default")
+COMPILE_MODE = COMPILE_MODES[0]
 
 
 def inductor_cpu_settings(freeze: bool = True) -> dict[str, bool]:
@@ -74,6 +79,15 @@ def cpu_compile_options() -> dict:
     return {"options": {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}, "isolate_recompiles": True}
 
 
+def compile_options(device_type: str, mode: str = COMPILE_MODE) -> dict:
+    """``torch.compile`` keywords of the bucketed backends: ``mode`` on a GPU; on a CPU our own set."""
+    if mode not in COMPILE_MODES:
+        raise InvalidInputError.out_of_range(
+            "compile_mode", mode, "one of " + ", ".join(COMPILE_MODES) + " (reduce-overhead and max-autotune capture "
+            "CUDA graphs of their own, which this backend already does)")
+    return cpu_compile_options() if device_type == "cpu" else {"mode": mode}
+
+
 @dataclass(frozen=True)
 class CudaGraphConfig:
     """How the cuda-graph backend builds its buckets."""
@@ -85,9 +99,12 @@ class CudaGraphConfig:
     capture_text: bool = True
     """Capture the text encoder too; False runs it eagerly into the static buffers."""
     compile: bool = False
-    """torch.compile the UNet and VAE decoder before capture (GPU: mode max-autotune-no-cudagraphs;
+    """torch.compile the UNet and VAE decoder before capture (GPU: ``compile_mode``;
     CPU, where nothing is captured: the text encoder too, inductor with frozen weights and a C++
     wrapper, ``inductor_cpu_settings``), compiling each bucket at warm-up."""
+    compile_mode: str = COMPILE_MODE
+    """GPU compile only: max-autotune-no-cudagraphs (the fastest kernels, minutes of autotuning per
+    bucket at warm-up) or default (library kernels with fused elementwise work; a far shorter warm-up)."""
     channels_last: bool = False
     """Put the UNet's and VAE's convolution weights in channels-last (NHWC) memory, the layout of
     cuDNN's tensor-core kernels, so activations follow. This changes the model the backend is given
@@ -106,6 +123,7 @@ class CudaGraphConfig:
             raise InvalidInputError.out_of_range("buckets", self.buckets, "a BucketSet")
         if isinstance(self.warmup_iters, bool) or not isinstance(self.warmup_iters, int) or self.warmup_iters < 1:
             raise InvalidInputError.out_of_range("warmup_iters", self.warmup_iters, "an integer >= 1")
+        compile_options("cuda", self.compile_mode)  # checks the mode
 
 
 @dataclass
@@ -198,10 +216,7 @@ class CudaGraphBackend(TorchBackend):
         shapes = len(self.config.buckets.batch_sizes) * len(self.config.buckets.resolutions)
         dynamo_config = torch._dynamo.config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes + 1)
-        if self.device.type == "cpu":  # freezing: see _compile_context
-            how = cpu_compile_options()
-        else:
-            how = {"mode": COMPILE_MODE}
+        how = compile_options(self.device.type, self.config.compile_mode)  # CPU freezing: see _compile_context
         unet = torch.compile(self.model.unet, dynamic=False, **how)
         decode = torch.compile(lambda z: vae.decode(z, return_dict=False)[0], dynamic=False, **how)
         # On a CPU the eager text encoder is 7% of a batch-1 request (3.3 ms of the shapes model's 45 ms;
