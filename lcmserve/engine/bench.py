@@ -485,19 +485,29 @@ def _row_label(r: dict[str, Any]) -> str:
 
 
 def _label(r: dict[str, Any]) -> str:
-    return f"{_row_label(r)} {r['steps']} steps {r['height']}x{r['width']}"
+    return f"{_row_label(r)} {r.get('dtype', '?')} {r['steps']} steps {r['height']}x{r['width']}"
+
+
+_STAGE_KEYS = (("text_ms", "text encoder"), ("unet_ms", "UNet loop"), ("vae_ms", "VAE decode"))
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str, label=_label) -> None:
+    """Latency and throughput against batch size, the legend below them; with stage times, a third
+    panel under those: where each row's time goes, per image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         series.setdefault(label(r), []).append(r)
+    staged = [r for r in rows if all(r.get(key) is not None for key, _ in _STAGE_KEYS)]
+    curves_h = 4 + 0.18 * len(series)  # room for the legend's lines
+    stages_h = 1 + 0.25 * len(staged) if staged else 0
+    fig = plt.figure(figsize=(11, curves_h + stages_h), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(curves_h, stages_h)) if staged else (fig, None)
+    axes = top.subplots(1, 2)
     for name, items in series.items():
         items = sorted(items, key=lambda r: r["batch_size"])
         xs = [r["batch_size"] for r in items]
@@ -509,9 +519,20 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, label=_label) -> No
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    axes[1].legend(fontsize=7)
+    top.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=7, ncols=2)
+    if bottom is not None:  # one bar per row, split by stage, in ms per image so that batch sizes compare
+        ax = bottom.subplots()
+        left = [0.0] * len(staged)
+        for key, stage in _STAGE_KEYS:
+            widths = [r[key] / r["batch_size"] for r in staged]
+            ax.barh(range(len(staged)), widths, left=left, label=stage)
+            left = [a + b for a, b in zip(left, widths)]
+        ax.set_yticks(range(len(staged)), [f"{label(r)}, batch {r['batch_size']}" for r in staged], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per image, by stage (the backend's own split)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="x")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
