@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from lcmserve.errors import InvalidInputError
 from lcmserve.server.config import ServerConfig
@@ -184,6 +186,69 @@ def test_generate_raw_image(http):
     assert webp.headers["content-type"] == "image/webp" and webp.content[8:12] == b"WEBP"
     two = http.post("/generate", headers={**AUTH, "Accept": "image/png"}, json={"prompt": "x", "num_images": 2})
     _assert_error(two, 422, "invalid_request", "num_images")
+
+
+def _sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a text/event-stream body."""
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_generate_stream_sends_steps_with_previews_then_the_result(http):
+    body = {"prompt": "a red circle", "num_images": 2, "steps": 3, "seed": 11}
+    with http.stream("POST", "/generate/stream", headers=AUTH, json=body) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        response.read()
+    events = _sse_events(response)
+    assert [name for name, _ in events] == ["queued", "step", "step", "step", "result"]
+    assert events[0][1] == {"step": 0, "total_steps": 3}
+    for i, (_, step) in enumerate(events[1:4], 1):
+        assert (step["step"], step["total_steps"], step["first_image"], step["num_images"]) == (i, 3, 0, 2)
+        assert [pv["seed"] for pv in step["previews"]] == [11, 12]
+        assert all(base64.b64decode(pv["b64"])[:2] == b"\xff\xd8" for pv in step["previews"])  # JPEG
+    result = events[-1][1]
+    assert [image["seed"] for image in result["images"]] == [11, 12] and result["steps"] == 3
+    # the same images as /generate gives for the same request (same batch size: to the bit)
+    plain = http.post("/generate", headers=AUTH, json=body).json()
+    assert [image["b64"] for image in plain["images"]] == [image["b64"] for image in result["images"]]
+    # the last step's preview is the final image, as far as a quality-50 JPEG keeps it (mean colours of
+    # 8x8 tiles): close to its own image, far from the other one
+    def tiles(b64: str) -> np.ndarray:
+        pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), float)
+        return pixels.reshape(8, 8, 8, 8, 3).mean(axis=(1, 3))
+
+    finals = [tiles(image["b64"]) for image in result["images"]]
+    for k in range(2):
+        preview = tiles(events[3][1]["previews"][k]["b64"])
+        own, other = np.abs(preview - finals[k]).mean(), np.abs(preview - finals[1 - k]).mean()
+        assert own <= 6 and own < other / 2, (own, other)
+    # previews=false: the same events, no pictures
+    with http.stream("POST", "/generate/stream", headers=AUTH, json={**body, "previews": False}) as quiet:
+        quiet.read()
+    assert [(name, data.get("previews")) for name, data in _sse_events(quiet)[1:4]] == [("step", [])] * 3
+
+
+def test_generate_stream_errors(http, servers):
+    bad = http.post("/generate/stream", headers=AUTH, json={"prompt": "x", "steps": 9})
+    _assert_error(bad, 422, "invalid_request", "steps")  # a bad request fails before the stream starts
+    _assert_error(http.post("/generate/stream", json={"prompt": "x"}), 401, "unauthorized", "Authorization")
+    # past its deadline in the queue (partial batches wait 3 s there): the error is the stream's last event
+    response = httpx.post(servers["slow"].url + "/generate/stream", json={"prompt": "x", "timeout_s": 0.3},
+                          timeout=30)
+    assert response.status_code == 200
+    events = _sse_events(response)
+    assert [name for name, _ in events] == ["queued", "error"]
+    assert events[-1][1]["error"]["type"] == "deadline_exceeded"
+    # a client that leaves mid-stream frees its queued rows (3 of the slow server's 4)
+    with httpx.stream("POST", servers["slow"].url + "/generate/stream", json={"prompt": "x", "num_images": 3},
+                      timeout=30) as leaving:
+        assert next(leaving.iter_lines()) == "event: queued"
+    time.sleep(0.3)
+    response = httpx.post(servers["slow"].url + "/generate", json={"prompt": "x", "num_images": 3}, timeout=30)
+    _assert_error(response, 504, "deadline_exceeded", None)  # not 429: the rows of the stream are gone
 
 
 def test_openai_client(main):

@@ -30,6 +30,7 @@ from lcmserve.engine.sampler import LCMSampler
 logger = logging.getLogger(__name__)
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+PREVIEW_JPEG_QUALITY = 50  # step previews (gRPC GenerateStream, REST /generate/stream): small and quick
 
 
 def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 95) -> bytes:

@@ -45,7 +45,15 @@ from grpc_reflection.v1alpha import reflection
 from lcmserve.engine.cache import default_cache_dir
 from lcmserve.engine.request import GenerationRequest
 from lcmserve.errors import AuthError, DeadlineExceededError, InvalidInputError, LCMServeError
-from lcmserve.server.client import IMAGE_FORMATS, MEDIA_TYPES, EngineClient, Generation, StepEvent, encode_image
+from lcmserve.server.client import (
+    IMAGE_FORMATS,
+    MEDIA_TYPES,
+    PREVIEW_JPEG_QUALITY,
+    EngineClient,
+    Generation,
+    StepEvent,
+    encode_image,
+)
 from lcmserve.server.errors import classify, error_headers, grpc_code_name
 from lcmserve.server.protocol import check_pixels, check_prompt_length
 
@@ -67,7 +75,6 @@ _DEADLINE_SLACK_S = 0.05
 _NO_DEADLINE_S = 1e7
 _OPTIONAL_FIELDS = ("num_images", "steps", "guidance_scale", "width", "height", "seed")
 # Previews are for eyes, not for keeping: small JPEGs keep a stream of 8 steps x 4 images light.
-PREVIEW_JPEG_QUALITY = 50
 
 
 # 1. stubs from the proto, cached by hash -------------------------------------------------------

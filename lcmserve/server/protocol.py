@@ -50,6 +50,13 @@ class GenerateRequest(_Strict):
     timeout_s: float | None = _timeout_field()
 
 
+class GenerateStreamRequest(GenerateRequest):
+    """A GenerateRequest whose progress streams back as server-sent events."""
+
+    previews: bool = Field(True, description="a JPEG preview of every image with each step event (a decode per "
+                                             "step, paid by this request's rows only)")
+
+
 class ImageOut(BaseModel):
     b64: str = Field(..., description="the encoded image, base64")
     seed: int = Field(..., description="the seed that reproduces this image alone")
@@ -190,7 +197,7 @@ def openai_to_engine(body: OpenAIImageRequest, config: ServerConfig, model_name:
 
 
 __all__ = [
-    "ErrorBody", "GenerateRequest", "GenerateResponse", "ImageOut", "ModelCard", "ModelList", "OpenAIImage",
+    "ErrorBody", "GenerateRequest", "GenerateResponse", "GenerateStreamRequest", "ImageOut", "ModelCard", "ModelList", "OpenAIImage",
     "OpenAIImageRequest", "OpenAIImagesResponse", "Timings", "check_timeout", "generate_to_engine", "openai_to_engine",
     "parse_size",
 ]

@@ -23,14 +23,14 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lcmserve import __version__
 from lcmserve.errors import AuthError, BodyTooLargeError, InvalidInputError, LCMServeError, UnavailableError
 from lcmserve.server import protocol as p
-from lcmserve.server.client import MEDIA_TYPES, EngineClient, Generation, encode_image
+from lcmserve.server.client import MEDIA_TYPES, PREVIEW_JPEG_QUALITY, EngineClient, Generation, StepEvent, encode_image
 from lcmserve.server.config import ServerConfig
 from lcmserve.server.errors import classify, error_body, error_headers, http_status
 from lcmserve.server.metrics import ServerMetrics
@@ -44,6 +44,14 @@ _ERRORS = {401: ("unauthorized", "Authorization: Bearer <key> missing or wrong")
            504: ("deadline_exceeded", "timeout_s (or the server's request_timeout_s) passed in the queue")}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": p.ErrorBody, "description": f"{kind}: {text}"} for status, (kind, text) in _ERRORS.items()}
+
+
+def _sse(event: str, data: Any) -> bytes:
+    """One server-sent event (text/event-stream): its name and a one-line JSON payload."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+_STREAM_END = object()
 
 
 def _error_response(error: LCMServeError) -> JSONResponse:
@@ -275,10 +283,14 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
             return Response(status_code=499)
         fmt = body.output_format if raw in (None, "*") else raw
         images = await encode(generation, fmt)
-        r = generation.request
         if raw is not None:
             return Response(base64.b64decode(images[0]), media_type=MEDIA_TYPES[fmt], headers={
-                "X-Seed": str(generation.seeds[0]), "X-Steps": str(r.steps), "X-Total-S": f"{generation.total_s:.4f}"})
+                "X-Seed": str(generation.seeds[0]), "X-Steps": str(generation.request.steps),
+                "X-Total-S": f"{generation.total_s:.4f}"})
+        return response_of(generation, images, fmt)
+
+    def response_of(generation: Generation, images: list[str], fmt: str) -> p.GenerateResponse:
+        r = generation.request
         return p.GenerateResponse(
             model=client.model_name, output_format=fmt, steps=r.steps, guidance_scale=r.guidance_scale,
             width=r.width, height=r.height, prompt_truncated=r.truncated, batch_sizes=list(generation.batch_sizes),
@@ -286,6 +298,63 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
             timings=p.Timings(queue_wait_s=generation.queue_wait_s, engine_s=generation.engine_s,
                               total_s=generation.total_s),
         )
+
+    @app.post("/generate/stream", dependencies=[Depends(require_key)],
+              responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}, "description": (
+                  "server-sent events: `queued` ({step: 0, total_steps}), one `step` per denoising step "
+                  "({step, total_steps, first_image, num_images, previews: [{seed, b64}]}, JPEG previews of "
+                  "the images' current estimates unless previews is false), then `result` (the body /generate "
+                  "returns) or `error` ({error: {type, message, param}})")}})
+    @guard
+    async def generate_stream(body: p.GenerateStreamRequest, request: Request):
+        """Generate images and stream the progress as server-sent events; a bad request fails before the stream."""
+        if not client.ready:
+            metrics.on_failure(UnavailableError.type)
+            raise not_ready_error()
+        engine_request = p.generate_to_engine(body, config, model.native_size)
+        timeout_s = p.check_timeout(body.timeout_s, config)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()  # the HTTP client went away: the batcher drops the rows still queued
+
+        def put(item) -> None:  # from the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        future = client.submit(engine_request, deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+                               is_cancelled=gone.is_set, on_step=put, previews=body.previews)
+        future.add_done_callback(lambda _f: put(_STREAM_END))
+        total = engine_request.steps
+
+        def step_payload(event: StepEvent) -> dict[str, Any]:
+            previews = [{"seed": seed, "b64": base64.b64encode(
+                encode_image(image, "jpeg", quality=PREVIEW_JPEG_QUALITY)).decode("ascii")}
+                for image, seed in zip(event.previews or (), event.seeds)]
+            return {"step": event.step, "total_steps": event.total_steps, "first_image": event.first_image,
+                    "num_images": event.num_images, "previews": previews}
+
+        async def stream():
+            try:
+                yield _sse("queued", {"step": 0, "total_steps": total})
+                while (item := await events.get()) is not _STREAM_END:
+                    yield _sse("step", await asyncio.to_thread(step_payload, item))
+                try:
+                    generation = future.result()
+                except Exception as exc:  # noqa: BLE001 (the status line is sent: every error goes in the stream)
+                    error = exc if isinstance(exc, LCMServeError) else classify(exc)
+                    if not isinstance(exc, LCMServeError):
+                        logger.error("unexpected error in /generate/stream: %r", exc)
+                        metrics.on_failure(error.type)
+                    yield _sse("error", error_body(error))
+                    return
+                images = await encode(generation, body.output_format)
+                yield _sse("result", response_of(generation, images, body.output_format).model_dump())
+            finally:
+                if not future.done():  # the client left mid-stream
+                    gone.set()
+                    future.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/images/generations", response_model=p.OpenAIImagesResponse, dependencies=[Depends(require_key)],
               responses=ERROR_RESPONSES)
