@@ -96,6 +96,8 @@ def test_generate_shows_the_images_of_the_request(server, browser):
     sizes = [browser.execute_script("return [arguments[0].complete, arguments[0].naturalWidth]", i) for i in images]
     assert sizes == [[True, 64]] * 3  # the browser decoded each PNG
     assert "3 image(s) in" in browser.find_element("id", "status").text
+    # the page streamed the request: a preview per denoising step came in before the images
+    assert browser.find_element("id", "grid").get_attribute("data-previews") == "2"
     # the page sent what was typed: the same request by hand gives the same PNGs
     by_hand = httpx.post(server + "/generate", timeout=60, headers={"Authorization": f"Bearer {API_KEY}"},
                          json={"prompt": "a blue square", "steps": 2, "guidance_scale": 3.5, "seed": 42,
