@@ -43,9 +43,10 @@ class ServerConfig:
     unet: str | None = field(default=None, metadata=_doc("an LCM UNet folder that replaces the pipeline's UNet"))
     vae: str | None = field(default=None, metadata=_doc(
         "a VAE that replaces the pipeline's: folder or Hub id of an AutoencoderKL or AutoencoderTiny (TAESD, a much "
-        "faster decode), or preset:taesd"))
+        "faster decode), or preset:taesd (random weights: for timing only)"))
     preview_vae: str | None = field(default=None, metadata=_doc(
-        "a second decoder for gRPC's per-step previews only (same forms as vae; e.g. TAESD, so that previews cost "
+        "a second decoder for the per-step previews only (gRPC GenerateStream, REST /generate/stream; same forms "
+        "as vae; e.g. a TAESD folder, so that previews cost "
         "the batch a fraction of a full decode); final images keep the model's VAE"))
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     dtype: str = field(default="auto", metadata=_doc("auto, float32, bfloat16 or float16"))
