@@ -183,6 +183,18 @@ def test_previews_are_decoded_for_the_asking_rows_only(sampler):
         client.close(0)
     assert generation.batch_sizes == alone.batch_sizes == (3,)
     assert decoded == [2, 2, 2]
+    # preview_steps: the decode runs at those steps only; the other step events carry no previews
+    client = EngineClient(sampler, "tiny", BatcherConfig(max_queue_delay_ms=0))
+    client.decode_previews = lambda latents: decoded.append(len(latents)) or decode_previews(latents)
+    decoded.clear()
+    some: list[StepEvent] = []
+    client.start(warmup_steps=())
+    try:
+        client.submit(GenerationRequest(PROMPT, steps=3, seed=5), on_step=some.append, previews=True,
+                      preview_steps={2}).result(30)
+    finally:
+        client.close(0)
+    assert decoded == [1] and [e.previews is not None for e in some] == [False, True, False]
     assert [(e.step, e.total_steps, e.first_image, e.num_images, e.seeds) for e in events] == [
         (i, 3, 0, 2, (5, 6)) for i in range(1, 4)]
     # the last preview is the final image, before encoding

@@ -272,6 +272,48 @@ def test_openai_client(main):
         OpenAI(base_url=main.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
 
 
+def test_openai_client_streams_partial_images(main, servers):
+    """OpenAI's streaming image events through OpenAI's own SDK: partial images, then the completed ones."""
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=main.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    extra = {"steps": 4, "seed": 21}
+    events = list(client.images.generate(prompt="a blue square", n=2, size="64x64", stream=True, partial_images=2,
+                                         extra_body=extra))
+    kinds = [event.type for event in events]
+    # steps 2 and 3 of 4 give the partial images (the 4th is the finished image), for both images
+    assert kinds == ["image_generation.partial_image"] * 4 + ["image_generation.completed"] * 2
+    partials = [(e.image_index, e.partial_image_index, e.seed) for e in events[:4]]
+    assert partials == [(0, 0, 21), (1, 0, 22), (0, 1, 21), (1, 1, 22)]
+    assert all(base64.b64decode(e.b64_json)[:2] == b"\xff\xd8" and e.output_format == "jpeg" for e in events[:4])
+    completed = events[4:]
+    assert [(e.image_index, e.seed, e.size, e.output_format) for e in completed] == [
+        (0, 21, "64x64", "png"), (1, 22, "64x64", "png")]
+    # the completed images are the ones the plain request returns
+    plain = client.images.generate(prompt="a blue square", n=2, size="64x64", extra_body=extra)
+    assert [e.b64_json for e in completed] == [d.b64_json for d in plain.data]
+    # partial_images=0: the completed images alone
+    quiet = list(client.images.generate(prompt="a blue square", size="64x64", stream=True, extra_body=extra))
+    assert [e.type for e in quiet] == ["image_generation.completed"]
+    with pytest.raises(openai.UnprocessableEntityError) as info:  # OpenAI's own limit, 0-3
+        list(client.images.generate(prompt="x", stream=True, partial_images=4))
+    assert info.value.body["param"] == "partial_images"
+    # an error once the stream runs reaches the SDK as an APIError with the server's message
+    slow = OpenAI(base_url=servers["slow"].url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    with pytest.raises(openai.APIError, match="deadline passed"):
+        list(slow.images.generate(prompt="x", stream=True, extra_body={"timeout_s": 0.3}))
+
+
+def test_partial_image_steps_spread_over_the_intermediate_steps():
+    from lcmserve.server.protocol import partial_image_steps
+
+    assert partial_image_steps(4, 0) == set() and partial_image_steps(1, 3) == set()
+    assert partial_image_steps(4, 1) == {3} and partial_image_steps(4, 2) == {2, 3}
+    assert partial_image_steps(4, 3) == {1, 2, 3} and partial_image_steps(2, 3) == {1}
+    assert partial_image_steps(8, 3) == {2, 5, 7} and partial_image_steps(8, 2) == {4, 7}
+
+
 # 2. errors -------------------------------------------------------------------------------------------
 BAD_GENERATE = [
     ({"prompt": "x", "steps": 9}, "steps"),

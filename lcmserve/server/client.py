@@ -17,7 +17,7 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -121,11 +121,13 @@ class EngineClient:
 
     def submit(self, request: GenerationRequest, *, deadline: float | None = None,
                is_cancelled: Callable[[], bool] | None = None,
-               on_step: Callable[[StepEvent], None] | None = None, previews: bool = False) -> Future:
+               on_step: Callable[[StepEvent], None] | None = None, previews: bool = False,
+               preview_steps: Collection[int] | None = None) -> Future:
         """Check the request, queue its rows; the Future resolves to a ``Generation``.
 
         ``on_step`` (called on the engine's thread; must be quick and thread-safe) gets a
-        ``StepEvent`` per denoising step; ``previews`` adds the decoded x0 estimates to it.
+        ``StepEvent`` per denoising step; ``previews`` adds the decoded x0 estimates to it, at every
+        step or at the (1-based) ``preview_steps`` only.
         """
         started = time.monotonic()
         resolved = self.resolve(request)
@@ -138,7 +140,8 @@ class EngineClient:
                 on_step(StepEvent(
                     step=i + 1, total_steps=resolved.steps, first_image=first_row, num_images=n,
                     seeds=tuple(r.seed for r in rows_in[first_row : first_row + n]),
-                    previews=self.decode_previews(x0_rows) if previews else None,
+                    previews=self.decode_previews(x0_rows)
+                    if previews and (preview_steps is None or i + 1 in preview_steps) else None,
                 ))
         inner = self.batcher.submit(key, rows_in, deadline=deadline, is_cancelled=is_cancelled, on_step=hook)
         outer: Future = Future()

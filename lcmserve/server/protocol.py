@@ -82,6 +82,9 @@ class GenerateResponse(BaseModel):
 
 
 # 2. POST /v1/images/generations (OpenAI-compatible) ---------------------------------------------------------
+MAX_PARTIAL_IMAGES = 3  # OpenAI's own limit
+
+
 class OpenAIImageRequest(_Strict):
     """OpenAI's images.generate; steps, guidance_scale and seed are lcmserve extensions (extra_body)."""
 
@@ -97,6 +100,21 @@ class OpenAIImageRequest(_Strict):
     guidance_scale: float = Field(8.0, ge=0, le=MAX_GUIDANCE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     timeout_s: float | None = _timeout_field()
+    stream: bool = Field(False, description="server-sent events: partial images, then the completed ones")
+    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description=(
+        "with stream: JPEG previews per image from intermediate steps, evenly spread (at most steps - 1)"))
+
+
+def partial_image_steps(steps: int, partial_images: int) -> frozenset[int]:
+    """The denoising steps (1-based) whose previews are sent as partial images: ``partial_images`` of the
+    intermediate steps 1..steps-1, evenly spread and ending on the last of them (the final step's preview
+    is the finished image itself, sent as ``completed``)."""
+    intermediate = steps - 1
+    if partial_images <= 0 or intermediate <= 0:
+        return frozenset()
+    if partial_images >= intermediate:
+        return frozenset(range(1, steps))
+    return frozenset(round(intermediate * (k + 1) / partial_images) for k in range(partial_images))
 
 
 class OpenAIImage(BaseModel):
@@ -199,5 +217,5 @@ def openai_to_engine(body: OpenAIImageRequest, config: ServerConfig, model_name:
 __all__ = [
     "ErrorBody", "GenerateRequest", "GenerateResponse", "GenerateStreamRequest", "ImageOut", "ModelCard", "ModelList", "OpenAIImage",
     "OpenAIImageRequest", "OpenAIImagesResponse", "Timings", "check_timeout", "generate_to_engine", "openai_to_engine",
-    "parse_size",
+    "parse_size", "partial_image_steps",
 ]

@@ -243,10 +243,7 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
                 raise
 
     async def encode(generation: Generation, fmt: str) -> list[str]:
-        def work() -> list[str]:
-            return [base64.b64encode(encode_image(img, fmt)).decode("ascii") for img in generation.images]
-
-        return await asyncio.to_thread(work)
+        return await asyncio.to_thread(encode_now, generation, fmt)
 
     def guard(handler):
         """Route errors that are not LCMServeErrors become a logged 500 in the same body shape."""
@@ -299,6 +296,60 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
                               total_s=generation.total_s),
         )
 
+    def stream_response(engine_request, timeout_s: float | None, previews: bool, step_events, final_events,
+                        route: str, first: tuple = (), preview_steps=None) -> StreamingResponse:
+        """Queue one request and answer with server-sent events while it runs.
+
+        ``first`` are (event, data) pairs sent at once; ``step_events(StepEvent)`` and
+        ``final_events(Generation)`` (both run in a worker thread) give the pairs to send as the request
+        goes; an error after the status line is the stream's last event, ``error`` with the usual error
+        body. A client that leaves frees the request's queued rows."""
+        if not client.ready:
+            metrics.on_failure(UnavailableError.type)
+            raise not_ready_error()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()  # the HTTP client went away: the batcher drops the rows still queued
+
+        def put(item) -> None:  # from the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        future = client.submit(engine_request, deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+                               is_cancelled=gone.is_set, on_step=put, previews=previews, preview_steps=preview_steps)
+        future.add_done_callback(lambda _f: put(_STREAM_END))
+
+        async def stream():
+            try:
+                for name, data in first:
+                    yield _sse(name, data)
+                while (item := await events.get()) is not _STREAM_END:
+                    for name, data in await asyncio.to_thread(step_events, item):
+                        yield _sse(name, data)
+                try:
+                    generation = future.result()
+                except Exception as exc:  # noqa: BLE001 (the status line is sent: every error goes in the stream)
+                    error = exc if isinstance(exc, LCMServeError) else classify(exc)
+                    if not isinstance(exc, LCMServeError):
+                        logger.error("unexpected error in %s: %r", route, exc)
+                        metrics.on_failure(error.type)
+                    yield _sse("error", error_body(error))
+                    return
+                for name, data in await asyncio.to_thread(final_events, generation):
+                    yield _sse(name, data)
+            finally:
+                if not future.done():  # the client left mid-stream
+                    gone.set()
+                    future.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def jpeg_b64(image) -> str:
+        return base64.b64encode(encode_image(image, "jpeg", quality=PREVIEW_JPEG_QUALITY)).decode("ascii")
+
+    def encode_now(generation: Generation, fmt: str) -> list[str]:
+        return [base64.b64encode(encode_image(img, fmt)).decode("ascii") for img in generation.images]
+
     @app.post("/generate/stream", dependencies=[Depends(require_key)],
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}, "description": (
                   "server-sent events: `queued` ({step: 0, total_steps}), one `step` per denoising step "
@@ -308,67 +359,74 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
     @guard
     async def generate_stream(body: p.GenerateStreamRequest, request: Request):
         """Generate images and stream the progress as server-sent events; a bad request fails before the stream."""
-        if not client.ready:
-            metrics.on_failure(UnavailableError.type)
-            raise not_ready_error()
         engine_request = p.generate_to_engine(body, config, model.native_size)
         timeout_s = p.check_timeout(body.timeout_s, config)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        gone = threading.Event()  # the HTTP client went away: the batcher drops the rows still queued
 
-        def put(item) -> None:  # from the engine's thread
-            loop.call_soon_threadsafe(events.put_nowait, item)
+        def step_events(event: StepEvent):
+            previews = [{"seed": seed, "b64": jpeg_b64(image)} for image, seed in zip(event.previews or (), event.seeds)]
+            return [("step", {"step": event.step, "total_steps": event.total_steps, "first_image": event.first_image,
+                              "num_images": event.num_images, "previews": previews})]
 
-        future = client.submit(engine_request, deadline=None if timeout_s is None else time.monotonic() + timeout_s,
-                               is_cancelled=gone.is_set, on_step=put, previews=body.previews)
-        future.add_done_callback(lambda _f: put(_STREAM_END))
-        total = engine_request.steps
+        def final_events(generation: Generation):
+            images = encode_now(generation, body.output_format)
+            return [("result", response_of(generation, images, body.output_format).model_dump())]
 
-        def step_payload(event: StepEvent) -> dict[str, Any]:
-            previews = [{"seed": seed, "b64": base64.b64encode(
-                encode_image(image, "jpeg", quality=PREVIEW_JPEG_QUALITY)).decode("ascii")}
-                for image, seed in zip(event.previews or (), event.seeds)]
-            return {"step": event.step, "total_steps": event.total_steps, "first_image": event.first_image,
-                    "num_images": event.num_images, "previews": previews}
-
-        async def stream():
-            try:
-                yield _sse("queued", {"step": 0, "total_steps": total})
-                while (item := await events.get()) is not _STREAM_END:
-                    yield _sse("step", await asyncio.to_thread(step_payload, item))
-                try:
-                    generation = future.result()
-                except Exception as exc:  # noqa: BLE001 (the status line is sent: every error goes in the stream)
-                    error = exc if isinstance(exc, LCMServeError) else classify(exc)
-                    if not isinstance(exc, LCMServeError):
-                        logger.error("unexpected error in /generate/stream: %r", exc)
-                        metrics.on_failure(error.type)
-                    yield _sse("error", error_body(error))
-                    return
-                images = await encode(generation, body.output_format)
-                yield _sse("result", response_of(generation, images, body.output_format).model_dump())
-            finally:
-                if not future.done():  # the client left mid-stream
-                    gone.set()
-                    future.cancel()
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return stream_response(engine_request, timeout_s, body.previews, step_events, final_events,
+                               "/generate/stream", first=(("queued", {"step": 0, "total_steps": engine_request.steps}),))
 
     @app.post("/v1/images/generations", response_model=p.OpenAIImagesResponse, dependencies=[Depends(require_key)],
-              responses=ERROR_RESPONSES)
+              responses={**ERROR_RESPONSES, 200: {"content": {"application/json": {}, "text/event-stream": {}},
+                                                  "description": (
+                  "the images; with stream=true, OpenAI's image-generation events instead: up to partial_images "
+                  "`image_generation.partial_image` events per image (JPEG previews of intermediate steps), then "
+                  "one `image_generation.completed` per image; lcmserve adds image_index and seed to each")}})
     @guard
     async def openai_images(body: p.OpenAIImageRequest, request: Request):
-        """OpenAI-compatible image generation (``response_format`` b64_json only)."""
+        """OpenAI-compatible image generation (``response_format`` b64_json only; ``stream`` and
+        ``partial_images`` as OpenAI's image models take them)."""
         engine_request = p.openai_to_engine(body, config, client.model_name, client.sampler.limits,
                                             model.native_size)
-        generation = await run(request, engine_request, p.check_timeout(body.timeout_s, config))
+        timeout_s = p.check_timeout(body.timeout_s, config)
+        if body.stream:
+            return openai_stream(body, engine_request, timeout_s)
+        generation = await run(request, engine_request, timeout_s)
         if generation is None:
             return Response(status_code=499)
         images = await encode(generation, body.output_format)
         return p.OpenAIImagesResponse(created=int(time.time()), data=[
             p.OpenAIImage(b64_json=b, seed=s) for b, s in zip(images, generation.seeds)])
+
+    def openai_stream(body: p.OpenAIImageRequest, engine_request, timeout_s: float | None) -> StreamingResponse:
+        partial_steps = p.partial_image_steps(engine_request.steps, body.partial_images)
+        common = {"background": "opaque", "quality": "auto"}
+        sent: dict[int, int] = {}  # image index -> partial images sent
+
+        def size_of(width: int, height: int) -> str:
+            return f"{width}x{height}"
+
+        def step_events(event: StepEvent):
+            if not event.previews:
+                return []
+            out = []
+            for k, (image, seed) in enumerate(zip(event.previews, event.seeds)):
+                index = event.first_image + k
+                out.append(("image_generation.partial_image", {
+                    "type": "image_generation.partial_image", "b64_json": jpeg_b64(image), "output_format": "jpeg",
+                    "partial_image_index": sent.get(index, 0), "created_at": int(time.time()),
+                    "size": size_of(image.shape[-1], image.shape[-2]), "image_index": index, "seed": seed, **common}))
+                sent[index] = sent.get(index, 0) + 1
+            return out
+
+        def final_events(generation: Generation):
+            r = generation.request
+            return [("image_generation.completed", {
+                "type": "image_generation.completed", "b64_json": b64, "output_format": body.output_format,
+                "created_at": int(time.time()), "size": size_of(r.width, r.height), "image_index": index,
+                "seed": seed, **common}) for index, (b64, seed) in
+                enumerate(zip(encode_now(generation, body.output_format), generation.seeds))]
+
+        return stream_response(engine_request, timeout_s, bool(partial_steps), step_events, final_events,
+                               "/v1/images/generations", preview_steps=partial_steps)  # decoded only when sent
 
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> p.ModelList:
