@@ -54,7 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lcmserve.engine import GenerationRequest, LCMSampler, Limits
-    from lcmserve.engine.backends.cuda_graph import compile_options
+    from lcmserve.engine.backends.cuda_graph import check_compile_mode
     from lcmserve.engine.request import check_guidance, check_num_images, check_seed, check_steps
 
     started = time.perf_counter()
@@ -64,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_guidance(args.guidance, limits)
     check_num_images(args.num_images, limits)
     check_seed(args.seed)
-    compile_options("cuda", args.compile_mode)
+    check_compile_mode(args.compile_mode)
     model = _load(args)
     if args.model.startswith("preset:"):
         logger.warning("model %s has random weights: its images are noise (use it to measure speed)", args.model)

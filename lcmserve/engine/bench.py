@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lcmserve.engine.backends import BACKENDS, TORCH_EXECUTED, BucketSet, create_backend
-from lcmserve.engine.backends.cuda_graph import compile_options
+from lcmserve.engine.backends.cuda_graph import check_compile_mode
 from lcmserve.engine.cache import library_versions
 from lcmserve.engine.kernels.attention import check_attention, use_small_head_attention, with_standard_attention
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Row
@@ -125,7 +125,7 @@ class BenchConfig:
             raise InvalidInputError("interleave: not with channels_last, which converts the model every backend "
                                     "shares; bench channels-last in a run of its own", param="interleave")
         check_attention(self.attention)
-        compile_options("cuda", self.compile_mode)  # checks the mode before any model is loaded
+        check_compile_mode(self.compile_mode)
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise InvalidInputError.out_of_range("threads", self.threads, "an integer in [1, 1024] or None")
 

@@ -79,12 +79,17 @@ def cpu_compile_options() -> dict:
     return {"options": {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}, "isolate_recompiles": True}
 
 
-def compile_options(device_type: str, mode: str = COMPILE_MODE) -> dict:
-    """``torch.compile`` keywords of the bucketed backends: ``mode`` on a GPU; on a CPU our own set."""
+def check_compile_mode(mode: str) -> str:
     if mode not in COMPILE_MODES:
         raise InvalidInputError.out_of_range(
             "compile_mode", mode, "one of " + ", ".join(COMPILE_MODES) + " (reduce-overhead and max-autotune capture "
             "CUDA graphs of their own, which this backend already does)")
+    return mode
+
+
+def compile_options(device_type: str, mode: str = COMPILE_MODE) -> dict:
+    """``torch.compile`` keywords of the bucketed backends: ``mode`` on a GPU; on a CPU our own set."""
+    check_compile_mode(mode)
     return cpu_compile_options() if device_type == "cpu" else {"mode": mode}
 
 
@@ -123,7 +128,7 @@ class CudaGraphConfig:
             raise InvalidInputError.out_of_range("buckets", self.buckets, "a BucketSet")
         if isinstance(self.warmup_iters, bool) or not isinstance(self.warmup_iters, int) or self.warmup_iters < 1:
             raise InvalidInputError.out_of_range("warmup_iters", self.warmup_iters, "an integer >= 1")
-        compile_options("cuda", self.compile_mode)  # checks the mode
+        check_compile_mode(self.compile_mode)
 
 
 @dataclass
