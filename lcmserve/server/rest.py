@@ -242,8 +242,14 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
                     return None
                 raise
 
+    def encode_now(generation: Generation, fmt: str) -> list[str]:
+        return [base64.b64encode(encode_image(img, fmt)).decode("ascii") for img in generation.images]
+
     async def encode(generation: Generation, fmt: str) -> list[str]:
         return await asyncio.to_thread(encode_now, generation, fmt)
+
+    def jpeg_b64(image) -> str:
+        return base64.b64encode(encode_image(image, "jpeg", quality=PREVIEW_JPEG_QUALITY)).decode("ascii")
 
     def guard(handler):
         """Route errors that are not LCMServeErrors become a logged 500 in the same body shape."""
@@ -344,12 +350,6 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def jpeg_b64(image) -> str:
-        return base64.b64encode(encode_image(image, "jpeg", quality=PREVIEW_JPEG_QUALITY)).decode("ascii")
-
-    def encode_now(generation: Generation, fmt: str) -> list[str]:
-        return [base64.b64encode(encode_image(img, fmt)).decode("ascii") for img in generation.images]
-
     @app.post("/generate/stream", dependencies=[Depends(require_key)],
               responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}, "description": (
                   "server-sent events: `queued` ({step: 0, total_steps}), one `step` per denoising step "
@@ -401,9 +401,6 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
         common = {"background": "opaque", "quality": "auto"}
         sent: dict[int, int] = {}  # image index -> partial images sent
 
-        def size_of(width: int, height: int) -> str:
-            return f"{width}x{height}"
-
         def step_events(event: StepEvent):
             if not event.previews:
                 return []
@@ -413,7 +410,7 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
                 out.append(("image_generation.partial_image", {
                     "type": "image_generation.partial_image", "b64_json": jpeg_b64(image), "output_format": "jpeg",
                     "partial_image_index": sent.get(index, 0), "created_at": int(time.time()),
-                    "size": size_of(image.shape[-1], image.shape[-2]), "image_index": index, "seed": seed, **common}))
+                    "size": f"{image.shape[-1]}x{image.shape[-2]}", "image_index": index, "seed": seed, **common}))
                 sent[index] = sent.get(index, 0) + 1
             return out
 
@@ -421,7 +418,7 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
             r = generation.request
             return [("image_generation.completed", {
                 "type": "image_generation.completed", "b64_json": b64, "output_format": body.output_format,
-                "created_at": int(time.time()), "size": size_of(r.width, r.height), "image_index": index,
+                "created_at": int(time.time()), "size": f"{r.width}x{r.height}", "image_index": index,
                 "seed": seed, **common}) for index, (b64, seed) in
                 enumerate(zip(encode_now(generation, body.output_format), generation.seeds))]
 
@@ -511,14 +508,14 @@ async function errorText(response) {
 }
 
 function figure(src, alt, text) {
-  const figure = document.createElement("figure");
+  const element = document.createElement("figure");
   const img = document.createElement("img");
   img.src = src;
   img.alt = alt;
   const caption = document.createElement("figcaption");
   caption.textContent = text;
-  figure.append(img, caption);
-  return figure;
+  element.append(img, caption);
+  return element;
 }
 
 function show(data) {
