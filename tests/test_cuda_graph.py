@@ -11,6 +11,8 @@ from lcmserve.models.loading import _to_lcm_model
 from lcmserve.models.presets import build_preset_pipeline
 
 ROWS = [Row("a red circle", 1, 8.0), Row("a cat", 2, 1.0), Row("blue square", 3, 3.5)]
+# Classifier-free guidance models: rows with and without a negative prompt in one batch.
+NEGATIVE_ROWS = [Row("a red circle", 1, 8.0, "a dog"), Row("a cat", 2, 1.0, "red"), Row("blue square", 3, 3.5)]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -60,6 +62,11 @@ def test_pad_batch_repeats_the_last_row_and_keeps_the_others(tiny):
     assert pad_batch(batch, 3) is batch
     with pytest.raises(ValueError):
         pad_batch(batch, 2)
+    assert padded.negative_ids is None and padded.negative_rows is None
+    negative, _ = sampler.make_batch(NEGATIVE_ROWS, 2, 32, 32)
+    padded = pad_batch(negative, 5)
+    assert padded.negative_rows.tolist() == [True, True, False, False, False]
+    assert torch.equal(padded.negative_ids[0][4], negative.negative_ids[0][2])
 
 
 def test_capture_needs_a_gpu_and_cpu_rejects_float16(tiny):
@@ -97,14 +104,22 @@ def test_static_program_matches_eager_and_never_rebuilds(tiny):
 
 
 def test_static_program_classifier_free_guidance_matches_eager():
-    """A base model (LCM-LoRA style) takes CFG: the graph always runs it; w <= 1 rows keep the conditional."""
+    """A base model (LCM-LoRA style) takes CFG: the graph always runs it; w <= 1 rows keep the conditional.
+
+    Negative prompts replace the empty one row by row; a batch without any after one with them gets the
+    empty prompt's features back in the static buffers."""
     model = _to_lcm_model(build_preset_pipeline("tiny-sd", lcm=False, seed=2), "tiny-base", None, torch.device("cpu"))
     assert model.guidance_mode == "cfg"
     backend = _static_backend(model)
-    for rows in (ROWS, [Row("a cat", 5, 1.0)]):
+    images = {}
+    for rows in (ROWS, NEGATIVE_ROWS, [Row("a cat", 5, 1.0)], ROWS, NEGATIVE_ROWS[:1]):
         expected = LCMSampler(model).run_rows(rows, 2, 32, 32).images
         got = LCMSampler(model, backend=backend).run_rows(rows, 2, 32, 32).images
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        images[tuple(rows)] = got
+    # The negative prompt reached the program: it changes its guided row (w 8), not the w <= 1 one.
+    assert (images[tuple(NEGATIVE_ROWS)][0] - images[tuple(ROWS)][0]).abs().max() > 1e-3
+    torch.testing.assert_close(images[tuple(NEGATIVE_ROWS)][1:], images[tuple(ROWS)][1:], rtol=0, atol=1e-5)
 
 
 def test_channels_last_converts_the_convolutions_and_keeps_the_images():
@@ -147,11 +162,12 @@ def test_captured_matches_eager_on_gpu(dtype, atol):
 def test_captured_cfg_and_compiled_on_gpu(compile_, channels_last):
     pipe = build_preset_pipeline("tiny-sd", lcm=False, seed=2, dtype=torch.float16)
     model = _to_lcm_model(pipe, "tiny-base", None, torch.device("cuda"))
-    expected = LCMSampler(model).run_rows(ROWS, 2, 64, 64).images
     backend = CudaGraphBackend(model, CudaGraphConfig(BucketSet((4,), (2,), ((64, 64),)), compile=compile_,
                                                       channels_last=channels_last))
-    got = LCMSampler(model, backend=backend).run_rows(ROWS, 2, 64, 64).images
-    torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)
+    for rows in (ROWS, NEGATIVE_ROWS, ROWS):  # the captured text graph encodes negative prompts every time
+        expected = LCMSampler(model).run_rows(rows, 2, 64, 64).images
+        got = LCMSampler(model, backend=backend).run_rows(rows, 2, 64, 64).images
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)
 
 
 def test_compiled_backend_compiles_at_start_up_and_matches_eager(tiny):

@@ -194,3 +194,16 @@ def test_sessions_are_prepared_once_per_resolution(tiny, exported, monkeypatch):
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     graph = next(iter(backend._graphs.values()))
     assert graph.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_classifier_free_guidance_and_negative_prompts_through_onnx(tmp_path):
+    """A base model (LCM-LoRA style): the UNet graph takes the doubled CFG batch, the text graph the negatives."""
+    from lcmserve.models.loading import _to_lcm_model
+    from lcmserve.models.presets import build_preset_pipeline
+
+    model = _to_lcm_model(build_preset_pipeline("tiny-sd", lcm=False, seed=2), "tiny-base", None, torch.device("cpu"))
+    assert model.guidance_mode == "cfg"
+    export_model(model, tmp_path, SIZE, SIZE, exporter="legacy")
+    backend = OnnxBackend(model, tmp_path, exporter="legacy", build=False)
+    rows = [Row("a red circle", 1, 8.0, "a dog"), Row("a cat", 2, 1.0), Row("blue square", 3, 3.5)]
+    torch.testing.assert_close(_images(model, backend, rows), _images(model, None, rows), rtol=0, atol=TOL)

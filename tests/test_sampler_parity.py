@@ -89,6 +89,48 @@ def test_sdxl_base_plus_lora_with_cfg_matches_diffusers(base_sdxl_dir, lora_sdxl
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
 
 
+NEGATIVES = ["blurry, low quality", "a dog"]
+
+
+@pytest.mark.parametrize("pipeline_cls", [StableDiffusionPipeline, StableDiffusionXLPipeline], ids=["sd", "sdxl"])
+def test_negative_prompt_matches_diffusers(base_sd_dir, lora_sd_dir, base_sdxl_dir, lora_sdxl_dir, pipeline_cls):
+    """A negative prompt replaces the empty prompt of classifier-free guidance, as diffusers' negative_prompt."""
+    base, lora = (base_sd_dir, lora_sd_dir) if pipeline_cls is StableDiffusionPipeline else (base_sdxl_dir, lora_sdxl_dir)
+    pipe = _lora_reference(base, lora, pipeline_cls)
+    expected = pipe(PROMPTS[:2], negative_prompt=NEGATIVES, num_inference_steps=2, guidance_scale=2.0,
+                    generator=generators(SEEDS[:2]), height=64, width=64, output_type="pt").images
+    rows = [Row(p, s, 2.0, n) for p, s, n in zip(PROMPTS[:2], SEEDS[:2], NEGATIVES)]
+    got = ours(base, rows, 2, lora=str(lora))
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    # ...and it changes the image (the rows without one are the other parity tests).
+    plain = ours(base, [Row(p, s, 2.0) for p, s in zip(PROMPTS[:2], SEEDS[:2])], 2, lora=str(lora))
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_negative_prompt_rows_mix_in_a_batch(base_sdxl_dir, lora_sdxl_dir):
+    """Rows with and without a negative prompt (SDXL: zeros for an empty one) equal the same rows alone."""
+    sampler = LCMSampler(load_model(str(base_sdxl_dir), lora=str(lora_sdxl_dir), device="cpu"))
+    rows = [Row("a red circle", 1, 2.0, "a dog"), Row("a photo of a cat", 2, 2.5), Row("blue", 3, 1.0, "red")]
+    batch = sampler.run_rows(rows, 2, 64, 64).images
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(batch[i], sampler.run_rows([row], 2, 64, 64).images[0], rtol=0, atol=1e-5)
+
+
+def test_negative_prompt_is_refused_by_an_embedding_lcm(lcm_sd_dir):
+    from lcmserve.engine import GenerationRequest
+    from lcmserve.errors import InvalidInputError
+
+    sampler = LCMSampler(load_model(str(lcm_sd_dir), device="cpu"))
+    with pytest.raises(InvalidInputError, match="negative_prompt: this model takes guidance as an embedding") as err:
+        sampler.resolve(GenerationRequest("a cat", negative_prompt="a dog"))
+    assert err.value.param == "negative_prompt"
+    with pytest.raises(InvalidInputError, match="negative_prompt"):
+        sampler.run_rows([Row("a cat", 0, 8.0, "a dog")], 1, 64, 64)
+    with pytest.raises(InvalidInputError, match="negative_prompt must not contain NUL"):
+        sampler.resolve(GenerationRequest("a cat", negative_prompt="a\x00"))
+    assert sampler.resolve(GenerationRequest("a cat", negative_prompt="")).negative_prompt == ""
+
+
 def test_lora_changes_the_model(base_sd_dir, lora_sd_dir):
     rows = [Row(PROMPTS[0], 0, 1.0)]
     base = DiffusionPipeline.from_pretrained(base_sd_dir)

@@ -38,11 +38,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class Row:
-    """One image of a batch: its own prompt, seed and guidance scale."""
+    """One image of a batch: its own prompt, seed and guidance scale (and negative prompt, for CFG models)."""
 
     prompt: str
     seed: int
     guidance_scale: float
+    negative_prompt: str = ""
+    """What classifier-free guidance steers away from, in place of the empty prompt; "" for none."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,14 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     seed: int | None = None
+    negative_prompt: str = ""
+    """Classifier-free guidance models only (a base model with an LCM-LoRA): the prompt that guidance
+    steers away from, in place of the empty one; it acts on images with guidance_scale > 1."""
 
     def rows(self) -> list[Row]:
         assert self.seed is not None, "resolve() the request first"
-        return [Row(self.prompt, self.seed + i, self.guidance_scale) for i in range(self.num_images)]
+        return [Row(self.prompt, self.seed + i, self.guidance_scale, self.negative_prompt)
+                for i in range(self.num_images)]
 
 
 @dataclass(frozen=True)
@@ -114,11 +120,22 @@ def check_num_images(num_images, limits: Limits) -> int:
     return num_images
 
 
-def check_prompt(prompt) -> str:
+def check_prompt(prompt, param: str = "prompt") -> str:
     if not isinstance(prompt, str):
-        raise InvalidInputError.out_of_range("prompt", prompt, "a string")
+        raise InvalidInputError.out_of_range(param, prompt, "a string")
     if "\x00" in prompt:
         raise InvalidInputError(
-            f"prompt must not contain NUL characters; found one at index {prompt.index(chr(0))}", param="prompt"
+            f"{param} must not contain NUL characters; found one at index {prompt.index(chr(0))}", param=param
         )
     return prompt
+
+
+def check_negative_prompt(negative_prompt, guidance_mode: str) -> str:
+    """A negative prompt needs classifier-free guidance: an LCM with a guidance embedding has no negative branch."""
+    negative_prompt = check_prompt(negative_prompt, "negative_prompt")
+    if negative_prompt and guidance_mode != "cfg":
+        raise InvalidInputError(
+            "negative_prompt: this model takes guidance as an embedding of w (a distilled LCM) and runs no "
+            "unconditional branch for a negative prompt to replace; leave it empty, or serve a base model with an "
+            "LCM-LoRA (--lora), which uses classifier-free guidance", param="negative_prompt")
+    return negative_prompt

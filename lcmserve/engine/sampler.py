@@ -27,6 +27,7 @@ from lcmserve.engine.request import (
     Row,
     check_guidance,
     check_num_images,
+    check_negative_prompt,
     check_prompt,
     check_seed,
     check_size,
@@ -84,6 +85,7 @@ class LCMSampler:
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         """Check every field and fill defaults; raises InvalidInputError naming the field."""
         prompt = check_prompt(request.prompt)
+        negative_prompt = check_negative_prompt(request.negative_prompt, self.model.guidance_mode)
         num_images = check_num_images(request.num_images, self.limits)
         steps = check_steps(request.steps)
         guidance = check_guidance(request.guidance_scale, self.limits)
@@ -97,7 +99,7 @@ class LCMSampler:
             )
         return ResolvedRequest(
             prompt=prompt, num_images=num_images, steps=steps, guidance_scale=guidance,
-            width=width, height=height, seed=seed,
+            width=width, height=height, seed=seed, negative_prompt=negative_prompt,
             truncated=self.count_tokens(prompt) > self.model.max_prompt_tokens,
         )
 
@@ -110,6 +112,7 @@ class LCMSampler:
         check_size("height", height, self.limits)
         for row in rows:
             check_prompt(row.prompt)
+            check_negative_prompt(row.negative_prompt, self.model.guidance_mode)
             check_guidance(row.guidance_scale, self.limits)
             if check_seed(row.seed) != row.seed:
                 raise InvalidInputError.out_of_range("seed", row.seed, "an integer per row")
@@ -118,7 +121,7 @@ class LCMSampler:
     def count_tokens(self, prompt: str) -> int:
         return len(self.model.tokenizers[0](prompt).input_ids)
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[tuple[torch.Tensor, ...], list[bool]]:
+    def tokenize(self, prompts: Sequence[str], param: str = "prompt") -> tuple[tuple[torch.Tensor, ...], list[bool]]:
         """Token ids per text encoder, padded to its limit; over-long prompts are cut with a warning."""
         ids = []
         for tokenizer in self.model.tokenizers:
@@ -135,8 +138,8 @@ class LCMSampler:
             truncated.append(n > limit)
             if n > limit:
                 logger.warning(
-                    "prompt: %d tokens is over the text encoder's limit of %d; the end was cut off: %.80r",
-                    n, limit, prompt,
+                    "%s: %d tokens is over the text encoder's limit of %d; the end was cut off: %.80r",
+                    param, n, limit, prompt,
                 )
         return tuple(ids), truncated
 
@@ -153,6 +156,10 @@ class LCMSampler:
     def make_batch(self, rows: Sequence[Row], steps: int, width: int, height: int) -> tuple[DenoiseBatch, list[bool]]:
         input_ids, truncated = self.tokenize([row.prompt for row in rows])
         timesteps = lcm_timesteps(steps, self.model.schedule.num_train_timesteps, self.model.schedule.original_steps)
+        negative_ids = negative_rows = None
+        if any(row.negative_prompt for row in rows):
+            negative_ids, _ = self.tokenize([row.negative_prompt for row in rows], "negative_prompt")
+            negative_rows = torch.tensor([bool(row.negative_prompt) for row in rows])
         batch = DenoiseBatch(
             input_ids=input_ids,
             noise=self.draw_noise([row.seed for row in rows], steps, height, width),
@@ -160,6 +167,8 @@ class LCMSampler:
             timesteps=tuple(timesteps),
             height=height,
             width=width,
+            negative_ids=negative_ids,
+            negative_rows=negative_rows,
         )
         return batch, truncated
 

@@ -28,7 +28,10 @@ class DenoiseBatch:
 
     ``input_ids`` holds one [B, L] int64 tensor per text encoder; ``noise`` is
     [steps, B, C, h, w] float32 (initial latents, then one re-noise draw per later step);
-    ``guidance_scale`` is [B] float32. All tensors live on the CPU; a backend moves them.
+    ``guidance_scale`` is [B] float32. ``negative_ids`` (one [B, L] tensor per text encoder) and
+    ``negative_rows`` ([B] bool: the rows that have a negative prompt) are None when no row has one;
+    rows without one take the empty prompt's features, as they would alone. All tensors live on the
+    CPU; a backend moves them.
     """
 
     input_ids: tuple[torch.Tensor, ...]
@@ -37,6 +40,8 @@ class DenoiseBatch:
     timesteps: tuple[int, ...]
     height: int
     width: int
+    negative_ids: tuple[torch.Tensor, ...] | None = None
+    negative_rows: torch.Tensor | None = None
 
     @property
     def bucket(self) -> Bucket:

@@ -124,4 +124,6 @@ def pad_batch(batch: DenoiseBatch, size: int) -> DenoiseBatch:
         input_ids=tuple(grow(ids, 0) for ids in batch.input_ids),
         noise=grow(batch.noise, 1),
         guidance_scale=grow(batch.guidance_scale, 0),
+        negative_ids=None if batch.negative_ids is None else tuple(grow(ids, 0) for ids in batch.negative_ids),
+        negative_rows=None if batch.negative_rows is None else grow(batch.negative_rows, 0),
     )

@@ -151,6 +151,14 @@ class _Program:
     images: torch.Tensor | None = None
     host_images: torch.Tensor | None = None
     graphs: dict[str, torch.cuda.CUDAGraph] | None = None
+    # Classifier-free guidance models only: each row's negative prompt, which rows have one, and the
+    # unconditional features the loop uses (the negative prompt's or the empty prompt's, per row).
+    negative_ids: tuple[torch.Tensor, ...] = ()
+    host_negative_ids: tuple[torch.Tensor, ...] = ()
+    negative_rows: torch.Tensor | None = None
+    host_negative_rows: torch.Tensor | None = None
+    any_negative: bool = False
+    uncond: TextConditioning | None = None
 
 
 class _Clock:
@@ -288,6 +296,15 @@ class CudaGraphBackend(TorchBackend):
             guidance = torch.zeros(b, device=dev)
         timesteps = tuple(lcm_timesteps(bucket.steps, m.schedule.num_train_timesteps, m.schedule.original_steps))
         time_ids = self.time_ids(bucket.height, bucket.width, b)
+        negative = {}
+        if m.guidance_mode == "cfg":
+            negative_ids = tuple(torch.zeros_like(t) for t in ids)
+            rows = torch.zeros(b, dtype=torch.bool, device=dev)
+            negative = dict(
+                negative_ids=negative_ids, negative_rows=rows,
+                host_negative_ids=tuple(torch.zeros_like(t, device="cpu").pin_memory() for t in ids) if pin else (),
+                host_negative_rows=torch.zeros_like(rows, device="cpu").pin_memory() if pin else None,
+            )
         return _Program(
             bucket=bucket, timesteps=timesteps, input_ids=ids,
             host_ids=tuple(torch.zeros_like(t, device="cpu").pin_memory() if pin else torch.zeros_like(t) for t in ids),
@@ -297,6 +314,7 @@ class CudaGraphBackend(TorchBackend):
             time_ids=None if time_ids is None else time_ids.contiguous(),
             # Timesteps as device tensors: a Python int would be copied host-to-device inside the graph.
             timestep_values={t: torch.tensor(float(t), device=dev) for t in timesteps},
+            **negative,
         )
 
     def _stages(self, p: _Program):
@@ -307,13 +325,22 @@ class CudaGraphBackend(TorchBackend):
             p.hidden.copy_(cond.hidden)
             if p.pooled is not None:
                 p.pooled.copy_(cond.pooled)
+            if p.uncond is not None:
+                uncond = self.unconditional().expand(p.bucket.batch_size)
+                # A captured graph always encodes the negative prompts (it cannot branch on the batch);
+                # uncaptured, a batch without any skips that encoder pass.
+                if self.config.capture or p.any_negative:
+                    uncond = self.choose_negative(self.encode_text(p.negative_ids), p.negative_rows, uncond)
+                p.uncond.hidden.copy_(uncond.hidden)
+                if p.uncond.pooled is not None:
+                    p.uncond.pooled.copy_(uncond.pooled)
 
         def loop() -> None:
             cond = TextConditioning(p.hidden, p.pooled)
             if m.guidance_mode == "embedding":
                 base = self.embedding_denoiser(cond, p.guidance, p.time_ids)
             else:  # every row through CFG; rows with w <= 1 keep the conditional output, as eager
-                base = self.cfg_denoiser(cond, p.guidance, p.time_ids)
+                base = self.cfg_denoiser(cond, p.guidance, p.time_ids, p.uncond)
             # Every step's x0 estimate lands in p.x0; the last one is the loop's result.
             lcm_sample(
                 lambda x, t: base(x, p.timestep_values[t]), p.noise, p.timesteps, self.schedule,
@@ -333,12 +360,14 @@ class CudaGraphBackend(TorchBackend):
     def _build_program(self, bucket: Bucket) -> _Program:
         m = self.model
         p = self._allocate(bucket)
-        if m.guidance_mode == "cfg":
-            self.unconditional()  # cached eagerly: no host-to-device copies during capture
         # Output buffers take their shapes from one eager pass.
         cond = self.encode_text(p.input_ids)
         p.hidden = cond.hidden.clone()
         p.pooled = None if cond.pooled is None else cond.pooled.clone()
+        if m.guidance_mode == "cfg":
+            # The empty prompt's features are cached now, eagerly: no host-to-device copies during capture.
+            uncond = self.unconditional().expand(bucket.batch_size)
+            p.uncond = TextConditioning(uncond.hidden.clone(), None if uncond.pooled is None else uncond.pooled.clone())
         p.x0 = torch.zeros_like(p.noise)
         f = m.vae_scale_factor
         p.images = torch.zeros(bucket.batch_size, 3, p.noise.shape[-2] * f, p.noise.shape[-1] * f, device=self.device)
@@ -388,6 +417,8 @@ class CudaGraphBackend(TorchBackend):
             guidance = self.guidance_condition(batch.guidance_scale).to(self.model.dtype)
         else:
             guidance = batch.guidance_scale.float()
+        if p.negative_rows is not None:
+            self._upload_negatives(p, batch)
         if self.device.type != "cuda":
             for static, ids in zip(p.input_ids, batch.input_ids):
                 static.copy_(ids)
@@ -402,6 +433,20 @@ class CudaGraphBackend(TorchBackend):
         p.noise.copy_(p.host_noise, non_blocking=True)
         p.host_guidance.copy_(guidance)
         p.guidance.copy_(p.host_guidance, non_blocking=True)
+
+    def _upload_negatives(self, p: _Program, batch: DenoiseBatch) -> None:
+        p.any_negative = batch.negative_rows is not None
+        rows = batch.negative_rows if p.any_negative else torch.zeros(p.negative_rows.shape, dtype=torch.bool)
+        if self.device.type != "cuda":
+            p.negative_rows.copy_(rows)
+            for static, ids in zip(p.negative_ids, batch.negative_ids or ()):
+                static.copy_(ids)
+            return
+        p.host_negative_rows.copy_(rows)
+        p.negative_rows.copy_(p.host_negative_rows, non_blocking=True)
+        for host, static, ids in zip(p.host_negative_ids, p.negative_ids, batch.negative_ids or ()):
+            host.copy_(ids)
+            static.copy_(host, non_blocking=True)
 
     @torch.inference_mode()
     def run(self, batch: DenoiseBatch, on_step: StepCallback | None = None) -> BackendOutput:

@@ -104,6 +104,21 @@ class TorchBackend(Backend):
                 self._uncond = self.encode_text(tuple(self._tokenize_empty(tok) for tok in m.tokenizers))
         return self._uncond
 
+    def negative_conditioning(self, batch: DenoiseBatch, size: int) -> TextConditioning:
+        """Each row's unconditional features: its negative prompt's if it has one, else the empty prompt's."""
+        uncond = self.unconditional().expand(size)
+        if batch.negative_ids is None:
+            return uncond
+        negative = self.encode_text(batch.negative_ids)
+        return self.choose_negative(negative, batch.negative_rows.to(self.model.device), uncond)
+
+    @staticmethod
+    def choose_negative(negative: TextConditioning, rows: torch.Tensor, uncond: TextConditioning) -> TextConditioning:
+        """``negative``'s features in the rows marked in ``rows`` ([B] bool), ``uncond``'s in the others."""
+        hidden = torch.where(rows.view(-1, 1, 1), negative.hidden, uncond.hidden)
+        pooled = None if uncond.pooled is None else torch.where(rows.view(-1, 1), negative.pooled, uncond.pooled)
+        return TextConditioning(hidden, pooled)
+
     @staticmethod
     def _tokenize_empty(tokenizer) -> torch.Tensor:
         return tokenizer(
@@ -139,11 +154,14 @@ class TorchBackend(Backend):
         added = self._added(cond, time_ids)
         return lambda latents, t: self.unet_forward(latents.to(m.dtype), t, cond.hidden, None, added)
 
-    def cfg_denoiser(self, cond: TextConditioning, w: torch.Tensor, time_ids: torch.Tensor | None):
-        """Classifier-free guidance in one doubled batch; rows with w <= 1 take the conditional output."""
+    def cfg_denoiser(self, cond: TextConditioning, w: torch.Tensor, time_ids: torch.Tensor | None,
+                     uncond: TextConditioning | None = None):
+        """Classifier-free guidance in one doubled batch; rows with w <= 1 take the conditional output.
+
+        ``uncond``: each row's unconditional features (``negative_conditioning``); None: the empty prompt's."""
         m = self.model
         size = cond.hidden.shape[0]
-        uncond = self.unconditional().expand(size)
+        uncond = self.unconditional().expand(size) if uncond is None else uncond
         pooled = None if cond.pooled is None else torch.cat([uncond.pooled, cond.pooled])
         both = TextConditioning(torch.cat([uncond.hidden, cond.hidden]), pooled)
         added = self._added(both, None if time_ids is None else torch.cat([time_ids, time_ids]))
@@ -167,7 +185,8 @@ class TorchBackend(Backend):
             return self.embedding_denoiser(cond, self.guidance_condition(batch.guidance_scale), time_ids)
         if not bool((batch.guidance_scale > 1).any()):
             return self.plain_denoiser(cond, time_ids)
-        return self.cfg_denoiser(cond, batch.guidance_scale, time_ids)
+        return self.cfg_denoiser(cond, batch.guidance_scale, time_ids,
+                                 self.negative_conditioning(batch, cond.hidden.shape[0]))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae_forward(latents / self.model.vae.config.scaling_factor)
