@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampler = LCMSampler(model, max_batch_size=args.batch_size)
     request = GenerationRequest(
         prompt=args.prompt, num_images=args.num_images, steps=args.steps, guidance_scale=args.guidance,
-        width=args.width, height=args.height, seed=args.seed,
+        width=args.width, height=args.height, seed=args.seed, negative_prompt=args.negative_prompt,
     )
     resolved = sampler.resolve(request)  # every bad value is reported before any work
     if args.backend != "torch" or args.attention != "sdpa":
@@ -562,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=4, help="LCM steps, 1-8 (default 4)")
     gen.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float, default=8.0,
                      help="guidance scale w in [0, 50] (default 8.0)")
+    gen.add_argument("--negative-prompt", default="",
+                     help="what guidance steers away from (models with classifier-free guidance, e.g. a base model "
+                          "with --lora, at --guidance > 1)")
     gen.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i")
     gen.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
     gen.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")

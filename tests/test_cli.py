@@ -22,6 +22,14 @@ def test_generate_writes_images_and_record(tmp_path, lcm_sd_dir, capsys):
     assert "wrote 3 image(s)" in capsys.readouterr().out
 
 
+def test_generate_with_a_lora_takes_a_negative_prompt(tmp_path, base_sd_dir, lora_sd_dir):
+    out = tmp_path / "out"
+    assert main(["generate", "a cat", "--model", str(base_sd_dir), "--lora", str(lora_sd_dir), "--steps", "2",
+                 "--guidance", "2", "--negative-prompt", "a dog", "--seed", "3", "-o", str(out), "-q"]) == 0
+    record = json.loads((out / "generation.json").read_text())
+    assert record["request"]["negative_prompt"] == "a dog" and record["model"]["guidance_mode"] == "cfg"
+
+
 def test_generate_is_reproducible(tmp_path, lcm_sd_dir):
     for run in ("a", "b"):
         assert main(["generate", "a cat", "--model", str(lcm_sd_dir), "--seed", "1", "-o", str(tmp_path / run),
@@ -62,6 +70,7 @@ def test_generate_builds_only_the_batch_sizes_it_runs(tmp_path, lcm_sd_dir, monk
         (["--seed", "-3"], "seed must be null or an integer"),
         (["--model", "/does/not/exist"], "model: folder '/does/not/exist' does not exist (see --model)"),
         (["--dtype", "float16", "--device", "cpu"], "float16 is not supported on CPU"),
+        (["--negative-prompt", "a dog"], "negative_prompt: this model takes guidance as an embedding"),
         (["--compile-mode", "reduce-overhead"],
          "compile_mode must be one of max-autotune-no-cudagraphs, default (reduce-overhead and max-autotune"),
     ],

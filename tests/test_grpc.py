@@ -241,6 +241,7 @@ def test_stream_forwards_engine_steps():
     ("width", {"width": 65}),
     ("guidance_scale", {"guidance_scale": -1.0}),
     ("output_format", {"output_format": "gif"}),
+    ("negative_prompt", {"negative_prompt": "a dog"}),  # the tiny LCM takes guidance as an embedding
 ])
 def test_invalid_argument_names_the_field(main, field, fields):
     with pytest.raises(grpc.RpcError) as info:
@@ -395,3 +396,27 @@ def test_drain_makes_calls_unavailable(sampler):
             assert trailer(info.value, "lcmserve-error-type") == "unavailable"
     finally:
         client.close(0)
+
+
+def test_negative_prompt_reaches_a_classifier_free_guidance_model():
+    """A base model (LCM-LoRA style): the negative prompt travels to the engine and changes the guided image."""
+    import torch
+
+    from lcmserve.engine import GenerationRequest
+    from lcmserve.models.loading import _to_lcm_model
+    from lcmserve.models.presets import build_preset_pipeline
+
+    model = _to_lcm_model(build_preset_pipeline("tiny-sd", lcm=False, seed=2), "tiny-base", None, torch.device("cpu"))
+    sampler = LCMSampler(model)
+    client = EngineClient(sampler, "tiny-base")
+    client.start(warmup_steps=())
+    try:
+        with serving(client) as (stub, _):
+            ask = {"prompt": PROMPT, "steps": 2, "seed": 3, "guidance_scale": 6.0}
+            negative = stub.Generate(pb2.GenerateRequest(negative_prompt="a dog", **ask), timeout=30).images[0]
+            plain = stub.Generate(pb2.GenerateRequest(**ask), timeout=30).images[0]
+    finally:
+        client.close(0)
+    expected = sampler.generate(GenerationRequest(negative_prompt="a dog", **ask)).to_pil()[0]
+    assert np.abs(decode(negative) - np.asarray(expected).astype(int)).max() <= 1
+    assert np.abs(decode(negative) - decode(plain)).max() > 1  # without it the two are the same bytes

@@ -333,6 +333,9 @@ BAD_GENERATE = [
     ({"prompt": 3}, "prompt"),
     ({"steps": 4}, "prompt"),
     ({"prompt": "x", "negative": "y"}, "negative"),
+    ({"prompt": "x", "negative_prompt": "y"}, "negative_prompt"),  # the model takes guidance as an embedding
+    ({"prompt": "x", "negative_prompt": "x" * 301}, "negative_prompt"),
+    ({"prompt": "x", "negative_prompt": 3}, "negative_prompt"),
     ({"prompt": "x", "timeout_s": 0}, "timeout_s"),
     ({"prompt": "x", "timeout_s": "5"}, "timeout_s"),
     ({"prompt": "x", "timeout_s": 61.0}, "timeout_s"),  # over the server's request_timeout_s=60
@@ -363,6 +366,9 @@ def test_openai_rejects_bad_fields(http):
                   422, "invalid_request", "model")
     _assert_error(http.post("/v1/images/generations", headers=AUTH, json={"prompt": "x", "quality": "hd"}),
                   422, "invalid_request", "quality")
+    body = {"prompt": "x", "negative_prompt": "y"}  # an lcmserve extension; this model has no negative branch
+    _assert_error(http.post("/v1/images/generations", headers=AUTH, json=body), 422, "invalid_request",
+                  "negative_prompt")
 
 
 def test_body_too_large(http):

@@ -141,16 +141,17 @@ SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ImageGeneration"].full_name  # "
 def to_generation_request(message: Any) -> GenerationRequest:
     """A GenerateRequest as a GenerationRequest; unset optional fields take its defaults."""
     fields = {name: getattr(message, name) for name in _OPTIONAL_FIELDS if message.HasField(name)}
-    return GenerationRequest(prompt=message.prompt, **fields)
+    return GenerationRequest(prompt=message.prompt, negative_prompt=message.negative_prompt, **fields)
 
 
 def check_limits(request: GenerationRequest, limits: Any, client: EngineClient) -> None:
-    """The server's public limits that REST checks in its protocol: prompt length and pixels per image.
+    """The server's public limits that REST checks in its protocol: prompt lengths and pixels per image.
 
     ``limits`` is the server's config (any object); a limit it does not have is not checked.
     """
     if getattr(limits, "max_prompt_chars", None) is not None:
         check_prompt_length(request.prompt, limits)
+        check_prompt_length(request.negative_prompt, limits, "negative_prompt")
     if getattr(limits, "max_pixels", None) is not None:
         check_pixels("width", request.width, request.height, client.sampler.model.native_size, limits)
 

@@ -46,6 +46,9 @@ class GenerateRequest(_Strict):
     width: int | None = Field(None, ge=8, le=8192, description="pixels, a multiple of 8; null: the model's size")
     height: int | None = Field(None, ge=8, le=8192, description="pixels, a multiple of 8; null: the model's size")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image; null: random")
+    negative_prompt: str = Field("", description=(
+        "what guidance steers away from, in place of the empty prompt (at most max_prompt_chars); only for a "
+        "model with classifier-free guidance (a base model with an LCM-LoRA), and only with guidance_scale > 1"))
     output_format: OutputFormat = Field("png", description="encoding of the returned images")
     timeout_s: float | None = _timeout_field()
 
@@ -86,7 +89,7 @@ MAX_PARTIAL_IMAGES = 3  # OpenAI's own limit
 
 
 class OpenAIImageRequest(_Strict):
-    """OpenAI's images.generate; steps, guidance_scale and seed are lcmserve extensions (extra_body)."""
+    """OpenAI's images.generate; steps, guidance_scale, seed and negative_prompt are lcmserve extensions (extra_body)."""
 
     prompt: str
     model: str | None = Field(None, description="optional; must name the served model (GET /v1/models)")
@@ -99,6 +102,9 @@ class OpenAIImageRequest(_Strict):
     steps: int = Field(4, ge=MIN_STEPS, le=MAX_STEPS)
     guidance_scale: float = Field(8.0, ge=0, le=MAX_GUIDANCE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    negative_prompt: str = Field("", description=(
+        "what guidance steers away from, in place of the empty prompt (at most max_prompt_chars); only for a "
+        "model with classifier-free guidance (a base model with an LCM-LoRA), and only with guidance_scale > 1"))
     timeout_s: float | None = _timeout_field()
     stream: bool = Field(False, description="server-sent events: partial images, then the completed ones")
     partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description=(
@@ -151,10 +157,10 @@ class ErrorBody(BaseModel):
 
 
 # 3. translation and the configured limits ------------------------------------------------------
-def check_prompt_length(prompt: str, config: ServerConfig) -> None:
+def check_prompt_length(prompt: str, config: ServerConfig, param: str = "prompt") -> None:
     if len(prompt) > config.max_prompt_chars:
         raise InvalidInputError(
-            f"prompt has {len(prompt)} characters; at most max_prompt_chars={config.max_prompt_chars}", param="prompt")
+            f"{param} has {len(prompt)} characters; at most max_prompt_chars={config.max_prompt_chars}", param=param)
 
 
 def check_pixels(param: str, width: int | None, height: int | None, native: int, config: ServerConfig) -> None:
@@ -190,11 +196,13 @@ def parse_size(size: str | None, limits: Limits) -> tuple[int | None, int | None
 
 def generate_to_engine(body: GenerateRequest, config: ServerConfig, native: int) -> GenerationRequest:
     check_prompt_length(body.prompt, config)
+    check_prompt_length(body.negative_prompt, config, "negative_prompt")
     if body.num_images > config.max_images:
         raise InvalidInputError.out_of_range("num_images", body.num_images, f"an integer in [1, {config.max_images}]")
     check_pixels("width", body.width, body.height, native, config)
     return GenerationRequest(prompt=body.prompt, num_images=body.num_images, steps=body.steps,
-                             guidance_scale=body.guidance_scale, width=body.width, height=body.height, seed=body.seed)
+                             guidance_scale=body.guidance_scale, width=body.width, height=body.height, seed=body.seed,
+                             negative_prompt=body.negative_prompt)
 
 
 def openai_to_engine(body: OpenAIImageRequest, config: ServerConfig, model_name: str, limits: Limits,
@@ -206,12 +214,14 @@ def openai_to_engine(body: OpenAIImageRequest, config: ServerConfig, model_name:
     if body.model is not None and body.model != model_name:
         raise InvalidInputError.out_of_range("model", body.model, f"{model_name!r} (see GET /v1/models) or omitted")
     check_prompt_length(body.prompt, config)
+    check_prompt_length(body.negative_prompt, config, "negative_prompt")
     if body.n > config.max_images:
         raise InvalidInputError.out_of_range("n", body.n, f"an integer in [1, {config.max_images}]")
     width, height = parse_size(body.size, limits)
     check_pixels("size", width, height, native, config)
     return GenerationRequest(prompt=body.prompt, num_images=body.n, steps=body.steps,
-                             guidance_scale=body.guidance_scale, width=width, height=height, seed=body.seed)
+                             guidance_scale=body.guidance_scale, width=width, height=height, seed=body.seed,
+                             negative_prompt=body.negative_prompt)
 
 
 __all__ = [

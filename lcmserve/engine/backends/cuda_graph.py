@@ -300,11 +300,11 @@ class CudaGraphBackend(TorchBackend):
         if m.guidance_mode == "cfg":
             negative_ids = tuple(torch.zeros_like(t) for t in ids)
             rows = torch.zeros(b, dtype=torch.bool, device=dev)
-            negative = dict(
-                negative_ids=negative_ids, negative_rows=rows,
-                host_negative_ids=tuple(torch.zeros_like(t, device="cpu").pin_memory() for t in ids) if pin else (),
-                host_negative_rows=torch.zeros_like(rows, device="cpu").pin_memory() if pin else None,
-            )
+            negative = {
+                "negative_ids": negative_ids, "negative_rows": rows,
+                "host_negative_ids": tuple(torch.zeros_like(t, device="cpu").pin_memory() for t in ids) if pin else (),
+                "host_negative_rows": torch.zeros_like(rows, device="cpu").pin_memory() if pin else None,
+            }
         return _Program(
             bucket=bucket, timesteps=timesteps, input_ids=ids,
             host_ids=tuple(torch.zeros_like(t, device="cpu").pin_memory() if pin else torch.zeros_like(t) for t in ids),
