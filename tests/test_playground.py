@@ -137,3 +137,23 @@ def test_errors_are_shown_to_the_user(server, browser):
     generate(browser)
     assert error.text == "" and not error.is_displayed()
     assert len(figures(browser)) == 1
+
+
+def test_a_classifier_free_guidance_model_gets_a_negative_prompt_field(base_sd_dir, lora_sd_dir, browser, server,
+                                                                        tmp_path):
+    """A base model with an LCM-LoRA takes a negative prompt: the page offers the field and sends it."""
+    browser.get(server + "/")
+    assert browser.find_elements("id", "negative") == []  # a distilled LCM has no negative branch
+    flags = ("--model", str(base_sd_dir), "--lora", str(lora_sd_dir), "--device", "cpu", "--warmup-steps", "",
+             "--max-queue-delay-ms", "5")
+    with local_server(*flags, log_path=tmp_path / "server.log") as url:
+        browser.get(url + "/")
+        fill(browser, prompt="a cat", negative="a dog", steps="2", guidance="4", seed="5", n="1")
+        generate(browser)
+        assert browser.find_element("id", "error").text == ""
+        src = browser.find_element("css selector", "#grid img").get_attribute("src")
+        ask = {"prompt": "a cat", "steps": 2, "guidance_scale": 4.0, "seed": 5}
+        with_negative = httpx.post(url + "/generate", timeout=60, json={**ask, "negative_prompt": "a dog"}).json()
+        plain = httpx.post(url + "/generate", timeout=60, json=ask).json()
+    assert src == "data:image/png;base64," + with_negative["images"][0]["b64"]
+    assert with_negative["images"][0]["b64"] != plain["images"][0]["b64"]

@@ -455,7 +455,8 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
     async def playground() -> HTMLResponse:
         model_json = json.dumps(client.model_name).replace("<", "\\u003c")  # no </script> from a model name
         return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_json)
-                            .replace("{{MAX_IMAGES}}", str(config.max_images)))
+                            .replace("{{MAX_IMAGES}}", str(config.max_images))
+                            .replace("{{NEGATIVE}}", NEGATIVE_PROMPT_HTML if getattr(model, "guidance_mode", None) == "cfg" else ""))
 
     # 2.5 middleware, innermost first
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)
@@ -468,13 +469,17 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
 
 
 # 3. the playground: plain HTML and JS, no CDN ------------------------------------------------------------
+# Only a model with classifier-free guidance takes a negative prompt; the others would refuse it.
+NEGATIVE_PROMPT_HTML = """ <label for="negative">negative prompt</label>
+ <input id="negative" placeholder="what guidance steers away from (at guidance above 1)"><br>
+"""
 PLAYGROUND_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>lcmserve playground</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
  body{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem;color:#222}
  label{display:inline-block;margin:.3rem 1rem .3rem 0} input{font:inherit}
- #prompt{width:100%;box-sizing:border-box;padding:.4rem} button{font:inherit;padding:.4rem 1.2rem}
+ #prompt,#negative{width:100%;box-sizing:border-box;padding:.4rem} button{font:inherit;padding:.4rem 1.2rem}
  #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:.6rem;margin-top:1rem}
  #grid figure{margin:0} #grid img{width:100%;image-rendering:pixelated;border:1px solid #ccc}
  #grid figcaption{font-size:.8rem;color:#555} #status{margin-left:1rem;color:#555}
@@ -484,7 +489,7 @@ PLAYGROUND_HTML = """<!doctype html>
 <form id="form">
  <label for="prompt">prompt</label>
  <input id="prompt" placeholder="a red circle at the top left" value="a red circle at the top left" required><br>
- <label>steps <input id="steps" type="number" min="1" max="8" step="1" value="4" required></label>
+{{NEGATIVE}} <label>steps <input id="steps" type="number" min="1" max="8" step="1" value="4" required></label>
  <label>guidance <input id="guidance" type="number" min="0" max="50" step="0.5" value="8" required></label>
  <label>seed <input id="seed" type="number" min="0" max="9007199254740991" step="1" placeholder="random"></label>
  <label>images <input id="n" type="number" min="1" max="{{MAX_IMAGES}}" step="1" value="1" required></label>
@@ -560,6 +565,7 @@ $("form").addEventListener("submit", async (event) => {
   const body = {prompt: $("prompt").value, steps: Number($("steps").value),
                 guidance_scale: Number($("guidance").value), num_images: Number($("n").value),
                 seed: seed === "" ? null : Number(seed)};
+  if ($("negative") && $("negative").value) body.negative_prompt = $("negative").value;
   const headers = {"Content-Type": "application/json", "Accept": "text/event-stream"};
   if ($("key").value) headers["Authorization"] = "Bearer " + $("key").value;
   $("go").disabled = true; $("error").textContent = ""; $("status").textContent = "generating...";
