@@ -175,6 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, compile=args.compile, compile_mode=args.compile_mode,
         channels_last=args.channels_last, exporter=args.exporter,
         threads=args.threads, baseline_dtype=args.baseline_dtype, interleave=args.interleave, profile=args.profile,
+        profile_top=args.profile_top,
         attention=args.attention, out=args.out, name=args.name, progress=not args.quiet,
     )
     result = run_bench(cfg)
@@ -217,6 +218,8 @@ def _add_bench(sub) -> None:
                     help="set up all backends at once and time their batches in turn (fair on a shared machine)")
     bn.add_argument("--profile", action="store_true",
                     help="also profile one batch per row (torch.profiler) and list the top operators")
+    bn.add_argument("--profile-top", type=int, default=12,
+                    help="--profile: how many operators each row lists (default 12)")
     bn.add_argument("--out", default="docs/results")
     bn.add_argument("--name", default="bench", help="file stem of the results (default bench)")
     bn.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

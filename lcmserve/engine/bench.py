@@ -95,6 +95,8 @@ class BenchConfig:
     profile: bool = False
     """After each row's timed batches, run one more under torch.profiler and keep its top operators
     by self time (onnx and tensorrt rows run outside torch and are not profiled)."""
+    profile_top: int = 12
+    """How many operators each profiled row lists, 1-500."""
     out: str = "docs/results"
     name: str = "bench"
     progress: bool = True
@@ -126,6 +128,9 @@ class BenchConfig:
                                     "shares; bench channels-last in a run of its own", param="interleave")
         check_attention(self.attention)
         check_compile_mode(self.compile_mode)
+        if isinstance(self.profile_top, bool) or not isinstance(self.profile_top, int) or \
+                not 1 <= self.profile_top <= 500:
+            raise InvalidInputError.out_of_range("profile_top", self.profile_top, "an integer in [1, 500]")
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise InvalidInputError.out_of_range("threads", self.threads, "an integer in [1, 1024] or None")
 
@@ -274,7 +279,7 @@ def _time_shape(live: dict[str, tuple[Any, float]], cfg: BenchConfig, device: to
             profiled = None
             if cfg.profile and runner not in UNPROFILED:
                 try:
-                    profiled = profile_once(run_once, device)
+                    profiled = profile_once(run_once, device, cfg.profile_top)
                 except Exception as exc:  # noqa: BLE001 - the timings stand; only the profile is missing
                     failed(runner, exc, stage="profile")
             measured[runner] = (*times[runner], profiled)
