@@ -61,7 +61,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Values that do not depend on the model are checked before the (slow) load.
     limits = Limits()
     check_steps(args.steps)
-    check_guidance(args.guidance, limits)
+    if args.guidance is not None:
+        check_guidance(args.guidance, limits)
     check_num_images(args.num_images, limits)
     check_seed(args.seed)
     check_compile_mode(args.compile_mode)
@@ -563,8 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the text prompt")
     _add_model_args(gen, DEFAULT_MODEL)
     gen.add_argument("--steps", type=int, default=4, help="LCM steps, 1-8 (default 4)")
-    gen.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float, default=8.0,
-                     help="guidance scale w in [0, 50] (default 8.0)")
+    gen.add_argument("--guidance", "--guidance-scale", dest="guidance", type=float, default=None,
+                     help="guidance scale w in [0, 50] (default: the model's, 8.0 for a distilled LCM, 1.0 with "
+                          "--lora, whose useful range is 1-2)")
     gen.add_argument("--negative-prompt", default="",
                      help="what guidance steers away from (models with classifier-free guidance, e.g. a base model "
                           "with --lora, at --guidance > 1)")

@@ -399,7 +399,8 @@ def test_drain_makes_calls_unavailable(sampler):
 
 
 def test_negative_prompt_reaches_a_classifier_free_guidance_model():
-    """A base model (LCM-LoRA style): the negative prompt travels to the engine and changes the guided image."""
+    """A base model (LCM-LoRA style): the negative prompt travels to the engine and changes the guided image;
+    a request without a guidance scale gets the model's default."""
     import torch
 
     from lcmserve.engine import GenerationRequest
@@ -415,8 +416,10 @@ def test_negative_prompt_reaches_a_classifier_free_guidance_model():
             ask = {"prompt": PROMPT, "steps": 2, "seed": 3, "guidance_scale": 6.0}
             negative = stub.Generate(pb2.GenerateRequest(negative_prompt="a dog", **ask), timeout=30).images[0]
             plain = stub.Generate(pb2.GenerateRequest(**ask), timeout=30).images[0]
+            default = stub.Generate(pb2.GenerateRequest(prompt=PROMPT, steps=1), timeout=30)
     finally:
         client.close(0)
+    assert default.guidance_scale == 1.0  # none given: an LCM-LoRA's default
     expected = sampler.generate(GenerationRequest(negative_prompt="a dog", **ask)).to_pil()[0]
     assert np.abs(decode(negative) - np.asarray(expected).astype(int)).max() <= 1
     assert np.abs(decode(negative) - decode(plain)).max() > 1  # without it the two are the same bytes

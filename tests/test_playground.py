@@ -144,10 +144,12 @@ def test_a_classifier_free_guidance_model_gets_a_negative_prompt_field(base_sd_d
     """A base model with an LCM-LoRA takes a negative prompt: the page offers the field and sends it."""
     browser.get(server + "/")
     assert browser.find_elements("id", "negative") == []  # a distilled LCM has no negative branch
+    assert browser.find_element("id", "guidance").get_attribute("value") == "8"
     flags = ("--model", str(base_sd_dir), "--lora", str(lora_sd_dir), "--device", "cpu", "--warmup-steps", "",
              "--max-queue-delay-ms", "5")
     with local_server(*flags, log_path=tmp_path / "server.log") as url:
         browser.get(url + "/")
+        assert browser.find_element("id", "guidance").get_attribute("value") == "1"  # an LCM-LoRA's default
         fill(browser, prompt="a cat", negative="a dog", steps="2", guidance="4", seed="5", n="1")
         generate(browser)
         assert browser.find_element("id", "error").text == ""

@@ -131,6 +131,20 @@ def test_negative_prompt_is_refused_by_an_embedding_lcm(lcm_sd_dir):
     assert sampler.resolve(GenerationRequest("a cat", negative_prompt="")).negative_prompt == ""
 
 
+def test_guidance_default_follows_the_model(lcm_sd_dir, base_sd_dir, lora_sd_dir):
+    """No guidance_scale: w 8 for a distilled LCM; 1 (one pass, no CFG) for an LCM-LoRA, whose range is 1-2."""
+    from lcmserve.engine import GenerationRequest
+
+    lcm = LCMSampler(load_model(str(lcm_sd_dir), device="cpu"))
+    lora = LCMSampler(load_model(str(base_sd_dir), lora=str(lora_sd_dir), device="cpu"))
+    assert lcm.resolve(GenerationRequest("a cat")).guidance_scale == 8.0
+    assert lora.resolve(GenerationRequest("a cat")).guidance_scale == 1.0
+    assert lora.resolve(GenerationRequest("a cat", guidance_scale=1.5)).guidance_scale == 1.5
+    assert lora.model.describe()["default_guidance_scale"] == 1.0
+    by_default = lora.generate(GenerationRequest("a cat", steps=2, seed=4)).images
+    torch.testing.assert_close(by_default, lora.run_rows([Row("a cat", 4, 1.0)], 2, 64, 64).images, rtol=0, atol=0)
+
+
 def test_lora_changes_the_model(base_sd_dir, lora_sd_dir):
     rows = [Row(PROMPTS[0], 0, 1.0)]
     base = DiffusionPipeline.from_pretrained(base_sd_dir)

@@ -159,6 +159,7 @@ def test_generate_json_seeds_are_returned_and_reproducible(http):
                                                       "seed": 7}).json()
     assert [image["seed"] for image in out["images"]] == [7, 8]
     assert (out["width"], out["height"], out["steps"], out["output_format"]) == (64, 64, 2, "png")
+    assert out["guidance_scale"] == 8.0  # none given: a distilled LCM's default
     assert out["timings"]["total_s"] >= out["timings"]["engine_s"] > 0
     alone = http.post("/generate", headers=AUTH, json={"prompt": "a red circle", "steps": 2, "seed": 8}).json()
     second = np.frombuffer(_png_pixels(base64.b64decode(out["images"][1]["b64"])), np.uint8).astype(int)

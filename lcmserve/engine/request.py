@@ -58,7 +58,8 @@ class GenerationRequest:
     prompt: str
     num_images: int = 1
     steps: int = 4
-    guidance_scale: float = 8.0
+    guidance_scale: float | None = None
+    """None: the model's default (8.0 for a distilled LCM, 1.0 for a base model with an LCM-LoRA)."""
     width: int | None = None
     height: int | None = None
     seed: int | None = None

@@ -88,7 +88,8 @@ class LCMSampler:
         negative_prompt = check_negative_prompt(request.negative_prompt, self.model.guidance_mode)
         num_images = check_num_images(request.num_images, self.limits)
         steps = check_steps(request.steps)
-        guidance = check_guidance(request.guidance_scale, self.limits)
+        w = self.model.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
+        guidance = check_guidance(w, self.limits)
         native = self.model.native_size
         width = check_size("width", native if request.width is None else request.width, self.limits)
         height = check_size("height", native if request.height is None else request.height, self.limits)

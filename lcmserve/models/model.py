@@ -12,6 +12,11 @@ from lcmserve.consistency import ORIGINAL_STEPS, PREDICTION_TYPES, TIMESTEP_SCAL
 
 Family = Literal["sd", "sdxl"]
 GuidanceMode = Literal["embedding", "cfg"]
+# The guidance scale of a request that leaves it out. A distilled LCM takes w through its embedding and
+# was trained over a range around the paper's w = 8. An LCM-LoRA already carries the guidance it was
+# distilled with: its authors give 1-2 as the range (above it images break up), and 1 runs no
+# classifier-free guidance at all, one UNet pass per step, as diffusers' LCM-LoRA examples do.
+DEFAULT_GUIDANCE: dict[str, float] = {"embedding": 8.0, "cfg": 1.0}
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,11 @@ class LCMModel:
         return int(size) * self.vae_scale_factor
 
     @property
+    def default_guidance_scale(self) -> float:
+        """The w a request gets when it gives none (``DEFAULT_GUIDANCE`` of the guidance mode)."""
+        return DEFAULT_GUIDANCE[self.guidance_mode]
+
+    @property
     def max_prompt_tokens(self) -> int:
         return int(self.tokenizers[0].model_max_length)
 
@@ -113,6 +123,7 @@ class LCMModel:
             "name": self.name,
             "family": self.family,
             "guidance_mode": self.guidance_mode,
+            "default_guidance_scale": self.default_guidance_scale,
             "lora": self.lora,
             "vae": type(self.vae).__name__,
             "vae_source": self.vae_source,

@@ -30,6 +30,10 @@ def _timeout_field():
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*x\s*(\d{1,6})\s*$")
 
 
+GUIDANCE_DOC = ("guidance scale w; null: the model's default (8.0 for a distilled LCM, 1.0 for a base model with "
+                "an LCM-LoRA, whose useful range is 1-2)")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -42,7 +46,7 @@ class GenerateRequest(_Strict):
                         examples=["a red circle at the top left"])
     num_images: int = Field(1, ge=1, le=64, description="images to generate (at most the server's max_images)")
     steps: int = Field(4, ge=MIN_STEPS, le=MAX_STEPS, description="LCM steps")
-    guidance_scale: float = Field(8.0, ge=0, le=MAX_GUIDANCE, description="guidance scale w")
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     width: int | None = Field(None, ge=8, le=8192, description="pixels, a multiple of 8; null: the model's size")
     height: int | None = Field(None, ge=8, le=8192, description="pixels, a multiple of 8; null: the model's size")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image; null: random")
@@ -100,7 +104,7 @@ class OpenAIImageRequest(_Strict):
     output_format: OutputFormat = "png"
     user: str | None = Field(None, description="accepted and ignored")
     steps: int = Field(4, ge=MIN_STEPS, le=MAX_STEPS)
-    guidance_scale: float = Field(8.0, ge=0, le=MAX_GUIDANCE)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     negative_prompt: str = Field("", description=(
         "what guidance steers away from, in place of the empty prompt (at most max_prompt_chars); only for a "

@@ -456,6 +456,7 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
         model_json = json.dumps(client.model_name).replace("<", "\\u003c")  # no </script> from a model name
         return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_json)
                             .replace("{{MAX_IMAGES}}", str(config.max_images))
+                            .replace("{{GUIDANCE}}", f"{getattr(model, 'default_guidance_scale', 8.0):g}")
                             .replace("{{NEGATIVE}}", NEGATIVE_PROMPT_HTML if getattr(model, "guidance_mode", None) == "cfg" else ""))
 
     # 2.5 middleware, innermost first
@@ -490,7 +491,7 @@ PLAYGROUND_HTML = """<!doctype html>
  <label for="prompt">prompt</label>
  <input id="prompt" placeholder="a red circle at the top left" value="a red circle at the top left" required><br>
 {{NEGATIVE}} <label>steps <input id="steps" type="number" min="1" max="8" step="1" value="4" required></label>
- <label>guidance <input id="guidance" type="number" min="0" max="50" step="0.5" value="8" required></label>
+ <label>guidance <input id="guidance" type="number" min="0" max="50" step="0.5" value="{{GUIDANCE}}" required></label>
  <label>seed <input id="seed" type="number" min="0" max="9007199254740991" step="1" placeholder="random"></label>
  <label>images <input id="n" type="number" min="1" max="{{MAX_IMAGES}}" step="1" value="1" required></label>
  <label>API key <input id="key" type="password" placeholder="if the server has one" autocomplete="off"></label><br>
