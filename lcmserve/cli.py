@@ -202,7 +202,8 @@ def _add_bench(sub) -> None:
     bn.add_argument("--no-baseline", action="store_true", help="skip diffusers' pipeline")
     bn.add_argument("--device", default="auto")
     bn.add_argument("--dtype", default="auto")
-    bn.add_argument("--guidance", type=float, default=8.0)
+    bn.add_argument("--guidance", type=float, default=None,
+                    help="every row's w (default: the model's, 8.0 for a distilled LCM, 1.0 for an LCM-LoRA)")
     bn.add_argument("--cache-dir", default=None, help="ONNX/TensorRT cache (default $LCMSERVE_CACHE_DIR)")
     bn.add_argument("--compile", action="store_true", help="torch.compile inside cuda-graph")
     bn.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",

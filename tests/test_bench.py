@@ -55,6 +55,7 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
         assert r["speedup_vs_diffusers"] > 0
         if r["backend"] != "diffusers":
             assert r["unet_ms"] > 0 and r["vae_ms"] > 0 and r["text_ms"] > 0
+    assert result["config"]["guidance"] == 8.0  # none given: the model's default, recorded
     env = result["environment"]
     assert env["device_type"] == "cpu" and env["versions"]["torch"] and env["date"]
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

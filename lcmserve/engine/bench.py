@@ -70,7 +70,9 @@ class BenchConfig:
     baseline_dtype: str | None = None
     """Run diffusers' pipeline in another dtype (its own copy of the same weights), e.g. float32, what
     diffusers runs on a CPU by default, against our bfloat16; None: the same dtype as ours."""
-    guidance: float = 8.0
+    guidance: float | None = None
+    """Every row's w, ours and diffusers' alike; None: the model's default (8.0 for a distilled LCM, 1.0
+    for an LCM-LoRA), recorded in the results."""
     cache_dir: str | None = None
     """ONNX graphs and TensorRT engines (default: $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)."""
     compile: bool = False
@@ -322,6 +324,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model, vae=cfg.vae, device=cfg.device, dtype=cfg.dtype)
+    if cfg.guidance is None:
+        cfg = dataclasses.replace(cfg, guidance=model.default_guidance_scale)
     device = model.device
     if cfg.attention == "small-head" and any(b in TORCH_EXECUTED for b in cfg.backends):
         use_small_head_attention(model, cfg.cache_dir)  # before the baseline is set up: it takes an SDPA twin
