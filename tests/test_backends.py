@@ -85,7 +85,7 @@ def test_profiles_follow_the_buckets():
     buckets = BucketSet((2, 8, 4), (4,), ((64, 64),))
     assert trt_mod.graph_batch_sizes("text_encoder", buckets, "embedding") == (1, 2, 4, 8)
     assert trt_mod.graph_batch_sizes("unet", buckets, "embedding") == (2, 4, 8)
-    assert trt_mod.graph_batch_sizes("unet", buckets, "cfg") == (4, 8, 16)
+    assert trt_mod.graph_batch_sizes("unet", buckets, "cfg") == (2, 4, 8, 16)  # unguided and guided batches
     assert trt_mod.graph_batch_sizes("vae_decoder", buckets, "cfg") == (2, 4, 8)
     profiles = trt_mod.engine_profiles({"sample": (4, 8, 8), "timestep": ()}, (1, 4))
     assert profiles == [

@@ -111,11 +111,19 @@ def test_static_program_classifier_free_guidance_matches_eager():
     model = _to_lcm_model(build_preset_pipeline("tiny-sd", lcm=False, seed=2), "tiny-base", None, torch.device("cpu"))
     assert model.guidance_mode == "cfg"
     backend = _static_backend(model)
+    unet_rows = []
+    unet_forward = backend.unet_forward
+    backend.unet_forward = lambda sample, *args, **kw: unet_rows.append(sample.shape[0]) or unet_forward(
+        sample, *args, **kw)
     images = {}
-    for rows in (ROWS, NEGATIVE_ROWS, [Row("a cat", 5, 1.0)], ROWS, NEGATIVE_ROWS[:1]):
+    for rows, unet_batch in ((ROWS, 8), (NEGATIVE_ROWS, 8), ([Row("a cat", 5, 1.0)], 1), (ROWS, 8),
+                             (NEGATIVE_ROWS[:1], 2), ([Row("a cat", 5, 1.0, "a dog")], 1)):
         expected = LCMSampler(model).run_rows(rows, 2, 32, 32).images
+        unet_rows.clear()
         got = LCMSampler(model, backend=backend).run_rows(rows, 2, 32, 32).images
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        # the doubled (guided) batch only when a row has w > 1; the bucket's rows otherwise
+        assert unet_rows == [unet_batch] * 2, (rows, unet_rows)
         images[tuple(rows)] = got
     # The negative prompt reached the program: it changes its guided row (w 8), not the w <= 1 one.
     assert (images[tuple(NEGATIVE_ROWS)][0] - images[tuple(ROWS)][0]).abs().max() > 1e-3
@@ -164,7 +172,9 @@ def test_captured_cfg_and_compiled_on_gpu(compile_, channels_last):
     model = _to_lcm_model(pipe, "tiny-base", None, torch.device("cuda"))
     backend = CudaGraphBackend(model, CudaGraphConfig(BucketSet((4,), (2,), ((64, 64),)), compile=compile_,
                                                       channels_last=channels_last))
-    for rows in (ROWS, NEGATIVE_ROWS, ROWS):  # the captured text graph encodes negative prompts every time
+    assert backend.captures == 4  # text, the guided and the unguided loop, vae
+    # the captured text graph encodes negative prompts every time; ROWS[1:2] (w 1) replays the unguided loop
+    for rows in (ROWS, NEGATIVE_ROWS, ROWS[1:2], ROWS):
         expected = LCMSampler(model).run_rows(rows, 2, 64, 64).images
         got = LCMSampler(model, backend=backend).run_rows(rows, 2, 64, 64).images
         torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)

@@ -46,6 +46,7 @@ GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # default keeps the libraries' kernels and fuses the elementwise work around them (group norm + SiLU, ...).
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "default")
 COMPILE_MODE = COMPILE_MODES[0]
+UNGUIDED_LOOP = "loop-unguided"  # the stage of a CFG model's batches whose rows all have w <= 1
 
 
 def inductor_cpu_settings(freeze: bool = True) -> dict[str, bool]:
@@ -335,12 +336,14 @@ class CudaGraphBackend(TorchBackend):
                 if p.uncond.pooled is not None:
                     p.uncond.pooled.copy_(uncond.pooled)
 
-        def loop() -> None:
+        def loop(guided: bool = True) -> None:
             cond = TextConditioning(p.hidden, p.pooled)
             if m.guidance_mode == "embedding":
                 base = self.embedding_denoiser(cond, p.guidance, p.time_ids)
-            else:  # every row through CFG; rows with w <= 1 keep the conditional output, as eager
+            elif guided:  # every row through CFG; rows with w <= 1 keep the conditional output, as eager
                 base = self.cfg_denoiser(cond, p.guidance, p.time_ids, p.uncond)
+            else:  # no row above w = 1: the conditional pass alone, half the UNet work
+                base = self.plain_denoiser(cond, p.time_ids)
             # Every step's x0 estimate lands in p.x0; the last one is the loop's result.
             lcm_sample(
                 lambda x, t: base(x, p.timestep_values[t]), p.noise, p.timesteps, self.schedule,
@@ -350,7 +353,12 @@ class CudaGraphBackend(TorchBackend):
         def vae() -> None:
             p.images.copy_(self.decode(p.x0[-1]))
 
-        return {"text": text, "loop": loop, "vae": vae}
+        stages = {"text": text, "loop": loop, "vae": vae}
+        if m.guidance_mode == "cfg":
+            # A second loop for batches with no row above w = 1 (an LCM-LoRA's default): which one runs
+            # is known on the host from the request, so choosing needs no device sync.
+            stages[UNGUIDED_LOOP] = lambda: loop(guided=False)
+        return stages
 
     def _build(self, bucket: Bucket) -> _Program:
         # Under inductor's settings from the first call on: the eager pass below compiles the text encoder.
@@ -392,7 +400,9 @@ class CudaGraphBackend(TorchBackend):
                 for fn in stages.values():
                     fn()
         torch.cuda.current_stream().wait_stream(side)
-        # 2. capture each stage into one shared pool, in the order they are replayed
+        # 2. capture each stage into one shared pool. The stages pass data only through the program's
+        # static buffers, allocated outside the pool, so a replay may skip a stage (a CFG model's batch
+        # runs one of its two loops) or take them in another order.
         pool = torch.cuda.graph_pool_handle()
         graphs = {}
         for name, fn in stages.items():
@@ -462,7 +472,8 @@ class CudaGraphBackend(TorchBackend):
         clock = _Clock(self.device)
         clock.mark()
         self._upload(p, padded)
-        for name in ("text", "loop", "vae"):
+        guided = self.model.guidance_mode == "embedding" or bool((padded.guidance_scale > 1).any())
+        for name in ("text", "loop" if guided else UNGUIDED_LOOP, "vae"):
             if p.graphs is not None and name in p.graphs:
                 p.graphs[name].replay()
             else:

@@ -2,8 +2,8 @@
 
 1. ONNX graphs come from engine/export.py (one UNet/VAE graph per resolution, dynamic batch).
 2. Each graph becomes one engine with one optimisation profile per batch bucket
-   (min = opt = max, so every bucket gets kernels tuned for exactly its shape); the UNet's
-   profiles are twice the rows when the model takes classifier-free guidance.
+   (min = opt = max, so every bucket gets kernels tuned for exactly its shape); a UNet that
+   takes classifier-free guidance also gets profiles of twice the rows (its guided batches).
 3. Engines are cached (engine/cache.py) under the ONNX entry's key (itself the weights'
    hash, dtype, resolution, versions), the TensorRT version, the GPU's name and compute
    capability and the profiles: a new driver stack, card or bucket never reuses an engine.
@@ -87,12 +87,13 @@ class TensorRTConfig:
 
 # -- pure logic: which shapes each engine is built for ---------------------------------------------
 def graph_batch_sizes(graph: str, buckets: BucketSet, guidance_mode: str) -> tuple[int, ...]:
-    """Rows each engine sees: the buckets; 2x for a CFG UNet; plus 1 for the text encoders (empty prompt)."""
+    """Rows each engine sees: the buckets; a CFG UNet also twice them (guided batches run doubled, those with
+    no row above w = 1 not); plus 1 for the text encoders (the empty prompt)."""
     sizes = set(buckets.batch_sizes)
     if graph.startswith("text_encoder"):
         sizes.add(1)
     elif graph == "unet" and guidance_mode == "cfg":
-        sizes = {2 * b for b in sizes}
+        sizes |= {2 * b for b in sizes}
     return tuple(sorted(sizes))
 
 
