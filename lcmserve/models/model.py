@@ -14,7 +14,7 @@ Family = Literal["sd", "sdxl"]
 GuidanceMode = Literal["embedding", "cfg"]
 # The guidance scale of a request that leaves it out. A distilled LCM takes w through its embedding and
 # was trained over a range around the paper's w = 8. An LCM-LoRA already carries the guidance it was
-# distilled with: its authors give 1-2 as the range (above it images break up), and 1 runs no
+# distilled with: its authors recommend 1-2 (not the 7-8 of a base model's guidance), and 1 runs no
 # classifier-free guidance at all, one UNet pass per step, as diffusers' LCM-LoRA examples do.
 DEFAULT_GUIDANCE: dict[str, float] = {"embedding": 8.0, "cfg": 1.0}
 

@@ -30,6 +30,9 @@ def _timeout_field():
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*x\s*(\d{1,6})\s*$")
 
 
+NEGATIVE_PROMPT_DOC = ("what guidance steers away from, in place of the empty prompt (at most max_prompt_chars); "
+                       "only for a model with classifier-free guidance (a base model with an LCM-LoRA), and only "
+                       "with guidance_scale > 1")
 GUIDANCE_DOC = ("guidance scale w; null: the model's default (8.0 for a distilled LCM, 1.0 for a base model with "
                 "an LCM-LoRA, whose useful range is 1-2)")
 
@@ -50,9 +53,7 @@ class GenerateRequest(_Strict):
     width: int | None = Field(None, ge=8, le=8192, description="pixels, a multiple of 8; null: the model's size")
     height: int | None = Field(None, ge=8, le=8192, description="pixels, a multiple of 8; null: the model's size")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the first image; null: random")
-    negative_prompt: str = Field("", description=(
-        "what guidance steers away from, in place of the empty prompt (at most max_prompt_chars); only for a "
-        "model with classifier-free guidance (a base model with an LCM-LoRA), and only with guidance_scale > 1"))
+    negative_prompt: str = Field("", description=NEGATIVE_PROMPT_DOC)
     output_format: OutputFormat = Field("png", description="encoding of the returned images")
     timeout_s: float | None = _timeout_field()
 
@@ -106,9 +107,7 @@ class OpenAIImageRequest(_Strict):
     steps: int = Field(4, ge=MIN_STEPS, le=MAX_STEPS)
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    negative_prompt: str = Field("", description=(
-        "what guidance steers away from, in place of the empty prompt (at most max_prompt_chars); only for a "
-        "model with classifier-free guidance (a base model with an LCM-LoRA), and only with guidance_scale > 1"))
+    negative_prompt: str = Field("", description=NEGATIVE_PROMPT_DOC)
     timeout_s: float | None = _timeout_field()
     stream: bool = Field(False, description="server-sent events: partial images, then the completed ones")
     partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description=(
