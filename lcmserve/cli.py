@@ -170,7 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print((Path(args.out) / f"{args.name}.md").read_text())
         return 0
     cfg = BenchConfig(
-        model=args.model, vae=args.vae, backends=tuple(b for b in args.backends.split(",") if b), batch_sizes=tuple(args.batch_sizes),
+        model=args.model, vae=args.vae, lora=args.lora, lora_scale=args.lora_scale, unet=args.unet, backends=tuple(b for b in args.backends.split(",") if b), batch_sizes=tuple(args.batch_sizes),
         steps=tuple(args.steps), resolutions=parse_resolutions(args.resolutions), warmup=args.warmup, iters=args.iters,
         baseline=not args.no_baseline, device=args.device, dtype=args.dtype, guidance=args.guidance,
         cache_dir=args.cache_dir, compile=args.compile, compile_mode=args.compile_mode,
@@ -193,6 +193,10 @@ def _add_bench(sub) -> None:
     bn.add_argument("--model", default="shapes-lcm", help="model to load (default shapes-lcm, the bundled model)")
     bn.add_argument("--vae", default=None, help="a VAE that replaces the model's, for ours and diffusers' alike "
                     "(folder, Hub id, or preset:taesd for TAESD's architecture with random weights)")
+    bn.add_argument("--lora", default=None, help="an LCM-LoRA fused into --model (a base model) at load, for ours "
+                    "and diffusers' alike")
+    bn.add_argument("--lora-scale", type=float, default=1.0, help="weight of the fused LoRA (default 1.0)")
+    bn.add_argument("--unet", default=None, help="an LCM UNet folder that replaces the pipeline's UNet")
     bn.add_argument("--backends", default="torch", help="comma list of torch, compiled, cuda-graph, onnx, tensorrt")
     bn.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma list in [1, 32] (default 1,8)")
     bn.add_argument("--steps", type=_int_list, default=[4], help="comma list in [1, 8] (default 4)")

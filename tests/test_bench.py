@@ -215,3 +215,15 @@ def test_small_head_attention_reaches_the_torch_rows_only(bench_run, tmp_path):
         "diffusers": "sdpa", "torch": "small-head", "onnx": "sdpa"}
     assert result["config"]["attention"] == "small-head" and not result["errors"]
     assert "| torch (small-head) | 1 | 1 | 32x32 |" in (tmp_path / "heads.md").read_text()
+
+
+def test_bench_of_a_base_model_with_an_lcm_lora(tmp_path, base_sd_dir, lora_sd_dir):
+    """--lora: ours and diffusers' StableDiffusionPipeline run the same fused weights, at the LoRA's default w."""
+    code = main(["bench", "--model", str(base_sd_dir), "--lora", str(lora_sd_dir), "--backends", "torch",
+                 "--batch-sizes", "1", "--steps", "1", "--warmup", "0", "--iters", "1", "--device", "cpu",
+                 "--out", str(tmp_path), "--name", "lora", "-q"])
+    assert code == 0
+    result = json.loads((tmp_path / "lora.json").read_text())
+    assert result["config"]["lora"] == str(lora_sd_dir) and result["config"]["guidance"] == 1.0
+    assert {r["backend"] for r in result["rows"]} == {"torch", "diffusers"}
+    assert (tmp_path / "lora.md").read_text().startswith(f"# lcmserve bench: {base_sd_dir} + LoRA {lora_sd_dir}")

@@ -51,6 +51,12 @@ class BenchConfig:
     """Model to load (folder, Hub id or preset:NAME)."""
     vae: str | None = None
     """A VAE that replaces the model's (e.g. preset:taesd); diffusers' baseline decodes with it too."""
+    lora: str | None = None
+    """An LCM-LoRA fused into the model at load (a base model's folder or Hub id in ``model``); diffusers'
+    baseline runs the same fused weights through StableDiffusion(XL)Pipeline with LCMScheduler."""
+    lora_scale: float = 1.0
+    unet: str | None = None
+    """An LCM UNet folder that replaces the pipeline's UNet (as lcm-sdxl is distributed)."""
     backends: tuple[str, ...] = ("torch",)
     """Backends to measure, from torch, compiled, cuda-graph, onnx, tensorrt."""
     batch_sizes: tuple[int, ...] = (1, 8)
@@ -323,7 +329,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    model = load_model(cfg.model, vae=cfg.vae, device=cfg.device, dtype=cfg.dtype)
+    model = load_model(cfg.model, lora=cfg.lora, lora_scale=cfg.lora_scale, unet=cfg.unet, vae=cfg.vae,
+                       device=cfg.device, dtype=cfg.dtype)
     if cfg.guidance is None:
         cfg = dataclasses.replace(cfg, guidance=model.default_guidance_scale)
     device = model.device
@@ -341,7 +348,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
     baseline_model = model
     if cfg.baseline and cfg.baseline_dtype not in (None, model.dtype_name):
-        baseline_model = load_model(cfg.model, vae=cfg.vae, device=str(device), dtype=cfg.baseline_dtype)
+        baseline_model = load_model(cfg.model, lora=cfg.lora, lora_scale=cfg.lora_scale, unet=cfg.unet, vae=cfg.vae,
+                                    device=str(device), dtype=cfg.baseline_dtype)
     dtypes = {runner: (baseline_model if runner == BASELINE else model).dtype_name for runner in runners}
     attentions = {runner: cfg.attention if runner in TORCH_EXECUTED else "sdpa" for runner in runners}
     memory_kind = "cuda_max_reserved" if device.type == "cuda" else "process_peak_rss"
@@ -437,7 +445,14 @@ def markdown_table(rows: list[dict[str, Any]], with_device: bool = False) -> str
 
 
 def _model_label(cfg: dict[str, Any]) -> str:
-    return cfg["model"] + (f" with VAE {cfg['vae']}" if cfg.get("vae") else "")
+    parts = [cfg["model"]]
+    if cfg.get("lora"):
+        parts.append(f"+ LoRA {cfg['lora']}" + (f" (scale {cfg['lora_scale']:g})" if cfg.get("lora_scale", 1) != 1 else ""))
+    if cfg.get("unet"):
+        parts.append(f"with UNet {cfg['unet']}")
+    if cfg.get("vae"):
+        parts.append(f"with VAE {cfg['vae']}")
+    return " ".join(parts)
 
 
 def _markdown(result: dict[str, Any]) -> str:
