@@ -207,3 +207,15 @@ def test_max_minutes_stops_early_with_a_checkpoint_and_a_loadable_model(tmp_path
     assert resumed.start_step == 1 and resumed.steps == 4 and len(resumed.losses) == 4
     summary = json.loads((tmp_path / "cut" / "distill.json").read_text())
     assert summary["steps"] == summary["steps_asked"] == 4 and summary["resumed_from"] == 1
+
+
+def test_the_bundled_teacher_is_taken_by_name():
+    """--teacher shapes-teacher finds the shipped folder, as --model shapes-lcm does; a missing one says so."""
+    from lcmserve.errors import ModelLoadError
+    from lcmserve.shapes.bundle import bundled
+
+    info = inspect_teacher("shapes-teacher", "lora")
+    assert info.folder == bundled("shapes-teacher") and not info.is_lcm
+    with pytest.raises(ModelLoadError, match="shapes-teacher for the bundled one") as err:
+        inspect_teacher("/no/such/teacher", "lcd")
+    assert err.value.param == "teacher"

@@ -42,10 +42,12 @@ class TeacherInfo:
 
 def inspect_teacher(folder: str, mode: str) -> TeacherInfo:
     """Clear errors for a folder that is not a diffusers SD-family pipeline, or the wrong kind for ``mode``."""
-    path = Path(folder).expanduser()
+    from lcmserve.models.loading import resolve_bundled
+
+    path = Path(resolve_bundled(folder)).expanduser()
     if not path.is_dir():
-        raise ModelLoadError(f"teacher: folder {folder!r} does not exist (give a diffusers pipeline folder)",
-                             param="teacher")
+        raise ModelLoadError(f"teacher: folder {folder!r} does not exist (give a diffusers pipeline folder, or "
+                             "shapes-teacher for the bundled one)", param="teacher")
     try:
         index = _read_index(path)
         _check_components(index, f"folder {folder!r}")

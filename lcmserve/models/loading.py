@@ -111,14 +111,20 @@ def _from_pretrained(spec: str, index: dict[str, Any], dtype: torch.dtype):
 BUNDLED_MODELS = ("shapes-lcm", "shapes-teacher")  # shipped in the package (lcmserve/shapes/weights)
 
 
+def resolve_bundled(spec: str) -> str:
+    """The folder of a bundled model's name (``shapes-lcm``, ``shapes-teacher``); any other spec as it is."""
+    if spec in BUNDLED_MODELS and not Path(spec).exists():  # a folder of that name in the cwd wins
+        from lcmserve.shapes.bundle import bundled
+
+        return str(bundled(spec))
+    return spec
+
+
 def _load_pipeline(spec: str, dtype: torch.dtype):
     if spec.startswith(PRESET_PREFIX):
         get_preset(spec)  # clear error for an unknown name before any work
         return build_preset_pipeline(spec, dtype=dtype)
-    if spec in BUNDLED_MODELS and not Path(spec).exists():  # a folder of that name in the cwd wins
-        from lcmserve.shapes.bundle import bundled
-
-        spec = str(bundled(spec))
+    spec = resolve_bundled(spec)
     folder = Path(spec).expanduser()
     if folder.exists():
         if not folder.is_dir():
