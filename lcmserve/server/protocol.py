@@ -142,6 +142,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lcmserve"
+    # lcmserve's own fields (OpenAI's clients ignore them): what a request to this model may ask for.
+    guidance_mode: Literal["embedding", "cfg"] | None = Field(None, description=(
+        "embedding: a distilled LCM, w enters as a condition and negative_prompt is refused; cfg: a base model "
+        "with an LCM-LoRA, classifier-free guidance above w = 1, negative_prompt accepted"))
+    default_guidance_scale: float | None = Field(None, description="the w of a request that gives none")
+    native_size: int | None = Field(None, description="the model's native width and height in pixels")
 
 
 class ModelList(BaseModel):

@@ -428,7 +428,10 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> p.ModelList:
         """The served model, in OpenAI's list shape."""
-        return p.ModelList(data=[p.ModelCard(id=client.model_name, created=created)])
+        return p.ModelList(data=[p.ModelCard(
+            id=client.model_name, created=created, guidance_mode=getattr(model, "guidance_mode", None),
+            default_guidance_scale=getattr(model, "default_guidance_scale", None),
+            native_size=getattr(model, "native_size", None))])
 
     # 2.4 operations
     @app.get("/healthz", dependencies=[Depends(require_key_if_asked)], responses={401: ERROR_RESPONSES[401]})
