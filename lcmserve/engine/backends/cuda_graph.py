@@ -472,7 +472,7 @@ class CudaGraphBackend(TorchBackend):
         clock = _Clock(self.device)
         clock.mark()
         self._upload(p, padded)
-        guided = self.model.guidance_mode == "embedding" or bool((padded.guidance_scale > 1).any())
+        guided = self.model.guidance_mode == "embedding" or self.any_guided(padded)
         for name in ("text", "loop" if guided else UNGUIDED_LOOP, "vae"):
             if p.graphs is not None and name in p.graphs:
                 p.graphs[name].replay()

@@ -178,12 +178,18 @@ class TorchBackend(Backend):
 
         return denoise_cfg
 
+    @staticmethod
+    def any_guided(batch: DenoiseBatch) -> bool:
+        """Whether classifier-free guidance has work in this batch: a row with w > 1 (at w <= 1 a row takes the
+        conditional prediction alone). Read on the host, from the request."""
+        return bool((batch.guidance_scale > 1).any())
+
     def _denoiser(self, cond: TextConditioning, batch: DenoiseBatch):
         m = self.model
         time_ids = self.time_ids(batch.height, batch.width, cond.hidden.shape[0])
         if m.guidance_mode == "embedding":
             return self.embedding_denoiser(cond, self.guidance_condition(batch.guidance_scale), time_ids)
-        if not bool((batch.guidance_scale > 1).any()):
+        if not self.any_guided(batch):
             return self.plain_denoiser(cond, time_ids)
         return self.cfg_denoiser(cond, batch.guidance_scale, time_ids,
                                  self.negative_conditioning(batch, cond.hidden.shape[0]))
