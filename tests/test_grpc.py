@@ -276,7 +276,11 @@ def test_api_key_guards_generation_but_not_health(main):
         health = health_pb2_grpc.HealthStub(channel)  # open without a key, like /healthz
         assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == (
             health_pb2.HealthCheckResponse.SERVING)
+        info = stub.GetModel(pb2.GetModelRequest(), timeout=5)  # open too, like GET /v1/models
+        assert (info.id, info.guidance_mode, info.default_guidance_scale, info.native_size) == (
+            "tiny", "embedding", 8.0, 64)
     assert ("grpc", "Generate", "UNAUTHENTICATED") in metrics.statuses()
+    assert ("grpc", "GetModel", "OK") in metrics.statuses()
     assert metrics.failures.count("unauthorized") == 8
 
 
@@ -417,9 +421,11 @@ def test_negative_prompt_reaches_a_classifier_free_guidance_model():
             negative = stub.Generate(pb2.GenerateRequest(negative_prompt="a dog", **ask), timeout=30).images[0]
             plain = stub.Generate(pb2.GenerateRequest(**ask), timeout=30).images[0]
             default = stub.Generate(pb2.GenerateRequest(prompt=PROMPT, steps=1), timeout=30)
+            info = stub.GetModel(pb2.GetModelRequest(), timeout=5)
     finally:
         client.close(0)
     assert default.guidance_scale == 1.0  # none given: an LCM-LoRA's default
+    assert (info.guidance_mode, info.default_guidance_scale) == ("cfg", 1.0)
     expected = sampler.generate(GenerationRequest(negative_prompt="a dog", **ask)).to_pil()[0]
     assert np.abs(decode(negative) - np.asarray(expected).astype(int)).max() <= 1
     assert np.abs(decode(negative) - decode(plain)).max() > 1  # without it the two are the same bytes

@@ -247,7 +247,7 @@ class _Call:
 
 # 3. the servicer -----------------------------------------------------------------------------------
 class ImageGenerationServicer(pb2_grpc.ImageGenerationServicer):
-    """Generate and GenerateStream over an EngineClient.
+    """Generate, GenerateStream and GetModel over an EngineClient.
 
     ``metrics`` (optional) gets ``observe_request("grpc", rpc name, status code name, seconds)``
     per call, and ``track_in_flight("grpc")`` is entered around each call when it has one.
@@ -281,6 +281,12 @@ class ImageGenerationServicer(pb2_grpc.ImageGenerationServicer):
             for event in call.steps():
                 yield pb2.GenerateEvent(progress=to_progress(event))
             yield pb2.GenerateEvent(result=to_response(call.result(), fmt, self.client.model_name))
+
+    def GetModel(self, request, context):  # noqa: N802
+        with self._rpc("GetModel", context):
+            model = self.client.sampler.model
+            return pb2.ModelInfo(id=self.client.model_name, guidance_mode=model.guidance_mode,
+                                 default_guidance_scale=model.default_guidance_scale, native_size=model.native_size)
 
     def _authenticate(self, context: grpc.ServicerContext) -> None:
         """With an API key set, the call must carry ``authorization: Bearer <key>`` metadata."""
