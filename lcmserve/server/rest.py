@@ -429,9 +429,8 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
     async def models() -> p.ModelList:
         """The served model, in OpenAI's list shape."""
         return p.ModelList(data=[p.ModelCard(
-            id=client.model_name, created=created, guidance_mode=getattr(model, "guidance_mode", None),
-            default_guidance_scale=getattr(model, "default_guidance_scale", None),
-            native_size=getattr(model, "native_size", None))])
+            id=client.model_name, created=created, guidance_mode=model.guidance_mode,
+            default_guidance_scale=model.default_guidance_scale, native_size=model.native_size)])
 
     # 2.4 operations
     @app.get("/healthz", dependencies=[Depends(require_key_if_asked)], responses={401: ERROR_RESPONSES[401]})
@@ -459,8 +458,8 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
         model_json = json.dumps(client.model_name).replace("<", "\\u003c")  # no </script> from a model name
         return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_json)
                             .replace("{{MAX_IMAGES}}", str(config.max_images))
-                            .replace("{{GUIDANCE}}", f"{getattr(model, 'default_guidance_scale', 8.0):g}")
-                            .replace("{{NEGATIVE}}", NEGATIVE_PROMPT_HTML if getattr(model, "guidance_mode", None) == "cfg" else ""))
+                            .replace("{{GUIDANCE}}", f"{model.default_guidance_scale:g}")
+                            .replace("{{NEGATIVE}}", NEGATIVE_PROMPT_HTML if model.guidance_mode == "cfg" else ""))
 
     # 2.5 middleware, innermost first
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)

@@ -327,11 +327,11 @@ class CudaGraphBackend(TorchBackend):
             if p.pooled is not None:
                 p.pooled.copy_(cond.pooled)
             if p.uncond is not None:
-                uncond = self.unconditional().expand(p.bucket.batch_size)
                 # A captured graph always encodes the negative prompts (it cannot branch on the batch);
                 # uncaptured, a batch without any skips that encoder pass.
-                if self.config.capture or p.any_negative:
-                    uncond = self.choose_negative(self.encode_text(p.negative_ids), p.negative_rows, uncond)
+                encode = self.config.capture or p.any_negative
+                uncond = self.negative_conditioning(p.negative_ids if encode else None, p.negative_rows,
+                                                    p.bucket.batch_size)
                 p.uncond.hidden.copy_(uncond.hidden)
                 if p.uncond.pooled is not None:
                     p.uncond.pooled.copy_(uncond.pooled)

@@ -104,17 +104,15 @@ class TorchBackend(Backend):
                 self._uncond = self.encode_text(tuple(self._tokenize_empty(tok) for tok in m.tokenizers))
         return self._uncond
 
-    def negative_conditioning(self, batch: DenoiseBatch, size: int) -> TextConditioning:
-        """Each row's unconditional features: its negative prompt's if it has one, else the empty prompt's."""
+    def negative_conditioning(self, negative_ids: tuple[torch.Tensor, ...] | None, negative_rows: torch.Tensor | None,
+                              size: int) -> TextConditioning:
+        """Each row's unconditional features: its negative prompt's where ``negative_rows`` ([B] bool) marks
+        one, the empty prompt's elsewhere; ``negative_ids`` None: the empty prompt's in every row."""
         uncond = self.unconditional().expand(size)
-        if batch.negative_ids is None:
+        if negative_ids is None:
             return uncond
-        negative = self.encode_text(batch.negative_ids)
-        return self.choose_negative(negative, batch.negative_rows.to(self.model.device), uncond)
-
-    @staticmethod
-    def choose_negative(negative: TextConditioning, rows: torch.Tensor, uncond: TextConditioning) -> TextConditioning:
-        """``negative``'s features in the rows marked in ``rows`` ([B] bool), ``uncond``'s in the others."""
+        negative = self.encode_text(negative_ids)
+        rows = negative_rows.to(self.model.device)
         hidden = torch.where(rows.view(-1, 1, 1), negative.hidden, uncond.hidden)
         pooled = None if uncond.pooled is None else torch.where(rows.view(-1, 1), negative.pooled, uncond.pooled)
         return TextConditioning(hidden, pooled)
@@ -192,7 +190,8 @@ class TorchBackend(Backend):
         if not self.any_guided(batch):
             return self.plain_denoiser(cond, time_ids)
         return self.cfg_denoiser(cond, batch.guidance_scale, time_ids,
-                                 self.negative_conditioning(batch, cond.hidden.shape[0]))
+                                 self.negative_conditioning(batch.negative_ids, batch.negative_rows,
+                                                            cond.hidden.shape[0]))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae_forward(latents / self.model.vae.config.scaling_factor)
