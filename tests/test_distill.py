@@ -223,8 +223,9 @@ def test_lcd_cli_run_lowers_the_loss_and_writes_a_servable_lcm(tmp_path, base_sd
 
 
 def test_lora_mode_saves_an_adapter_the_engine_fuses(tmp_path, base_sd_dir, scenes):
+    # alpha != rank: the adapter's scale alpha / rank must travel with the file
     cfg = small(tmp_path, mode="lora", teacher=str(base_sd_dir), data=str(scenes), lr=1e-2, ema_decay=0.0,
-                solver="dpmsolver++")
+                solver="dpmsolver++", lora_alpha=8)
     result = distill(cfg)
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
     assert not (tmp_path / "run" / "model_index.json").exists()

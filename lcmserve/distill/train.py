@@ -228,7 +228,10 @@ def export_model(out: Path, teacher: Teacher, unet, cfg: DistillConfig) -> Path:
         # peft's key format as is: diffusers' loader reads it, while its older "lora.down/up" conversion
         # covers attention layers only and would leave the conv and time-embedding adapters behind.
         layers = get_peft_model_state_dict(unet)
-        type(pipe).save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
+        # The adapter's config (rank, alpha, targets) goes into the file's metadata: without it diffusers'
+        # loader assumes alpha = rank, and an adapter trained with another alpha is served at the wrong scale.
+        type(pipe).save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True,
+                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
         return out
     # The LCM's inference grid is the skipping grid it was trained on: original_inference_steps = T / k.
     scheduler = LCMScheduler.from_config(
