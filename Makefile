@@ -11,6 +11,8 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 MODEL ?= shapes-lcm
+# e.g. `make serve MODEL=shapes-teacher LORA=shapes-lcm-lora`: the teacher with its shipped LCM-LoRA
+LORA ?=
 PROMPT ?= a red circle at the top left
 OUT ?= out
 
@@ -28,7 +30,7 @@ venv: $(STAMP)
 
 # The main job: REST on http://127.0.0.1:8000 (playground at /, docs at /docs), gRPC on :50051.
 serve: $(STAMP)
-	$(BIN)/lcmserve serve --model "$(MODEL)" --host 127.0.0.1 --port 8000
+	$(BIN)/lcmserve serve --model "$(MODEL)" $(if $(LORA),--lora "$(LORA)") --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

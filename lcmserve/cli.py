@@ -34,7 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
     else:
         p.add_argument("--model", default=default_model,
                        help=f"diffusers folder, Hub id, or preset:NAME (default: {default_model})")
-    p.add_argument("--lora", default=None, help="LCM-LoRA adapter (folder or file) fused into the model at load")
+    p.add_argument("--lora", default=None, help="LCM-LoRA adapter (folder, file, Hub id, or the bundled "
+                   "shapes-lcm-lora for shapes-teacher) fused into the model at load")
     p.add_argument("--lora-scale", type=float, default=1.0, help="weight of the fused LoRA (default 1.0)")
     p.add_argument("--unet", default=None, help="an LCM UNet folder that replaces the pipeline's UNet")
     p.add_argument("--vae", default=None, help="a VAE that replaces the pipeline's: a folder or Hub id of an "
@@ -360,7 +361,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=args.model, samplers=_names(args.sampler), steps=args.steps,
         guidance=args.guidance, num_images=args.num_images, split=args.split, seed=args.seed,
         batch_size=args.batch_size, out=args.output, clip_dir=args.clip, classifier=args.classifier,
-        device=args.device,
+        device=args.device, lora=args.lora,
     )
     result = run_eval(cfg)
     print((Path(cfg.out) / "eval.md").read_text())
@@ -407,7 +408,9 @@ def _add_eval(sub) -> None:
     ev.add_argument("model", help="shapes-teacher, shapes-lcm, or a diffusers folder of the shapes domain")
     ev.add_argument("--sampler", default="lcm", help=f"comma list of {', '.join(SAMPLERS)} (default lcm)")
     ev.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="comma list of step counts")
-    ev.add_argument("--guidance", type=float, default=8.0, help="guidance scale (default 8)")
+    ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default 8; 1 with --lora)")
+    ev.add_argument("--lora", default=None, help="an LCM-LoRA fused into the model (a base model, e.g. "
+                    "shapes-teacher + shapes-lcm-lora) for the lcm sampler")
     ev.add_argument("--num-images", type=int, default=1000, help="prompts per row (default 1000)")
     ev.add_argument("--split", choices=SPLITS, default="heldout", help="prompt split (default heldout)")
     ev.add_argument("--seed", type=int, default=1000, help="first prompt/image seed")
@@ -432,16 +435,20 @@ def _add_eval(sub) -> None:
 
 
 def cmd_shapes_bundle(args: argparse.Namespace) -> int:
-    from lcmserve.shapes.bundle import bundle
+    from lcmserve.shapes.bundle import LORA_FILE, bundle
 
-    for flag in ("clip", "vae", "teacher", "classifier", "lcm"):
+    for flag in ("clip", "vae", "teacher", "classifier", "lcm", "lora"):
         value = getattr(args, flag)
         if value is not None and value != "shipped" and not Path(value).exists():
-            hint = "" if flag == "lcm" else " (or give `shipped`)"
+            hint = "" if flag in ("lcm", "lora") else " (or give `shipped`)"
             raise InvalidInputError(f"{flag}: run folder {value!r} does not exist{hint}", param=flag)
     if args.lcm is not None and not (Path(args.lcm) / "unet").is_dir():
         raise InvalidInputError(f"lcm: {args.lcm!r} is not a distillation output folder (no unet/)", param="lcm")
-    out = bundle(args.clip, args.vae, args.teacher, args.classifier, args.output, lcm_run=args.lcm)
+    if args.lora is not None and not (Path(args.lora) / LORA_FILE).is_file():
+        raise InvalidInputError(f"lora: {args.lora!r} is not a `distill lora` output folder (no {LORA_FILE})",
+                                param="lora")
+    out = bundle(args.clip, args.vae, args.teacher, args.classifier, args.output, lcm_run=args.lcm,
+                 lora_run=args.lora)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     print(f"bundled the shapes models in {out} ({size / 2**20:.1f} MiB)")
     return 0
@@ -497,6 +504,8 @@ def _add_shapes(sub) -> None:
     for flag in ("clip", "vae", "teacher", "classifier"):
         bd.add_argument(f"--{flag}", required=True, help=f"the {flag} run folder, or `shipped` to keep the shipped one")
     bd.add_argument("--lcm", default=None, help="also ship this distilled LCM (a `lcmserve distill lcd` output folder)")
+    bd.add_argument("--lora", default=None,
+                    help="also ship this LCM-LoRA of the teacher (a `lcmserve distill lora` output folder)")
     bd.add_argument("-o", "--output", default=None, help="destination (default: the package's weights folder)")
     bd.set_defaults(func=cmd_shapes_bundle)
     pt = ssub.add_parser("probe-text", help="how much of a scene a probe reads back from a text encoder's states")

@@ -55,3 +55,15 @@ def test_eval_config_checks_the_device(monkeypatch, tmp_path, capsys):
     assert main(["eval", "shapes-lcm", "--device", "tpu", "-o", str(tmp_path / "ev")]) == 2
     assert "(see --device)" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
+
+
+def test_eval_config_with_a_lora_defaults_to_no_guidance_and_the_lcm_sampler_only():
+    from lcmserve.errors import InvalidInputError
+    from lcmserve.eval.run import EvalConfig
+
+    assert EvalConfig(model="shapes-lcm").guidance == 8.0
+    assert EvalConfig(model="shapes-teacher", lora="shapes-lcm-lora").guidance == 1.0
+    assert EvalConfig(model="shapes-teacher", lora="shapes-lcm-lora", guidance=1.5).guidance == 1.5
+    with pytest.raises(InvalidInputError, match="lcm alone with a LoRA") as err:
+        EvalConfig(model="shapes-teacher", lora="shapes-lcm-lora", samplers=["lcm", "ddim"])
+    assert err.value.param == "sampler"

@@ -109,6 +109,15 @@ def test_missing_lora(base_sd_dir, tmp_path):
     assert err.value.param == "lora"
 
 
+def test_a_bundled_lora_name_missing_from_the_installation_names_lora(base_sd_dir, tmp_path, monkeypatch):
+    from lcmserve.shapes import bundle
+
+    monkeypatch.setattr(bundle, "weights_dir", lambda: tmp_path)  # an installation without the shapes weights
+    with pytest.raises(ModelLoadError, match="lora: the bundled shapes-lcm-lora is not in this installation") as err:
+        load_model(str(base_sd_dir), lora="shapes-lcm-lora", device="cpu")
+    assert err.value.param == "lora"
+
+
 def test_missing_unet_folder(base_sd_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="holds no UNet") as err:
         load_model(str(base_sd_dir), unet=str(tmp_path), device="cpu")

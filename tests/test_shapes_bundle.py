@@ -40,6 +40,8 @@ def test_bundle_is_small():
     assert family < 25 * 2**20, family
     if (weights_dir() / "shapes-lcm").exists():
         assert _size(weights_dir() / "shapes-lcm") < 20 * 2**20
+    if (weights_dir() / "shapes-lcm-lora").exists():  # a rank-16 adapter: a fraction of the UNet
+        assert _size(weights_dir() / "shapes-lcm-lora") < 4 * 2**20
 
 
 def test_shipped_teacher_loads_and_samples_in_diffusers():
@@ -84,23 +86,29 @@ def test_real_renders_score_near_the_floor(judge, heldout):
         assert far > 2 * floor, (floor, far)
 
 
-def test_shipped_lcm_is_the_default_model_and_follows_its_prompts(judge, heldout):
+def _read_back(model, guidance, judge, heldout, n=96):
+    """The judge's accuracy on 4-step images of the first ``n`` held-out prompts, against their own
+    captions and against shuffled ones (what a model that ignored its prompts would score as well)."""
     from lcmserve.engine import LCMSampler, Row
+
+    scenes, captions, _ = heldout
+    engine = LCMSampler(model, max_batch_size=32)
+    images = torch.cat([engine.run_rows([Row(c, 100 + i + a, guidance) for i, c in enumerate(captions[a : a + 32])],
+                                        4, 64, 64).images for a in range(0, n, 32)])
+    targets = [scene_key(s) for s in scenes[:n]]
+    order = list(range(n))
+    random.Random(1).shuffle(order)
+    read = judge.read(images)
+    return attribute_accuracy(read, targets), attribute_accuracy(read, [targets[i] for i in order])
+
+
+def test_shipped_lcm_is_the_default_model_and_follows_its_prompts(judge, heldout):
     from lcmserve.models import DEFAULT_MODEL, load_model
 
     assert DEFAULT_MODEL == "shapes-lcm"
     model = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     assert model.guidance_mode == "embedding" and model.native_size == 64
-    scenes, captions, _ = heldout
-    n = 96
-    engine = LCMSampler(model, max_batch_size=32)
-    images = torch.cat([engine.run_rows([Row(c, 100 + i + a, 8.0) for i, c in enumerate(captions[a : a + 32])],
-                                        4, 64, 64).images for a in range(0, n, 32)])
-    targets = [scene_key(s) for s in scenes[:n]]
-    right = attribute_accuracy(judge.read(images), targets)
-    order = list(range(n))
-    random.Random(1).shuffle(order)
-    shuffled = attribute_accuracy(judge.read(images), [targets[i] for i in order])
+    right, shuffled = _read_back(model, 8.0, judge, heldout)
     # The evaluation (docs/results/lcm-vs-solvers.md) measured background 1.000 and layout 0.997 at
     # 4 steps; a model that ignored its prompts would score as well against shuffled captions.
     assert right["background"] > 0.9, right
@@ -108,6 +116,31 @@ def test_shipped_lcm_is_the_default_model_and_follows_its_prompts(judge, heldout
     assert right["colour"] > shuffled["colour"] + 0.1, (right, shuffled)
     # and it draws most scenes exactly (0.903 at 4 steps on 300 held-out prompts)
     assert right["accuracy"] > 0.75, right
+
+
+def test_shipped_lcm_lora_turns_the_teacher_into_a_few_step_model(judge, heldout):
+    from lcmserve.models import load_model
+
+    model = load_model("shapes-teacher", lora="shapes-lcm-lora", device="cpu", dtype="float32")
+    assert model.guidance_mode == "cfg" and model.default_guidance_scale == 1.0
+    assert model.describe()["lora"] == "shapes-lcm-lora"
+    right, shuffled = _read_back(model, 1.0, judge, heldout)
+    assert right["background"] > 0.9, right
+    assert right["layout"] > shuffled["layout"] + 0.15, (right, shuffled)
+    assert right["colour"] > shuffled["colour"] + 0.1, (right, shuffled)
+    # 0.903 at 4 steps on 300 held-out prompts, as the full LCM, where the teacher's own solvers reach
+    # 0.49 in 4 steps (docs/results/lcm-vs-solvers.md)
+    assert right["accuracy"] > 0.75, right
+
+
+def test_eval_samples_a_base_model_with_an_lcm_lora(tmp_path):
+    from lcmserve.eval.run import EvalConfig, run_eval
+
+    result = run_eval(EvalConfig(model="shapes-teacher", lora="shapes-lcm-lora", steps=[2], num_images=4,
+                                 batch_size=4, out=str(tmp_path / "ev"), device="cpu"))
+    assert result["config"]["lora"] == "shapes-lcm-lora" and result["config"]["guidance"] == 1.0
+    assert [r["sampler"] for r in result["rows"]] == ["real renders", "lcm"]
+    assert "+ LoRA `shapes-lcm-lora`, guidance 1.0" in (tmp_path / "ev" / "eval.md").read_text()
 
 
 def test_clip_and_classifier_files_exist():
@@ -128,7 +161,47 @@ def test_bundle_cli_refuses_an_lcm_that_is_not_a_distillation_run(tmp_path, caps
     assert main(["shapes", "bundle", *SHIPPED, "--lcm", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "is not a distillation output folder (no unet/)" in err and "(see --lcm)" in err
+    assert main(["shapes", "bundle", *SHIPPED, "--lora", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a `distill lora` output folder (no pytorch_lora_weights.safetensors)" in err
+    assert "(see --lora)" in err
     assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_bundle_ships_an_lcm_lora(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from lcmserve.cli import main
+    from lcmserve.distill import DistillConfig, distill
+    from lcmserve.models import load_model
+    from lcmserve.shapes.bundle import LORA, LORA_FILE
+
+    run = tmp_path / "lora"
+    distill(DistillConfig(mode="lora", teacher=str(weights_dir() / TEACHER), out=str(run), data="shapes", steps=1,
+                          batch_size=2, lora_rank=4, lora_alpha=8, samples=0, checkpoint_every=1, lr=1e-2,
+                          ema_decay=0.0))
+    out = tmp_path / "weights"
+    assert main(["shapes", "bundle", *SHIPPED, "--lora", str(run), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert {p.name for p in out.iterdir()} == {TEACHER, CLIP, CLASSIFIER, LORA, "training-configs.json"}
+    with safe_open(str(out / LORA / LORA_FILE), "pt") as shipped, safe_open(str(run / LORA_FILE), "pt") as trained:
+        assert shipped.metadata() == trained.metadata()  # rank and alpha travel with the weights
+        names = trained.keys()  # file handles, not dicts
+        assert set(shipped.keys()) == set(names)
+        for name in names:
+            assert shipped.get_tensor(name).dtype == torch.float16
+            torch.testing.assert_close(shipped.get_tensor(name), trained.get_tensor(name).to(torch.float16))
+    # the float16 adapter fuses into the teacher as the run's own file does
+    fused = {k: load_model(str(weights_dir() / TEACHER), lora=str(path), device="cpu", dtype="float32").unet
+             for k, path in (("shipped", out / LORA), ("run", run))}
+    base = load_model(str(weights_dir() / TEACHER), lora=str(out / LORA), lora_scale=0.0, device="cpu",
+                      dtype="float32").unet
+    x, c = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.randn(1, 32, 128)
+    with torch.no_grad():
+        shipped_eps, run_eps, base_eps = (m(x, 500, c).sample for m in (fused["shipped"], fused["run"], base))
+    assert (shipped_eps - run_eps).abs().max() < 0.01 * (run_eps - base_eps).abs().max()
+    configs = json.loads((out / "training-configs.json").read_text())
+    assert configs["lora"]["mode"] == "lora" and configs["lora"]["lora_alpha"] == 8 and "losses" not in configs["lora"]
 
 
 def test_bundle_ships_a_distilled_lcm(tmp_path, capsys):
@@ -160,7 +233,7 @@ def test_bundle_ships_a_distilled_lcm(tmp_path, capsys):
     assert "losses" not in configs["lcm"]
     # a new output folder still records the recipes of the stages taken from the shipped weights
     recorded = json.loads((weights_dir() / "training-configs.json").read_text())
-    assert set(configs) == set(recorded) | {"lcm"}
+    assert set(configs) == (set(recorded) - {"lora"}) | {"lcm"}  # no LoRA in this folder, so no LoRA recipe
     assert all(configs[stage] == recorded[stage] for stage in ("clip", "vae", "teacher", "classifier"))
 
 

@@ -36,7 +36,8 @@ class EvalConfig:
     model: str  # a diffusers folder, or shapes-teacher / shapes-lcm (the bundled models)
     samplers: list[str] = field(default_factory=lambda: ["lcm"])
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    guidance: float = 8.0
+    guidance: float | None = None  # None: 8, or 1 with a LoRA (an LCM-LoRA's default: no guidance)
+    lora: str | None = None  # an LCM-LoRA fused into ``model`` (a base model) for the lcm sampler
     num_images: int = 1000
     split: str = "heldout"
     seed: int = 1000  # prompts are scenes seed..; image i uses seed + i
@@ -60,6 +61,12 @@ class EvalConfig:
             raise InvalidInputError.out_of_range("steps", self.steps, "a list of integers in [1, 1000]")
         if "lcm" in self.samplers and max(self.steps) > 8:
             raise InvalidInputError.out_of_range("steps", self.steps, "at most 8 for the lcm sampler")
+        if self.lora is not None and self.samplers != ["lcm"]:
+            raise InvalidInputError.out_of_range("sampler", ",".join(self.samplers), "lcm alone with a LoRA")
+        if self.guidance is None:
+            from lcmserve.models.model import DEFAULT_GUIDANCE
+
+            self.guidance = DEFAULT_GUIDANCE["cfg"] if self.lora is not None else 8.0
         if not (math.isfinite(self.guidance) and 0 <= self.guidance <= 50):
             raise InvalidInputError.out_of_range("guidance", self.guidance, "a finite number in [0, 50]")
         if not 2 <= self.num_images <= 100_000:
@@ -145,7 +152,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             for steps in cfg.steps:
                 started = time.perf_counter()
                 images = sample(model, sampler, steps, cfg.guidance, captions, seeds, cfg.batch_size, bar.update,
-                                device=device)
+                                device=device, lora=cfg.lora)
                 elapsed = time.perf_counter() - started
                 row = {"sampler": sampler, "steps": steps, **score(judge, images, captions, targets, ref_feats),
                        "s_per_image": elapsed / cfg.num_images}
@@ -182,8 +189,9 @@ def _versions() -> dict[str, str]:
 
 def markdown_table(result: dict) -> str:
     cfg = result["config"]
+    lora = f" + LoRA `{cfg['lora']}`" if cfg.get("lora") else ""
     lines = [
-        f"Model `{cfg['model']}`, guidance {cfg['guidance']}, {cfg['num_images']} {cfg['split']} prompts, "
+        f"Model `{cfg['model']}`{lora}, guidance {cfg['guidance']}, {cfg['num_images']} {cfg['split']} prompts, "
         f"{result['date']}, sampled on {result['machine'].get('device', result['machine']['processor'])}, "
         f"torch {result['versions']['torch']}.",
         "",

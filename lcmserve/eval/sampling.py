@@ -34,20 +34,23 @@ def teacher_pipeline(model: str, sampler: str):
 
 def sample(model: str, sampler: str, steps: int, guidance: float, captions: Sequence[str], seeds: Sequence[int],
            batch_size: int = 64, on_batch: Callable[[int], None] | None = None,
-           device: torch.device | str = "cpu") -> torch.Tensor:
+           device: torch.device | str = "cpu", lora: str | None = None) -> torch.Tensor:
     """float32 [N, 3, H, W] images in [0, 1] on the CPU, one per (caption, seed).
 
     Noise is drawn on the CPU from each row's seed on any ``device``, so a GPU run samples the
-    same starting points as a CPU run.
+    same starting points as a CPU run. ``lora``: an LCM-LoRA fused into ``model`` (lcm only).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+    if lora is not None and sampler != "lcm":
+        raise ValueError(f"lora: only with the lcm sampler; got {sampler!r}")
     images = []
     if sampler == "lcm":
         from lcmserve.engine import LCMSampler, Row
         from lcmserve.models import load_model
 
-        engine = LCMSampler(load_model(model, device=str(device), dtype="float32"), max_batch_size=batch_size)
+        engine = LCMSampler(load_model(model, lora=lora, device=str(device), dtype="float32"),
+                            max_batch_size=batch_size)
         size = engine.model.native_size
         for i in range(0, len(captions), batch_size):
             rows = [Row(c, s, guidance) for c, s in zip(captions[i : i + batch_size], seeds[i : i + batch_size])]

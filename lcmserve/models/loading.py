@@ -109,14 +109,16 @@ def _from_pretrained(spec: str, index: dict[str, Any], dtype: torch.dtype):
 
 
 BUNDLED_MODELS = ("shapes-lcm", "shapes-teacher")  # shipped in the package (lcmserve/shapes/weights)
+BUNDLED_LORAS = ("shapes-lcm-lora",)  # an LCM-LoRA of shapes-teacher, shipped beside them
 
 
-def resolve_bundled(spec: str) -> str:
-    """The folder of a bundled model's name (``shapes-lcm``, ``shapes-teacher``); any other spec as it is."""
-    if spec in BUNDLED_MODELS and not Path(spec).exists():  # a folder of that name in the cwd wins
+def resolve_bundled(spec: str, names: tuple[str, ...] = BUNDLED_MODELS, param: str = "model") -> str:
+    """The folder of a bundled model's name (``shapes-lcm``, ``shapes-teacher``; with ``BUNDLED_LORAS``,
+    ``shapes-lcm-lora``); any other spec as it is."""
+    if spec in names and not Path(spec).exists():  # a folder of that name in the cwd wins
         from lcmserve.shapes.bundle import bundled
 
-        return str(bundled(spec))
+        return str(bundled(spec, param=param))
     return spec
 
 
@@ -250,6 +252,7 @@ def _swap_vae(pipe, vae_spec: str, dtype: torch.dtype) -> None:
 
 
 def _fuse_lora(pipe, lora: str, lora_scale: float) -> None:
+    lora = resolve_bundled(lora, BUNDLED_LORAS, param="lora")
     path = Path(lora).expanduser()
     if not path.exists() and _looks_like_path(lora):
         raise ModelLoadError(f"lora: {lora!r} does not exist", param="lora")

@@ -38,7 +38,8 @@ class ServerConfig:
     grpc_port: int = field(default=50051, metadata=_doc("gRPC port, 1-65535; 0 turns gRPC off"))
     # 2. model -------------------------------------------------------------------------------
     model: str = field(default=DEFAULT_MODEL, metadata=_doc("diffusers folder, Hub id or preset:NAME"))
-    lora: str | None = field(default=None, metadata=_doc("LCM-LoRA adapter (folder or file) fused at load"))
+    lora: str | None = field(default=None, metadata=_doc(
+        "LCM-LoRA adapter (folder, file, Hub id, or the bundled shapes-lcm-lora) fused at load"))
     lora_scale: float = field(default=1.0, metadata=_doc("weight of the fused LoRA, in [0, 10]"))
     unet: str | None = field(default=None, metadata=_doc("an LCM UNet folder that replaces the pipeline's UNet"))
     vae: str | None = field(default=None, metadata=_doc(

@@ -15,19 +15,22 @@ from lcmserve.errors import ModelLoadError
 WEIGHTS = "weights"
 TEACHER, CLIP, CLASSIFIER = "shapes-teacher", "shapes-clip", "shapes-classifier.safetensors"
 LCM = "shapes-lcm"
+LORA = "shapes-lcm-lora"  # an LCM-LoRA of the teacher: serve with --model shapes-teacher --lora shapes-lcm-lora
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, as `lcmserve distill lora` writes it
 
 
 def weights_dir() -> Path:
     return Path(str(resources.files("lcmserve.shapes") / WEIGHTS))
 
 
-def bundled(name: str) -> Path:
+def bundled(name: str, param: str = "model") -> Path:
     """Path of a shipped artefact; a clear error when this checkout has not got it yet."""
     path = weights_dir() / name
     if not path.exists():
         raise ModelLoadError(
-            f"model: the bundled {name} is not in this installation ({path}); train it with "
-            "`lcmserve shapes train ...` and `lcmserve shapes bundle` (docs/shapes.md)", param="model",
+            f"{param}: the bundled {name} is not in this installation ({path}); train it with "
+            "`lcmserve shapes train ...` / `lcmserve distill` and `lcmserve shapes bundle` (docs/shapes.md)",
+            param=param,
         )
     return path
 
@@ -94,6 +97,32 @@ def assemble_lcm(lcm_run: str | Path, out: str | Path, dtype: torch.dtype = torc
     return Path(out)
 
 
+def assemble_lora(lora_run: str | Path, out: str | Path) -> Path:
+    """The adapter of a ``lcmserve distill lora`` output folder as float16, its metadata (the adapter's
+    rank and alpha, which diffusers' loader reads) kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(Path(lora_run) / LORA_FILE), "pt") as f:
+        metadata, names = f.metadata(), f.keys()  # a safetensors file handle, not a dict
+        state = {k: f.get_tensor(k).to(torch.float16) for k in names}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_file(state, Path(out) / LORA_FILE, metadata=metadata)
+    return Path(out)
+
+
+def _run_recipe(run: str | Path) -> dict:
+    """A distillation run's config and summary (``distill-config.json`` + ``distill.json``), losses left out."""
+    from lcmserve.distill.train import CONFIG_FILE, SUMMARY_FILE
+
+    recipe = {}
+    for name in (CONFIG_FILE, SUMMARY_FILE):
+        if (Path(run) / name).is_file():
+            recipe.update(json.loads((Path(run) / name).read_text()))
+    recipe.pop("losses", None)
+    return recipe
+
+
 def _drop_build_path(config: Path) -> None:
     """Remove ``_name_or_path`` (the folder the weights were loaded from, e.g. a scratch run folder)
     from a saved diffusers config: it is bookkeeping that would ship the builder's paths. The
@@ -116,10 +145,12 @@ def _bundle_recipe(init: str | None, stage: str) -> dict | None:
 
 
 def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, classifier_run: str | Path,
-           out: str | Path | None = None, lcm_run: str | Path | None = None) -> Path:
+           out: str | Path | None = None, lcm_run: str | Path | None = None,
+           lora_run: str | Path | None = None) -> Path:
     """Write the teacher, domain CLIP and classifier (float16) where the package looks for them.
 
-    ``lcm_run`` (a distillation output folder) also writes the shipped LCM, ``shapes-lcm``.
+    ``lcm_run`` (a ``distill lcd`` output folder) also writes the shipped LCM, ``shapes-lcm``;
+    ``lora_run`` (a ``distill lora`` output folder) the shipped LCM-LoRA, ``shapes-lcm-lora``.
     """
     from safetensors.torch import load_file, save_file
     from transformers import CLIPModel, CLIPTokenizer
@@ -142,6 +173,9 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
         if lcm_run is not None:
             assemble_lcm(lcm_run, tmp / LCM)
             names.append(LCM)
+        if lora_run is not None:
+            assemble_lora(lora_run, tmp / LORA)
+            names.append(LORA)
         for config in [*tmp.rglob("config.json"), *tmp.rglob("model_index.json")]:  # the diffusers configs
             _drop_build_path(config)
         for name in names:
@@ -154,8 +188,9 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
     if not previous.exists():  # a new folder (-o): the shipped stages' recipes are the package's
         previous = weights_dir() / "training-configs.json"
     recorded = json.loads(previous.read_text()) if previous.exists() else {}
-    if not (out / LCM).exists():
-        recorded.pop("lcm", None)
+    for stage, name in (("lcm", LCM), ("lora", LORA)):
+        if not (out / name).exists():
+            recorded.pop(stage, None)
     teacher_cfg = configs.get("teacher", {})
     init_recipe = _bundle_recipe(teacher_cfg.get("init_unet"), "teacher")
     if init_recipe is not None:
@@ -163,14 +198,9 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
         # the weights it started from
         teacher_cfg["init_unet_recipe"] = init_recipe
     if lcm_run is not None:
-        from lcmserve.distill.train import CONFIG_FILE, SUMMARY_FILE
-
-        lcm_cfg = {}
-        for name in (CONFIG_FILE, SUMMARY_FILE):
-            if (Path(lcm_run) / name).is_file():
-                lcm_cfg.update(json.loads((Path(lcm_run) / name).read_text()))
-        lcm_cfg.pop("losses", None)
-        configs["lcm"] = lcm_cfg
+        configs["lcm"] = _run_recipe(lcm_run)
+    if lora_run is not None:
+        configs["lora"] = _run_recipe(lora_run)
     configs = {**recorded, **configs}  # a stage taken from the shipped weights keeps its recorded recipe
     (out / "training-configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     return out
