@@ -277,8 +277,8 @@ def test_api_key_guards_generation_but_not_health(main):
         assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == (
             health_pb2.HealthCheckResponse.SERVING)
         info = stub.GetModel(pb2.GetModelRequest(), timeout=5)  # open too, like GET /v1/models
-        assert (info.id, info.guidance_mode, info.default_guidance_scale, info.native_size) == (
-            "tiny", "embedding", 8.0, 64)
+        assert (info.id, info.guidance_mode, info.default_guidance_scale, info.native_size, info.lora) == (
+            "tiny", "embedding", 8.0, 64, "")
     assert ("grpc", "Generate", "UNAUTHENTICATED") in metrics.statuses()
     assert ("grpc", "GetModel", "OK") in metrics.statuses()
     assert metrics.failures.count("unauthorized") == 8
@@ -411,7 +411,8 @@ def test_negative_prompt_reaches_a_classifier_free_guidance_model():
     from lcmserve.models.loading import _to_lcm_model
     from lcmserve.models.presets import build_preset_pipeline
 
-    model = _to_lcm_model(build_preset_pipeline("tiny-sd", lcm=False, seed=2), "tiny-base", None, torch.device("cpu"))
+    model = _to_lcm_model(build_preset_pipeline("tiny-sd", lcm=False, seed=2), "tiny-base", "tiny-lora",
+                          torch.device("cpu"))  # a base model standing in for one with a fused LoRA of that name
     sampler = LCMSampler(model)
     client = EngineClient(sampler, "tiny-base")
     client.start(warmup_steps=())
@@ -425,7 +426,7 @@ def test_negative_prompt_reaches_a_classifier_free_guidance_model():
     finally:
         client.close(0)
     assert default.guidance_scale == 1.0  # none given: an LCM-LoRA's default
-    assert (info.guidance_mode, info.default_guidance_scale) == ("cfg", 1.0)
+    assert (info.guidance_mode, info.default_guidance_scale, info.lora) == ("cfg", 1.0, "tiny-lora")
     expected = sampler.generate(GenerationRequest(negative_prompt="a dog", **ask)).to_pil()[0]
     assert np.abs(decode(negative) - np.asarray(expected).astype(int)).max() <= 1
     assert np.abs(decode(negative) - decode(plain)).max() > 1  # without it the two are the same bytes

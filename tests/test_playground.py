@@ -157,5 +157,7 @@ def test_a_classifier_free_guidance_model_gets_a_negative_prompt_field(base_sd_d
         ask = {"prompt": "a cat", "steps": 2, "guidance_scale": 4.0, "seed": 5}
         with_negative = httpx.post(url + "/generate", timeout=60, json={**ask, "negative_prompt": "a dog"}).json()
         plain = httpx.post(url + "/generate", timeout=60, json=ask).json()
+        card = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
+    assert (card["id"], card["lora"], card["guidance_mode"]) == (str(base_sd_dir), str(lora_sd_dir), "cfg")
     assert src == "data:image/png;base64," + with_negative["images"][0]["b64"]
     assert with_negative["images"][0]["b64"] != plain["images"][0]["b64"]

@@ -144,6 +144,7 @@ def test_operational_routes(http):
     assert models["object"] == "list" and models["data"][0]["id"] == "preset:tiny-sd"
     card = models["data"][0]  # lcmserve's fields: what a request may ask of this model
     assert (card["guidance_mode"], card["default_guidance_scale"], card["native_size"]) == ("embedding", 8.0, 64)
+    assert card["lora"] is None
     page = http.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "Generate" in page.text and "/generate" in page.text and "http" not in page.text.split("<script>")[1]

@@ -148,6 +148,8 @@ class ModelCard(BaseModel):
         "with an LCM-LoRA, classifier-free guidance above w = 1, negative_prompt accepted"))
     default_guidance_scale: float | None = Field(None, description="the w of a request that gives none")
     native_size: int | None = Field(None, description="the model's native width and height in pixels")
+    lora: str | None = Field(None, description="the LCM-LoRA fused into the model at load, as the server was "
+                             "given it; null when none")
 
 
 class ModelList(BaseModel):

@@ -430,7 +430,7 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
         """The served model, in OpenAI's list shape."""
         return p.ModelList(data=[p.ModelCard(
             id=client.model_name, created=created, guidance_mode=model.guidance_mode,
-            default_guidance_scale=model.default_guidance_scale, native_size=model.native_size)])
+            default_guidance_scale=model.default_guidance_scale, native_size=model.native_size, lora=model.lora)])
 
     # 2.4 operations
     @app.get("/healthz", dependencies=[Depends(require_key_if_asked)], responses={401: ERROR_RESPONSES[401]})
