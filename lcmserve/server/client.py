@@ -87,6 +87,13 @@ class EngineClient:
         self.batcher = Batcher(sampler.run_rows, config or BatcherConfig(), on_batch=on_batch, on_failure=on_failure)
         self.ready = False
 
+    def model_info(self) -> dict:
+        """What a client may ask of the served model: REST's ``GET /v1/models`` card and gRPC's ``GetModel``."""
+        model = self.sampler.model
+        return {"id": self.model_name, "guidance_mode": model.guidance_mode,
+                "default_guidance_scale": model.default_guidance_scale, "native_size": model.native_size,
+                "lora": model.lora}
+
     # lifecycle ------------------------------------------------------------------------
     def start(self, warmup_steps: tuple[int, ...] = (1,)) -> None:
         """Start the worker and run one request per warm-up step count before reporting ready."""

@@ -284,10 +284,8 @@ class ImageGenerationServicer(pb2_grpc.ImageGenerationServicer):
 
     def GetModel(self, request, context):  # noqa: N802
         with self._rpc("GetModel", context):
-            model = self.client.sampler.model
-            return pb2.ModelInfo(id=self.client.model_name, guidance_mode=model.guidance_mode,
-                                 default_guidance_scale=model.default_guidance_scale, native_size=model.native_size,
-                                 lora=model.lora or "")
+            info = self.client.model_info()
+            return pb2.ModelInfo(**{**info, "lora": info["lora"] or ""})  # proto3 strings have no null
 
     def _authenticate(self, context: grpc.ServicerContext) -> None:
         """With an API key set, the call must carry ``authorization: Bearer <key>`` metadata."""

@@ -428,9 +428,7 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> p.ModelList:
         """The served model, in OpenAI's list shape."""
-        return p.ModelList(data=[p.ModelCard(
-            id=client.model_name, created=created, guidance_mode=model.guidance_mode,
-            default_guidance_scale=model.default_guidance_scale, native_size=model.native_size, lora=model.lora)])
+        return p.ModelList(data=[p.ModelCard(created=created, **client.model_info())])
 
     # 2.4 operations
     @app.get("/healthz", dependencies=[Depends(require_key_if_asked)], responses={401: ERROR_RESPONSES[401]})
