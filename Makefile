@@ -10,13 +10,19 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-MODEL ?= shapes-lcm
-# e.g. `make serve MODEL=shapes-teacher LORA=shapes-lcm-lora`: the teacher with its shipped LCM-LoRA
+# `make serve` settings, e.g. `make serve PORT=8123 GRPC_PORT=0` or
+# `make serve MODEL=shapes-teacher LORA=shapes-lcm-lora` (the teacher with its shipped LCM-LoRA).
+# One left unset passes no flag, so its LCMSERVE_* environment variable or the server's default holds.
+MODEL ?=
 LORA ?=
-PROMPT ?= a red circle at the top left
-OUT ?= out
+HOST ?=
+PORT ?=
+GRPC_PORT ?=
+BACKEND ?=
+SERVE_FLAGS = $(if $(MODEL),--model "$(MODEL)") $(if $(LORA),--lora "$(LORA)") $(if $(HOST),--host "$(HOST)") \
+	$(if $(PORT),--port "$(PORT)") $(if $(GRPC_PORT),--grpc-port "$(GRPC_PORT)") $(if $(BACKEND),--backend "$(BACKEND)")
 
-.PHONY: venv serve test demo clean
+.PHONY: venv serve test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +34,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv: $(STAMP)
 
-# The main job: REST on http://127.0.0.1:8000 (playground at /, docs at /docs), gRPC on :50051.
+# The main job: REST on http://127.0.0.1:8000 by default (playground at /, docs at /docs), gRPC on :50051.
 serve: $(STAMP)
-	$(BIN)/lcmserve serve --model "$(MODEL)" $(if $(LORA),--lora "$(LORA)") --host 127.0.0.1 --port 8000
+	$(BIN)/lcmserve serve $(SERVE_FLAGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) .pytest_cache
