@@ -26,7 +26,6 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH \
-    LCMSERVE_PROTO=/opt/lcmserve/proto/lcmserve.proto \
     LCMSERVE_CACHE_DIR=/opt/lcmserve/cache
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Versions follow the base image's release; pinning them here would tie the file to one base.
@@ -43,14 +42,13 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY lcmserve ./lcmserve
-COPY proto/lcmserve.proto /opt/lcmserve/proto/lcmserve.proto
 # A regular (not editable) install: the bundled default model is package data and lands in the venv.
-# The gRPC stubs are compiled once here, so the server never writes them at start-up (their
-# folder is made private by mkdtemp; the runtime user must read it). The dependencies' ranges
-# are the project's own (pyproject.toml), not pins.
+# The gRPC stubs ship in the package (generated from proto/ and checked by a test), so nothing
+# is compiled at start-up. The dependencies' ranges are the project's own (pyproject.toml), not pins.
 # hadolint ignore=DL3013
 RUN pip install ".[${EXTRAS}]" \
-    && python -c "from lcmserve.server.grpc import load_stubs; load_stubs()" \
+    && python -c "import lcmserve.server.grpc" \
+    && mkdir -p /opt/lcmserve \
     && chmod -R a+rX /opt/lcmserve
 
 # 2. runtime: the base, python3, the venv, a non-root user ---------------------------------------
@@ -73,7 +71,6 @@ RUN mkdir -p /opt/lcmserve/cache/inductor && chown -R 10001:10001 /opt/lcmserve/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/home/lcmserve/.cache/huggingface \
-    LCMSERVE_PROTO=/opt/lcmserve/proto/lcmserve.proto \
     LCMSERVE_CACHE_DIR=/opt/lcmserve/cache \
     TORCHINDUCTOR_CACHE_DIR=/opt/lcmserve/cache/inductor \
     LCMSERVE_HOST=0.0.0.0 \

@@ -82,6 +82,33 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance uncond + w (cond - uncond) (Ho & Salimans 2022, Imagen form)."""
-    return uncond + w * (cond - uncond)
+# -- classifier-free guidance: the guidance-scale convention and the doubled batch ---------------
+# Two conventions meet here. Luo et al. (2023) write the augmented PF-ODE with w: the guided
+# prediction is (1 + w) cond - w uncond, and the student embeds that w. diffusers (and every client
+# of the engine) speaks Imagen's guidance_scale (Saharia et al. 2022): uncond + s (cond - uncond),
+# which is the same prediction at s = w + 1. A request carries s; the embedding and the sampled
+# training w are LCM's w. These two functions are the only place the 1 moves.
+def imagen_scale(w: torch.Tensor | float) -> torch.Tensor | float:
+    """Imagen-style guidance scale s = w + 1 (diffusers' guidance_scale) of LCM's w (Luo et al. 2023, sec. 4.2)."""
+    return w + 1
+
+
+def lcm_w(scale: torch.Tensor | float) -> torch.Tensor | float:
+    """LCM's w = s - 1 of an Imagen-style guidance scale s (diffusers' LatentConsistencyModelPipeline)."""
+    return scale - 1
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance uncond + s (cond - uncond) (Ho & Salimans 2022) at Imagen-style scale s."""
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_batch(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """The doubled batch of classifier-free guidance: one forward for both; unconditional rows first, as diffusers."""
+    return torch.cat([uncond, cond])
+
+
+def cfg_split(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond): the two halves of a model output computed on a ``cfg_batch``."""
+    uncond, cond = out.chunk(2)
+    return cond, uncond

@@ -9,6 +9,7 @@ DEADLINE_EXCEEDED, draining -> 503 / UNAVAILABLE, engine fault -> 500 / INTERNAL
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -78,3 +79,23 @@ class EngineError(LCMServeError):
     """The engine failed while running a batch; only that batch's requests fail."""
 
     type = "internal_error"
+
+
+# -- range checks shared by every typed config (engine, server, distill) ------------------------
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """``value`` as an int in [low, high] (no upper bound when ``high`` is None), else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise InvalidInputError.out_of_range(name, value, allowed)
+    return value
+
+
+def check_float(name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
+    """``value`` as a finite number in [low, high] (or (low, high] with ``open_low``), else a clear error."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or not (low < value if open_low else low <= value) or value > high:
+        upper = "" if math.isinf(high) else f", {high}]"
+        allowed = (f"a number in {'(' if open_low else '['}{low}{upper}" if upper
+                   else f"a finite number {'>' if open_low else '>='} {low}")
+        raise InvalidInputError.out_of_range(name, value, allowed)
+    return float(value)

@@ -102,3 +102,39 @@ def test_info_json(lcm_sdxl_dir, capsys):
 def test_info_of_a_non_lcm_explains_the_fix(base_sd_dir, capsys):
     assert main(["info", str(base_sd_dir)]) == 2
     assert "not an LCM" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_under_its_group(capsys):
+    from lcmserve.cli import GROUPS, build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"generate", "info", "export", "bench", "serve", "loadtest", "distill", "shapes", "eval",
+                             "eval-compare"}
+    for name in commands:
+        assert f"\n    {name} " in out, name
+    positions = [out.index(f"\n  {title}\n") for title, _ in GROUPS]
+    assert positions == sorted(positions)
+    assert out.index("\n    generate ") < out.index("\n  serve it\n") < out.index("\n    serve ")
+
+
+def test_backend_choices_are_the_engines_list(capsys):
+    from lcmserve.engine.backends import BACKENDS
+
+    with pytest.raises(SystemExit):
+        main(["generate", "a cat", "--backend", "no-such-backend"])
+    err = capsys.readouterr().err
+    assert all(name in err for name in BACKENDS)
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lcmserve.cli", "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("lcmserve ")

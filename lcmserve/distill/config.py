@@ -14,6 +14,10 @@ from typing import Any
 
 from lcmserve.errors import InvalidInputError
 
+# The files a run folder holds beside the model: the resolved config, and a summary written at the end.
+CONFIG_FILE = "distill-config.json"
+SUMMARY_FILE = "distill.json"
+
 MODES = ("lcd", "lora", "lcf")
 SOLVERS = ("ddim", "dpmsolver", "dpmsolver++")
 LOSSES = ("l2", "huber")

@@ -1,9 +1,11 @@
-"""Training data of distillation: image+caption folders, webdataset tar shards, the shapes generator.
+"""Training data of distillation: image+caption folders, webdataset tar shards, and the sources
+that domains register by name (``lcmserve.models.registry.register_data_source``).
 
-Every batch is a pure function of (seed, step, rank, processes): finite sets are read in a
-seeded permutation per epoch, the shapes stream renders the scenes of that step. A resumed
-run therefore sees exactly the data an uninterrupted run would have, with no data-loader
-state to save.
+A source is finite (a ``MapSource``: indexable pairs of image and caption) or endless (a
+``StreamSource``: the images and captions of any step, drawn afresh). Every batch is a pure
+function of (seed, step, rank, processes): finite sets are read in a seeded permutation per
+epoch, a stream draws the batch of that step. A resumed run therefore sees exactly the data
+an uninterrupted run would have, with no data-loader state to save.
 
 Images are encoded by the VAE once per batch (no gradient) and captions by the text encoder
 once per batch; ``cache`` goes further and encodes a finite set once into a file that every
@@ -22,13 +24,16 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lcmserve.distill.teacher import Teacher, encode_prompts
+from lcmserve.engine.conditioning import TextConditioning
 from lcmserve.errors import InvalidInputError
-from lcmserve.distill.teacher import Teacher, TextStates, encode_prompts
+from lcmserve.models.registry import data_source, data_source_names
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,16 @@ class MapSource:
     def fingerprint(self) -> dict:
         """What identifies the set's content, for the cache key."""
         raise NotImplementedError
+
+
+@runtime_checkable
+class StreamSource(Protocol):
+    """An endless source: a new batch for every (seed, stream, step), the same one every time it is asked."""
+
+    def batch(self, seed: int, stream: str, step: int, batch_size: int,
+              resolution: int) -> tuple[torch.Tensor, list[str]]:
+        """Images [B, 3, R, R] in [-1, 1] and their captions."""
+        ...
 
 
 class FolderSource(MapSource):
@@ -238,53 +253,26 @@ class TarShardSource(MapSource):
                                           for p in self.shards]}
 
 
-class ShapesSetSource(MapSource):
-    """A fixed set of ``n`` scenes of the shapes generator's train split (for caching and epochs)."""
-
-    chunk = 256
-
-    def __init__(self, seed: int, n: int) -> None:
-        from lcmserve.shapes.data import batch_for_step
-
-        images, captions = [], []
-        for c in range(-(-n // self.chunk)):
-            _, caps, imgs = batch_for_step(seed, "distill-set", c, self.chunk)
-            images.append((imgs * 255).round().to(torch.uint8))
-            captions.extend(caps)
-        self.images = torch.cat(images)[:n]
-        self.captions = captions[:n]
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def load(self, i: int, resolution: int) -> tuple[torch.Tensor, str]:
-        return _resize(self.images[i : i + 1].float() / 127.5 - 1, resolution)[0], self.captions[i]
-
-    def caption(self, i: int) -> str:
-        return self.captions[i]
-
-    def fingerprint(self) -> dict:
-        return {"kind": "shapes", "seed": self.seed, "n": len(self)}
-
-
-def _resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+def resize_square(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Images [B, C, H, W] resized (bicubic, antialiased) to [B, C, R, R]; unchanged when they are that size."""
     if x.shape[-1] == resolution and x.shape[-2] == resolution:
         return x
     return F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True)
 
 
-def open_source(data: str, seed: int, num_samples: int) -> MapSource | None:
-    """The finite source named by ``data``; None for the endless shapes stream. Errors before any training."""
-    if data == "shapes":
-        return ShapesSetSource(seed, num_samples) if num_samples else None
+def open_source(data: str, seed: int, num_samples: int) -> MapSource | StreamSource:
+    """The source named by ``data``: a registered name, a folder or tar shards. Errors before any training."""
+    opener = data_source(data)
+    if opener is not None:
+        return opener(seed, num_samples)
     path = Path(data).expanduser()
     if path.is_dir() and not any(path.glob("*.tar")):
         return FolderSource(data)
     if path.is_dir() or data.endswith(".tar") or "," in data or any(c in data for c in "*?["):
         return TarShardSource(data)
+    names = "".join(f"{name!r}, " for name in data_source_names())
     raise InvalidInputError(
-        f"data: {data!r} is neither 'shapes', an image+caption folder, nor webdataset .tar shards", param="data")
+        f"data: {data!r} is neither {names}an image+caption folder, nor webdataset .tar shards", param="data")
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -293,15 +281,15 @@ class Batch:
     """One process's share of one step: scaled latents [B, C, h, w], text states, captions."""
 
     latents: torch.Tensor
-    text: TextStates
+    text: TextConditioning
     captions: list[str]
 
 
 class TrainData:
     """Per-step batches for one process, encoded by the teacher's VAE and text encoder(s)."""
 
-    def __init__(self, source: MapSource | None, teacher: Teacher, *, seed: int, batch_size: int, resolution: int,
-                 rank: int = 0, world: int = 1, cache: "LatentCache | None" = None) -> None:
+    def __init__(self, source: MapSource | StreamSource, teacher: Teacher, *, seed: int, batch_size: int,
+                 resolution: int, rank: int = 0, world: int = 1, cache: "LatentCache | None" = None) -> None:
         self.source, self.teacher, self.seed = source, teacher, seed
         self.batch_size, self.resolution, self.rank, self.world = batch_size, resolution, rank, world
         self.cache = cache
@@ -322,12 +310,9 @@ class TrainData:
 
     def pixels(self, step: int) -> tuple[torch.Tensor, list[str]]:
         """Images [B, 3, R, R] in [-1, 1] and captions of this process at ``step``."""
-        if self.source is None:
-            from lcmserve.shapes.data import batch_for_step
-
-            stage = "distill" if self.world == 1 else f"distill-{self.rank}-of-{self.world}"
-            _, captions, images = batch_for_step(self.seed, stage, step, self.batch_size)
-            return _resize(images * 2 - 1, self.resolution), captions
+        if isinstance(self.source, StreamSource):
+            stream = "distill" if self.world == 1 else f"distill-{self.rank}-of-{self.world}"
+            return self.source.batch(self.seed, stream, step, self.batch_size, self.resolution)
         loaded = [self.source.load(i, self.resolution) for i in self.indices(step)]
         return torch.stack([x for x, _ in loaded]), [c for _, c in loaded]
 
@@ -366,7 +351,7 @@ class LatentCache:
 
     mean: torch.Tensor
     std: torch.Tensor
-    text: TextStates
+    text: TextConditioning
     captions: list[str]
 
 
@@ -395,7 +380,8 @@ def build_or_load_cache(path: str, source: MapSource, teacher: Teacher, resoluti
         blob = torch.load(file, map_location="cpu", weights_only=True)
         if blob.get("key") != key:
             return None
-        return LatentCache(blob["mean"], blob["std"], TextStates(blob["hidden"], blob.get("pooled")), blob["captions"])
+        text = TextConditioning(blob["hidden"], blob.get("pooled"))
+        return LatentCache(blob["mean"], blob["std"], text, blob["captions"])
 
     cache = read()
     if cache is None and is_main:
@@ -406,7 +392,10 @@ def build_or_load_cache(path: str, source: MapSource, teacher: Teacher, resoluti
             loaded = [source.load(j, resolution) for j in range(i, min(i + chunk, len(source)))]
             mean, std = encode_images(teacher, torch.stack([x for x, _ in loaded]))
             text = encode_prompts(teacher, [c for _, c in loaded])
-            means.append(mean), stds.append(std), hidden.append(text.hidden.cpu()), captions.extend(c for _, c in loaded)
+            means.append(mean)
+            stds.append(std)
+            hidden.append(text.hidden.cpu())
+            captions.extend(c for _, c in loaded)
             if text.pooled is not None:
                 pooled.append(text.pooled.cpu())
         blob = {"key": key, "mean": torch.cat(means), "std": torch.cat(stds), "hidden": torch.cat(hidden),
@@ -429,8 +418,6 @@ def first_captions(data: TrainData, n: int) -> list[str]:
     """Captions for the sample grids: the first ``n`` of the set, or of the stream's first scenes."""
     if n == 0:
         return []
-    if data.source is None:
-        from lcmserve.shapes.data import batch_for_step
-
-        return list(batch_for_step(data.seed, "distill-samples", 0, n)[1])
+    if isinstance(data.source, StreamSource):
+        return data.source.batch(data.seed, "distill-samples", 0, n, data.resolution)[1]
     return [data.source.caption(i) for i in range(min(n, len(data.source)))]

@@ -18,15 +18,19 @@ import torch.nn.functional as F
 
 from lcmserve.consistency import (
     boundary_scalings,
+    cfg_batch,
     cfg_combine,
+    cfg_split,
     consistency_output,
     guidance_embedding,
+    imagen_scale,
     predicted_x0,
     renoise,
     skipping_grid,
 )
 from lcmserve.distill.solvers import SOLVER_STEPS, GuidedModel
-from lcmserve.distill.teacher import TextStates, added_cond_kwargs
+from lcmserve.engine.conditioning import TextConditioning, added_cond_kwargs, cfg_text, sdxl_time_ids
+from lcmserve.errors import InvalidInputError
 from lcmserve.models.model import NoiseSchedule
 
 
@@ -73,30 +77,33 @@ def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.device, torch.float32)
 
 
-def consistency_fn(unet, x: torch.Tensor, t: torch.Tensor, text: TextStates, math: ConsistencyMath,
+def _unet_added(text: TextConditioning, x: torch.Tensor, math: ConsistencyMath) -> dict[str, torch.Tensor] | None:
+    """SDXL's micro-conditioning at the image size of latents ``x``, as the engine passes it; None for SD."""
+    f = math.vae_scale_factor
+    return added_cond_kwargs(text, sdxl_time_ids(text.pooled, x.shape[-2] * f, x.shape[-1] * f))
+
+
+def consistency_fn(unet, x: torch.Tensor, t: torch.Tensor, text: TextConditioning, math: ConsistencyMath,
                    w_embedding: torch.Tensor | None) -> torch.Tensor:
     """f(x, w, c, t) = c_skip(t) x + c_out(t) x0(unet(x, t, w, c)) (Luo et al. 2023, eq. 9), per-row t."""
-    h, w = x.shape[-2] * math.vae_scale_factor, x.shape[-1] * math.vae_scale_factor
     out = unet(x, t, encoder_hidden_states=text.hidden, timestep_cond=w_embedding,
-               added_cond_kwargs=added_cond_kwargs(text, h, w)).sample.float()
+               added_cond_kwargs=_unet_added(text, x, math)).sample.float()
     x0 = predicted_x0(out, x, _rows(math.alphas_cumprod[t], x), math.prediction_type)
     c_skip, c_out = boundary_scalings(t.float(), math.timestep_scaling)
     return consistency_output(x, x0, _rows(c_skip, x), _rows(c_out, x))
 
 
-def guided_teacher(unet, text: TextStates, uncond: TextStates, w: torch.Tensor, math: ConsistencyMath) -> GuidedModel:
+def guided_teacher(unet, text: TextConditioning, uncond: TextConditioning, w: torch.Tensor,
+                   math: ConsistencyMath) -> GuidedModel:
     """The teacher on the augmented PF-ODE: (1 + w) cond - w uncond, both rows in one batched forward."""
     b = text.hidden.shape[0]
-    uncond = uncond.expand(b) if uncond.hidden.shape[0] != b else uncond
-    pooled = None if text.pooled is None else torch.cat([text.pooled, uncond.pooled])
-    both = TextStates(torch.cat([text.hidden, uncond.hidden]), pooled)
+    both = cfg_text(text, uncond.expand(b) if uncond.hidden.shape[0] != b else uncond)
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h, wd = x.shape[-2] * math.vae_scale_factor, x.shape[-1] * math.vae_scale_factor
-        out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both.hidden,
-                   added_cond_kwargs=added_cond_kwargs(both, h, wd)).sample.float()
-        cond, unc = out.chunk(2)
-        return cfg_combine(cond, unc, _rows(1 + w, x))  # the paper's w is the Imagen-form scale w + 1
+        out = unet(cfg_batch(x, x), cfg_batch(t, t), encoder_hidden_states=both.hidden,
+                   added_cond_kwargs=_unet_added(both, x, math)).sample.float()
+        cond, unc = cfg_split(out)
+        return cfg_combine(cond, unc, _rows(imagen_scale(w), x))
 
     return model
 
@@ -108,7 +115,7 @@ def distance(pred: torch.Tensor, target: torch.Tensor, loss: str, huber_c: float
     return (torch.sqrt((pred.float() - target.float()) ** 2 + huber_c**2) - huber_c).mean()
 
 
-def lcd_loss(student, target, teacher_unet, latents: torch.Tensor, text: TextStates, uncond: TextStates,
+def lcd_loss(student, target, teacher_unet, latents: torch.Tensor, text: TextConditioning, uncond: TextConditioning,
              draws: StepDraws, math: ConsistencyMath, *, solver: str, loss: str, huber_c: float,
              w_embedding_dim: int | None, autocast=None) -> torch.Tensor:
     """One LCD loss. ``target`` None uses the online student without gradient (LCM-LoRA with no EMA)."""
@@ -155,8 +162,6 @@ def lora_student(teacher_unet, rank: int, alpha: int, targets: list[str], seed: 
     # peft matches a target as a suffix of module names; keep those this architecture has
     kept = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
     if not kept:
-        from lcmserve.errors import InvalidInputError
-
         raise InvalidInputError.out_of_range("lora_targets", targets, "module names present in the teacher's UNet")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

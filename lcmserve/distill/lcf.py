@@ -12,10 +12,10 @@ import torch
 
 from lcmserve.consistency import guidance_embedding, renoise
 from lcmserve.distill.lcd import ConsistencyMath, StepDraws, _rows, consistency_fn, distance
-from lcmserve.distill.teacher import TextStates
+from lcmserve.engine.conditioning import TextConditioning
 
 
-def lcf_loss(student, target, latents: torch.Tensor, text: TextStates, draws: StepDraws, math: ConsistencyMath, *,
+def lcf_loss(student, target, latents: torch.Tensor, text: TextConditioning, draws: StepDraws, math: ConsistencyMath, *,
              loss: str, huber_c: float, w_embedding_dim: int, autocast=None) -> torch.Tensor:
     """One LCF loss with shared noise between t_{n+k} and t_n."""
     autocast = autocast or torch.autocast("cpu", enabled=False)

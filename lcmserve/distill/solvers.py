@@ -4,7 +4,7 @@ Distillation needs a solver step per training row, each row at its own timestep,
 guided teacher that is called as ``model(x, t) -> model output`` (epsilon, v or x0, with
 classifier-free guidance already folded in). diffusers' schedulers step one shared timestep
 of a fixed inference schedule and keep state between calls, so the steps are written here as
-small stateless functions; tests/test_distill_solvers.py pins each to diffusers' DDIMScheduler
+small stateless functions; tests/distill/test_distill_solvers.py pins each to diffusers' DDIMScheduler
 and DPMSolverSinglestepScheduler.
 
 The end timestep t_n = t_{n+k} - k is -1 for the lowest grid point; like diffusers' LCD

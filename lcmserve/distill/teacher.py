@@ -14,9 +14,12 @@ from typing import Any
 
 import torch
 
+from lcmserve.engine.backends.torch import TorchBackend
+from lcmserve.engine.conditioning import TextConditioning
 from lcmserve.errors import ModelLoadError
-from lcmserve.models.loading import _check_components, _read_index
+from lcmserve.models.loading import pipeline_index
 from lcmserve.models.model import LCMModel, NoiseSchedule
+from lcmserve.models.registry import resolve_bundled
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +45,12 @@ class TeacherInfo:
 
 def inspect_teacher(folder: str, mode: str) -> TeacherInfo:
     """Clear errors for a folder that is not a diffusers SD-family pipeline, or the wrong kind for ``mode``."""
-    from lcmserve.models.loading import resolve_bundled
-
     path = Path(resolve_bundled(folder)).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"teacher: folder {folder!r} does not exist (give a diffusers pipeline folder, or "
                              "shapes-teacher for the bundled one)", param="teacher")
     try:
-        index = _read_index(path)
-        _check_components(index, f"folder {folder!r}")
+        index = pipeline_index(path, f"folder {folder!r}")
     except ModelLoadError as exc:
         raise ModelLoadError(exc.message.replace("model:", "teacher:", 1), param="teacher") from exc
     configs = {}
@@ -121,53 +121,18 @@ def load_teacher(info: TeacherInfo, device: torch.device) -> Teacher:
     return Teacher(info, pipe, model)
 
 
-@dataclass
-class TextStates:
-    """Cross-attention states [B, L, D] and, for SDXL, pooled embeddings [B, P]."""
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-    def to(self, device, dtype=None) -> "TextStates":
-        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
-        return TextStates(self.hidden.to(device, dtype), pooled)
-
-    def expand(self, n: int) -> "TextStates":
-        pooled = None if self.pooled is None else self.pooled.expand(n, -1)
-        return TextStates(self.hidden.expand(n, -1, -1), pooled)
-
-    def index(self, rows) -> "TextStates":
-        return TextStates(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
-
-
-def _backend(teacher: Teacher):
-    from lcmserve.engine.backends.torch_backend import TorchBackend
-
-    return TorchBackend(teacher.model)
-
-
 @torch.no_grad()
-def encode_prompts(teacher: Teacher, prompts: list[str]) -> TextStates:
-    """Text features of ``prompts`` exactly as the engine computes them at inference."""
+def encode_prompts(teacher: Teacher, prompts: list[str]) -> TextConditioning:
+    """Text features of ``prompts`` exactly as the engine computes them at inference, in float32."""
     ids = tuple(
         tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
             return_tensors="pt").input_ids
         for tok in teacher.model.tokenizers
     )
-    cond = _backend(teacher).encode_text(ids)
-    return TextStates(cond.hidden.float(), None if cond.pooled is None else cond.pooled.float())
+    return TorchBackend(teacher.model).encode_text(ids).to(teacher.model.device, torch.float32)
 
 
 @torch.no_grad()
-def unconditional(teacher: Teacher) -> TextStates:
-    """Features of the empty prompt (zeros where SDXL asks for them), the teacher's unconditional input."""
-    cond = _backend(teacher).unconditional()
-    return TextStates(cond.hidden.float(), None if cond.pooled is None else cond.pooled.float())
-
-
-def added_cond_kwargs(text: TextStates, height: int, width: int) -> dict[str, torch.Tensor] | None:
-    """SDXL micro-conditioning (original size, crop (0, 0), target size), as the engine passes it."""
-    if text.pooled is None:
-        return None
-    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=text.pooled.dtype, device=text.pooled.device)
-    return {"text_embeds": text.pooled, "time_ids": ids.expand(text.pooled.shape[0], -1)}
+def unconditional(teacher: Teacher) -> TextConditioning:
+    """Features of the empty prompt (zeros where SDXL asks for them), the teacher's unconditional input, in float32."""
+    return TorchBackend(teacher.model).unconditional().to(teacher.model.device, torch.float32)

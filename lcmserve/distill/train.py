@@ -14,14 +14,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from lcmserve.distill.config import DistillConfig, check_skipping_step
+from lcmserve.distill.config import CONFIG_FILE, SUMMARY_FILE, DistillConfig, check_skipping_step
 from lcmserve.distill.data import (
     LatentCache,
     MapSource,
+    StreamSource,
     TrainData,
     build_or_load_cache,
     first_captions,
@@ -43,8 +45,6 @@ from lcmserve.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "distill-config.json"
-SUMMARY_FILE = "distill.json"
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 # Options that change the trajectory of a run: a resumed run must not change them.
@@ -60,7 +60,7 @@ class Plan:
 
     cfg: DistillConfig
     teacher: TeacherInfo
-    source: MapSource | None
+    source: MapSource | StreamSource
     resolution: int
 
 
@@ -92,8 +92,8 @@ def check_inputs(cfg: DistillConfig) -> Plan:
         raise InvalidInputError(
             "mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU", param="mixed_precision")
     source = open_source(cfg.data, cfg.seed, cfg.num_samples)
-    if cfg.cache and source is None:
-        raise InvalidInputError("cache: needs a finite data set (a folder, shards, or shapes with num_samples)",
+    if cfg.cache and isinstance(source, StreamSource):
+        raise InvalidInputError("cache: needs a finite data set (a folder, shards, or a generator with num_samples)",
                                 param="cache")
     return Plan(cfg, info, source, resolution)
 
@@ -183,8 +183,9 @@ def _engine_view(teacher: Teacher, unet, cfg: DistillConfig, math: ConsistencyMa
 
     from lcmserve.models.model import NoiseSchedule
 
-    schedule = NoiseSchedule(teacher.schedule.alphas_cumprod, teacher.schedule.prediction_type,
-                             teacher.schedule.timestep_scaling, teacher.schedule.num_train_timesteps // cfg.skipping_step)
+    ts = teacher.schedule
+    schedule = NoiseSchedule(ts.alphas_cumprod, ts.prediction_type, ts.timestep_scaling,
+                             ts.num_train_timesteps // cfg.skipping_step)
     return replace(teacher.model, unet=unet, schedule=schedule,
                    guidance_mode="cfg" if cfg.mode == "lora" else "embedding")
 
@@ -278,6 +279,87 @@ def distill(cfg: DistillConfig, on_step=None) -> DistillResult:
             _reset_accelerate_state()
 
 
+def _student(cfg: DistillConfig, teacher: Teacher, device: torch.device):
+    """The student (online, float32) and its EMA target (None without one)."""
+    if cfg.mode == "lcd":
+        student = lcd_student(teacher.unet, cfg.time_cond_proj_dim)
+    elif cfg.mode == "lora":
+        student = lora_student(teacher.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
+    else:
+        student = teacher.unet  # LCF: the LCM itself trains; there is no teacher
+        student.requires_grad_(True).train()
+    target = ema_target(student) if cfg.ema_decay > 0 else None
+    if cfg.mode != "lcf" and device.type == "cuda" and cfg.mixed_precision != "no":
+        # the frozen teacher UNet runs in the mixed-precision dtype (the student keeps float32 weights)
+        teacher.unet.to(torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student, target
+
+
+def _train_data(cfg: DistillConfig, plan: Plan, teacher: Teacher, accelerator) -> TrainData:
+    """Per-step batches of this process, from a cache of encoded latents and text when ``cfg.cache`` names one."""
+    cache: LatentCache | None = None
+    if cfg.cache:
+        cache = build_or_load_cache(cfg.cache, plan.source, teacher, plan.resolution,
+                                    is_main=accelerator.is_main_process, wait=accelerator.wait_for_everyone)
+    return TrainData(plan.source, teacher, seed=cfg.seed, batch_size=cfg.batch_size, resolution=plan.resolution,
+                     rank=accelerator.process_index, world=accelerator.num_processes, cache=cache)
+
+
+def _deadline_passed(deadline: float | None, accelerator) -> bool:
+    """Whether any process is past ``deadline``: all of them stop at the same step."""
+    if deadline is None:
+        return False
+    flag = torch.tensor(float(time.perf_counter() > deadline), device=accelerator.device)
+    return bool(accelerator.reduce(flag, "max") > 0) if accelerator.num_processes > 1 else bool(flag > 0)
+
+
+@dataclass
+class _Stepper:
+    """Everything one optimizer step touches; calling it runs step ``step`` and returns its loss."""
+
+    cfg: DistillConfig
+    accelerator: Any
+    data: TrainData
+    math: ConsistencyMath
+    teacher: Teacher
+    uncond: Any
+    student: torch.nn.Module
+    ddp_student: torch.nn.Module
+    target: torch.nn.Module | None
+    optimizer: Any
+    lr_schedule: Any
+
+    def __post_init__(self) -> None:
+        lora = self.cfg.mode == "lora"
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.w_range = (self.cfg.lora_w, self.cfg.lora_w) if lora else (self.cfg.w_min, self.cfg.w_max)
+        self.w_dim = None if lora else self.student.config.time_cond_proj_dim
+
+    def __call__(self, step: int) -> torch.Tensor:
+        cfg, acc, math = self.cfg, self.accelerator, self.math
+        data_step = step % cfg.overfit_batches if cfg.overfit_batches else step
+        batch = self.data.batch(data_step, acc.device)
+        gen = step_generator(cfg.seed, data_step, acc.process_index, stream=0)
+        draws = draw_step(math, batch.latents, gen, *self.w_range)
+        if cfg.mode == "lcf":
+            loss = lcf_loss(self.ddp_student, self.target, batch.latents, batch.text, draws, math, loss=cfg.loss,
+                            huber_c=cfg.huber_c, w_embedding_dim=self.w_dim, autocast=acc.autocast())
+        else:
+            loss = lcd_loss(self.ddp_student, self.target, self.teacher.unet, batch.latents, batch.text, self.uncond,
+                            draws, math, solver=cfg.solver, loss=cfg.loss, huber_c=cfg.huber_c,
+                            w_embedding_dim=self.w_dim, autocast=acc.autocast())
+        acc.backward(loss)
+        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.target is not None:
+            update_ema(self.target, self.student, cfg.ema_decay)
+        return acc.reduce(loss.detach(), "mean")
+
+
 def _run(cfg: DistillConfig, plan: Plan, out: Path, accelerator, started: float, on_step) -> DistillResult:
     from diffusers.optimization import get_scheduler
 
@@ -293,22 +375,10 @@ def _run(cfg: DistillConfig, plan: Plan, out: Path, accelerator, started: float,
     vae_factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
     math = ConsistencyMath.from_schedule(teacher.schedule, cfg.skipping_step, vae_factor, device)
 
-    # 2. the student (online, float32) and its EMA target
-    if cfg.mode == "lcd":
-        student = lcd_student(teacher.unet, cfg.time_cond_proj_dim)
-    elif cfg.mode == "lora":
-        student = lora_student(teacher.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
-    else:
-        student = teacher.unet  # LCF: the LCM itself trains; there is no teacher
-        student.requires_grad_(True).train()
-    target = ema_target(student) if cfg.ema_decay > 0 else None
-    if cfg.mode != "lcf" and device.type == "cuda" and cfg.mixed_precision != "no":
-        # the frozen teacher UNet runs in the mixed-precision dtype (the student keeps float32 weights)
-        teacher.unet.to(torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # 2. the student and its EMA target, the optimizer, and the newest checkpoint
+    student, target = _student(cfg, teacher, device)
+    trained = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Not passed to accelerate.prepare: its wrapper steps the schedule once per process.
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
     ddp_student, optimizer = accelerator.prepare(student, optimizer)
@@ -316,23 +386,16 @@ def _run(cfg: DistillConfig, plan: Plan, out: Path, accelerator, started: float,
     start, losses = checkpointer.load_latest(student, target, optimizer, lr_schedule)
 
     # 3. data: per-step batches, optionally from a cache of encoded latents and text
-    cache: LatentCache | None = None
-    if cfg.cache:
-        cache = build_or_load_cache(cfg.cache, plan.source, teacher, plan.resolution,
-                                    is_main=accelerator.is_main_process, wait=accelerator.wait_for_everyone)
-    data = TrainData(plan.source, teacher, seed=cfg.seed, batch_size=cfg.batch_size, resolution=plan.resolution,
-                     rank=rank, world=world, cache=cache)
-    uncond = unconditional(teacher).to(device)
+    data = _train_data(cfg, plan, teacher, accelerator)
     prompts = (cfg.sample_prompts or first_captions(data, cfg.samples))[: cfg.samples]
-    w_min, w_max = (cfg.lora_w, cfg.lora_w) if cfg.mode == "lora" else (cfg.w_min, cfg.w_max)
-    w_dim = None if cfg.mode == "lora" else student.config.time_cond_proj_dim
+    run_step = _Stepper(cfg, accelerator, data, math, teacher, unconditional(teacher).to(device), student,
+                        ddp_student, target, optimizer, lr_schedule)
     if accelerator.is_main_process:
         logger.info("distilling %s (%s, %s) into %s: steps %d..%d, %d process(es) x batch %d, resolution %d",
                     cfg.teacher, cfg.mode, cfg.solver, out, start, cfg.steps, world, cfg.batch_size, plan.resolution)
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"distill {cfg.mode}", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
-
     deadline = started + cfg.max_minutes * 60 - FINISH_RESERVE_S if cfg.max_minutes else None
     pending: list[torch.Tensor] = []
 
@@ -344,36 +407,16 @@ def _run(cfg: DistillConfig, plan: Plan, out: Path, accelerator, started: float,
     last = cfg.steps
     for step in range(start, cfg.steps):
         # 4. one step: data, draws, loss, update, EMA
-        data_step = step % cfg.overfit_batches if cfg.overfit_batches else step
-        batch = data.batch(data_step, device)
-        draws = draw_step(math, batch.latents, step_generator(cfg.seed, data_step, rank, stream=0), w_min, w_max)
-        if cfg.mode == "lcf":
-            loss = lcf_loss(ddp_student, target, batch.latents, batch.text, draws, math, loss=cfg.loss,
-                            huber_c=cfg.huber_c, w_embedding_dim=w_dim, autocast=accelerator.autocast())
-        else:
-            loss = lcd_loss(ddp_student, target, teacher.unet, batch.latents, batch.text, uncond, draws, math,
-                            solver=cfg.solver, loss=cfg.loss, huber_c=cfg.huber_c, w_embedding_dim=w_dim,
-                            autocast=accelerator.autocast())
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if target is not None:
-            update_ema(target, student, cfg.ema_decay)
-        pending.append(accelerator.reduce(loss.detach(), "mean"))
+        pending.append(run_step(step))
         done = step + 1
         bar.update(1)
         if on_step is not None or done % 10 == 0:
             flush()
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
-        stop = False
-        if deadline is not None:
-            flag = torch.tensor(float(time.perf_counter() > deadline), device=device)
-            stop = bool(accelerator.reduce(flag, "max") > 0) if world > 1 else bool(flag > 0)
-            if stop:
-                last = done
-                logger.warning("max_minutes=%g reached: stopping at step %d of %d", cfg.max_minutes, done, cfg.steps)
+        stop = _deadline_passed(deadline, accelerator)
+        if stop:
+            last = done
+            logger.warning("max_minutes=%g reached: stopping at step %d of %d", cfg.max_minutes, done, cfg.steps)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
             flush()
             checkpointer.save(done, student, target, optimizer, lr_schedule, losses)
@@ -391,14 +434,21 @@ def _run(cfg: DistillConfig, plan: Plan, out: Path, accelerator, started: float,
     # 5. the final model (the EMA target where there is one) and a summary of the run
     final = target if target is not None else student
     if accelerator.is_main_process:
-        if prompts:
-            write_samples(out / SAMPLES / f"step-{last:07d}.png", teacher, final, cfg, math, prompts,
-                          plan.resolution)
-        export_model(out, teacher, final, cfg)
-        wall_s = time.perf_counter() - started
-        summary = {"mode": cfg.mode, "teacher": cfg.teacher, "steps": last, "steps_asked": cfg.steps,
-                   "resumed_from": start, "processes": world, "device": str(device), "wall_s": round(wall_s, 2),
-                   "final_loss_mean_20": sum(losses[-20:]) / max(1, len(losses[-20:])), "losses": losses}
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        _finish(out, teacher, final, cfg, math, prompts, plan.resolution, start, last, losses, world, device,
+                started)
     accelerator.wait_for_everyone()
     return DistillResult(out, start, last, losses, time.perf_counter() - started, final)
+
+
+def _finish(out: Path, teacher: Teacher, final, cfg: DistillConfig, math: ConsistencyMath, prompts: list[str],
+            resolution: int, start: int, last: int, losses: list[float], world: int, device: torch.device,
+            started: float) -> None:
+    """The last sample grid, the exported model and the run's summary (main process)."""
+    if prompts:
+        write_samples(out / SAMPLES / f"step-{last:07d}.png", teacher, final, cfg, math, prompts, resolution)
+    export_model(out, teacher, final, cfg)
+    wall_s = time.perf_counter() - started
+    summary = {"mode": cfg.mode, "teacher": cfg.teacher, "steps": last, "steps_asked": cfg.steps,
+               "resumed_from": start, "processes": world, "device": str(device), "wall_s": round(wall_s, 2),
+               "final_loss_mean_20": sum(losses[-20:]) / max(1, len(losses[-20:])), "losses": losses}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")

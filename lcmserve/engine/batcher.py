@@ -7,10 +7,11 @@ seed and guidance, so an image does not depend on its batch mates; rows of diffe
 requests are packed first come, first served, and a request larger than one batch is split
 over consecutive batches.
 
-A request may bring a step hook (``submit(..., on_step=...)``): the engine then reports each
-denoising step of the batches it runs in, and the hook gets its own rows' slice of the x0
-estimate only. Batches without such a request run the engine without a step callback, so
-nobody else pays for previews.
+A request may bring a step hook (``submit(..., on_step=...)``): it hears each denoising step
+of the batches it runs in, with its own rows' slice of the x0 estimate only, so nobody else
+pays for previews. Every batch runs with the batcher's own step callback, which also lets
+``close`` end a batch between steps: without it, a worker still inside the engine when the
+interpreter exits aborts the process.
 
 The engine call is blocking torch code, so this is plain threads: ``submit`` may be called
 from any thread (the async server wraps the returned Future with ``asyncio.wrap_future``)
@@ -19,13 +20,15 @@ and one worker thread calls the engine. Failures use the taxonomy of :mod:`lcmse
 - queue full -> ``OverloadedError`` with a ``retry_after_s`` hint, raised by ``submit``;
 - draining or closed -> ``UnavailableError``;
 - deadline passed before the request ran -> ``DeadlineExceededError``; it never runs;
-- the engine raised -> ``EngineError`` for that batch's requests only; the worker goes on.
+- the engine raised -> ``EngineError`` for that batch's requests only; the worker goes on;
+- still running when ``close``'s grace ran out -> ``UnavailableError``; the batch is abandoned
+  at its next step and the worker stops.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -42,6 +45,8 @@ from lcmserve.errors import (
     LCMServeError,
     OverloadedError,
     UnavailableError,
+    check_float,
+    check_int,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,9 +54,14 @@ logger = logging.getLogger(__name__)
 # The worker looks at a non-empty queue at least this often: is_cancelled() callables can
 # only be polled, and an injected clock may move without waking the worker.
 POLL_S = 0.05
-# Engine seconds per batch assumed by retry-after hints until a batch has been timed.
+# Engine seconds per batch assumed by estimates until a batch has been timed.
 DEFAULT_BATCH_S = 1.0
 MAX_RETRY_AFTER_S = 60.0
+# Recent batches whose pace the estimates follow.
+RECENT_BATCHES = 8
+# close() waits this long, beyond two steps' estimate, for an abandoned batch to unwind: the
+# estimate is a median and a step may come out slower.
+ABANDON_MARGIN_S = 1.0
 # Failure label of requests whose client went away; not an error the client sees.
 CANCELLED = "cancelled"
 
@@ -60,29 +70,19 @@ class RunBatch(Protocol):
     """The engine: one image per row, all rows sharing steps and resolution (``LCMSampler.run_rows``).
 
     Returns an object with ``.images`` indexable by row (a [B, ...] tensor or a sequence of
-    length B), and optionally ``.truncated`` (one bool per row) and ``.times``. ``on_step``
-    is passed only when a request of the batch has a step hook; the engine calls it as
-    ``on_step(i, x0)`` after step i (from 0) with the batch's x0 estimate ([B, ...]).
+    length B), and optionally ``.truncated`` (one bool per row) and ``.times``. The engine
+    calls ``on_step(i, x0)`` after step i (from 0) with the batch's x0 estimate ([B, ...]),
+    and lets what it raises propagate: that is how ``close`` ends a batch early.
     """
 
-    def __call__(self, rows: list[Row], steps: int, width: int, height: int, **kwargs: Any) -> Any: ...
+    def __call__(self, rows: list[Row], steps: int, width: int, height: int, *,
+                 on_step: Callable[[int, Any], None]) -> Any: ...
 
 
 #: A request's step hook: ``hook(i, first_row, x0_rows)`` after engine step i (from 0), where
 #: ``x0_rows`` is the slice of the batch's x0 estimate holding the request's rows
 #: ``first_row .. first_row + len(x0_rows) - 1``. Runs on the worker thread, inside the engine call.
 StepHook = Callable[[int, int, Any], None]
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidInputError.out_of_range(name, value, f"an integer >= {low}")
-
-
-def _check_seconds(name: str, value: Any, *, positive: bool = False) -> None:
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise InvalidInputError.out_of_range(name, value, "a finite number " + ("> 0" if positive else ">= 0"))
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,12 @@ class BatcherConfig:
     drain_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
-        _check_int("max_batch_size", self.max_batch_size, 1)
-        _check_seconds("max_queue_delay_ms", self.max_queue_delay_ms)
-        _check_int("max_queue_rows", self.max_queue_rows, 1)
+        check_int("max_batch_size", self.max_batch_size, 1)
+        check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0)
+        check_int("max_queue_rows", self.max_queue_rows, 1)
         if self.default_timeout_s is not None:
-            _check_seconds("default_timeout_s", self.default_timeout_s, positive=True)
-        _check_seconds("drain_grace_s", self.drain_grace_s)
+            check_float("default_timeout_s", self.default_timeout_s, 0, open_low=True)
+        check_float("drain_grace_s", self.drain_grace_s, 0)
         if self.max_queue_rows < self.max_batch_size:
             raise InvalidInputError.out_of_range(
                 "max_queue_rows", self.max_queue_rows,
@@ -225,6 +225,37 @@ class _Batch:
     def rows(self) -> list[Row]:
         return [row for s in self.slices for row in s.pending.rows[s.start : s.stop]]
 
+    @property
+    def n_rows(self) -> int:
+        return sum(s.stop - s.start for s in self.slices)
+
+
+class _Abandoned(Exception):
+    """Raised by the batcher's step callback to leave a batch that ``close`` gave up on."""
+
+
+class _Pace:
+    """Engine seconds per row and step of recent batches, for estimates of how long queued work takes.
+
+    Per row and step, because batches differ in both (a warm-up of one row and one step
+    against full batches of several steps); the median of recent batches, so that one slow
+    batch (a warm-up that built a graph) does not swing it. A GPU runs a full batch for less
+    per row than a small one, so after small batches estimates err long, not short.
+    """
+
+    def __init__(self) -> None:
+        self._recent: deque[float] = deque(maxlen=RECENT_BATCHES)
+
+    def add(self, rows: int, steps: int, engine_s: float) -> None:
+        if rows > 0 and steps > 0:
+            self._recent.append(engine_s / (rows * steps))
+
+    def batch_s(self, rows: int, steps: int) -> float:
+        """Estimated engine seconds of one batch of ``rows`` rows and ``steps`` steps."""
+        if not self._recent:
+            return DEFAULT_BATCH_S
+        return statistics.median(self._recent) * rows * steps
+
 
 def _set_exception(future: Future, error: BaseException) -> None:
     try:
@@ -247,7 +278,8 @@ class Batcher:
     ``on_batch(BatchInfo)`` is called after every engine call and ``on_failure(type)`` once
     per request that is refused (overloaded, draining), dropped or failed (``type`` is the
     error's ``type`` string, or ``"cancelled"``); invalid submissions are the caller's to
-    count. Both run before the futures concerned resolve, and must be cheap.
+    count. Both run before the futures concerned resolve (but a cancelled Future is counted
+    after its cancel, on the cancelling thread), and must be cheap and thread-safe.
     """
 
     def __init__(
@@ -278,7 +310,10 @@ class Batcher:
         self._batches = 0
         self._rows_run = 0
         self._failures: dict[str, int] = {}
-        self._batch_s_ema: float | None = None
+        self._pace = _Pace()
+        # Set by close() once its grace ran out: the step callback then leaves the running batch.
+        # Read without the lock between steps; a bool assignment is atomic.
+        self._abandon = False
 
     # 1. lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Batcher":
@@ -303,24 +338,19 @@ class Batcher:
                 self._cond.notify_all()
 
     def close(self, grace_s: float | None = None) -> bool:
-        """Drain, wait up to ``grace_s`` for queued and running work, then fail what is left.
+        """Drain, wait up to ``grace_s`` for queued and running work, then fail what is left and stop the worker.
 
-        Returns True when everything finished within the grace. A batch still inside the
-        engine after the grace is not interrupted (torch cannot be), only its futures fail.
+        Returns True when everything finished within the grace. What is left fails with
+        UnavailableError at once. A batch still in the engine is abandoned: the worker leaves it
+        at its next step (the step callback raises) and ends, and close() waits for that, about
+        one step. After close() returns ``worker_alive()`` is False, unless the engine ran on
+        without reporting a step (that is logged; ``join`` waits longer).
         """
         grace_s = self.config.drain_grace_s if grace_s is None else grace_s
-        _check_seconds("grace_s", grace_s)
+        check_float("grace_s", grace_s, 0)
         self.drain()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(grace_s)
-        with self._cond:
-            leftovers = [p for queue in self._buckets.values() for p in queue]
-            if self._in_flight is not None:
-                leftovers += [s.pending for s in self._in_flight.slices]
-            self._buckets.clear()
-            self._queued_rows = 0
-            self._state = "closed"
-            self._cond.notify_all()
+        self.join(grace_s)
+        leftovers, step_s = self._shut()
         leftovers = [p for p in dict.fromkeys(leftovers) if not p.future.done()]
         for p in leftovers:
             self._record_failure(UnavailableError.type)
@@ -329,7 +359,43 @@ class Batcher:
             ))
         if leftovers:
             logger.warning("closed after grace_s=%s with %d requests unfinished", grace_s, len(leftovers))
+        bound_s = 2 * step_s + ABANDON_MARGIN_S
+        if not self.join(bound_s) and self._thread is not threading.current_thread():
+            logger.warning("the worker is still inside the engine %.1f s after the grace; it stops at the batch's "
+                           "next step (a backend that replays a captured loop reports steps only at the end)", bound_s)
         return not leftovers
+
+    def _shut(self) -> tuple[list[_Pending], float]:
+        """Close the queue and abandon the running batch; (the requests unfinished, seconds of one step of the batch)."""
+        with self._cond:
+            leftovers = [p for queue in self._buckets.values() for p in queue]
+            step_s = 0.0
+            if self._in_flight is not None:
+                leftovers += [s.pending for s in self._in_flight.slices]
+                steps = self._in_flight.key.steps
+                step_s = self._pace.batch_s(self._in_flight.n_rows, steps) / steps
+            self._buckets.clear()
+            self._queued_rows = 0
+            self._state = "closed"
+            self._abandon = True
+            self._cond.notify_all()
+        return leftovers, step_s
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait up to ``timeout_s`` (None: without limit) for the worker to end; True once it has, or never started.
+
+        Called on the worker itself (from a hook) it does not wait, and says False.
+        """
+        thread = self._thread
+        if thread is None:
+            return True
+        if thread is not threading.current_thread():
+            thread.join(timeout_s)
+        return not thread.is_alive()
+
+    def worker_alive(self) -> bool:
+        """Whether the worker thread runs: False before start() and once it ended (after close())."""
+        return self._thread is not None and self._thread.is_alive()
 
     def __enter__(self) -> "Batcher":
         return self.start()
@@ -352,10 +418,11 @@ class Batcher:
         ``deadline`` is absolute, in seconds of the batcher's clock (``time.monotonic``
         unless one was injected); None takes ``config.default_timeout_s`` from now.
         ``is_cancelled()`` is polled while the request waits and must be cheap and
-        thread-safe; cancelling the Future works too. Raises OverloadedError when the queue
-        cannot take the rows, UnavailableError once draining has begun. ``on_step`` (a
-        ``StepHook``) hears every denoising step of this request's rows; if it raises, this
-        request alone fails with EngineError and its batch mates go on.
+        thread-safe; cancelling the Future works too, and frees its queue rows at once. Raises
+        OverloadedError (its ``retry_after_s`` estimates when the queue ahead will have run)
+        when the queue cannot take the rows, UnavailableError once draining has begun.
+        ``on_step`` (a ``StepHook``) hears every denoising step of this request's rows; if it
+        raises, this request alone fails with EngineError and its batch mates go on.
         """
         rows = tuple(rows)
         if not rows:
@@ -368,7 +435,6 @@ class Batcher:
         if deadline is None and self.config.default_timeout_s is not None:
             deadline = now + self.config.default_timeout_s
         future: Future = Future()
-        future.add_done_callback(self._wake_on_cancel)
         dropped: list[tuple[_Pending, LCMServeError | None]] = []
         with self._cond:
             error = self._admit_locked(rows, now, dropped)
@@ -382,6 +448,7 @@ class Batcher:
         if error is not None:
             self._record_failure(error.type)
             raise error
+        future.add_done_callback(lambda f: self._unqueue_if_cancelled(pending))
         return future
 
     def _admit_locked(self, rows: tuple[Row, ...], now: float, dropped: list) -> LCMServeError | None:
@@ -394,7 +461,7 @@ class Batcher:
             self._sweep_locked(now, dropped)
         excess = self._queued_rows + len(rows) - limit
         if excess > 0:
-            retry_after_s = self._retry_after_s_locked(excess)
+            retry_after_s = self._retry_after_s_locked(now)
             return OverloadedError(
                 f"queue full: {self._queued_rows} of max_queue_rows={limit} rows are waiting and this request "
                 f"adds {len(rows)}; retry after {retry_after_s:.1f} s",
@@ -402,16 +469,43 @@ class Batcher:
             )
         return None
 
-    def _retry_after_s_locked(self, excess_rows: int) -> float:
-        """Roughly how long until ``excess_rows`` rows have left the queue."""
-        batches = math.ceil(excess_rows / self.config.max_batch_size)
-        per_batch_s = DEFAULT_BATCH_S if self._batch_s_ema is None else self._batch_s_ema
-        return min(MAX_RETRY_AFTER_S, max(0.1, batches * per_batch_s))
+    def _retry_after_s_locked(self, now: float) -> float:
+        """How long until the queue ahead and the batch in flight have run, at the pace of recent batches.
 
-    def _wake_on_cancel(self, future: Future) -> None:
-        if future.cancelled():  # so the worker frees the request's rows now, not at its next poll
-            with self._cond:
+        The whole queue, not only the rows a refused request lacks: under a burst, rows freed
+        earlier are taken by other clients, and a shorter hint brings the client back to another 429.
+        """
+        size = self.config.max_batch_size
+        total_s = 0.0
+        for key, queue in self._buckets.items():
+            full, rest = divmod(sum(p.rows_left for p in queue), size)
+            total_s += full * self._pace.batch_s(size, key.steps)
+            total_s += self._pace.batch_s(rest, key.steps) if rest else 0.0
+        batch = self._in_flight
+        if batch is not None:
+            total_s += max(0.0, self._pace.batch_s(batch.n_rows, batch.key.steps) - (now - batch.started_at))
+        return min(MAX_RETRY_AFTER_S, max(0.1, total_s))
+
+    def _unqueue_if_cancelled(self, pending: _Pending) -> None:
+        """A request whose Future was cancelled leaves the queue now, so that queue depth is right at once.
+
+        Only one side removes a request from its bucket and counts it (here, or the worker when
+        it saw the cancel first), so its rows are subtracted once.
+        """
+        if not pending.future.cancelled():
+            return
+        with self._cond:
+            queue = self._buckets.get(pending.key)
+            removed = queue is not None and pending in queue
+            if removed:
+                queue.remove(pending)
+                if not queue:  # the worker reads queue[0] of every bucket
+                    del self._buckets[pending.key]
+                self._queued_rows -= pending.rows_left
                 self._cond.notify_all()
+        if removed:
+            logger.debug("dropped a request of %d rows: its client went away", len(pending.rows))
+            self._record_failure(CANCELLED)
 
     # 3. stats ---------------------------------------------------------------------------------
     def stats(self) -> BatcherStats:
@@ -422,7 +516,7 @@ class Batcher:
                 state=self._state,
                 queued_requests=self._queued_requests(),
                 queued_rows=self._queued_rows,
-                in_flight_rows=0 if in_flight is None else sum(s.stop - s.start for s in in_flight.slices),
+                in_flight_rows=0 if in_flight is None else in_flight.n_rows,
                 batches=self._batches,
                 rows_run=self._rows_run,
                 failures=dict(self._failures),
@@ -441,9 +535,7 @@ class Batcher:
             self._batches += 1
             if info.error is None:
                 self._rows_run += info.rows
-            # a moving average: retry-after hints follow the engine's current speed
-            ema = self._batch_s_ema
-            self._batch_s_ema = info.engine_s if ema is None else 0.8 * ema + 0.2 * info.engine_s
+                self._pace.add(info.rows, info.key.steps, info.engine_s)
         self._call_hook(self._on_batch, info)
 
     @staticmethod
@@ -589,18 +681,18 @@ class Batcher:
         waits = tuple(batch.started_at - s.pending.enqueued_at for s in batch.slices)
         t0 = self._clock()
         # 1. the engine call; whatever it raises fails this batch only
-        step_hook = self._step_hook(batch)
         try:
-            if step_hook is None:
-                out = self._run_batch(rows, key.steps, key.width, key.height)
-            else:
-                out = self._run_batch(rows, key.steps, key.width, key.height, on_step=step_hook)
+            out = self._run_batch(rows, key.steps, key.width, key.height, on_step=self._step_hook(batch))
             images = out.images
             truncated = getattr(out, "truncated", None)
             if len(images) != len(rows) or (truncated is not None and len(truncated) != len(rows)):
                 raise ValueError(f"run_batch returned {len(images)} images for {len(rows)} rows")
         except Exception as exc:
             engine_s = self._clock() - t0
+            if self._abandon:  # close() gave up on this batch and has told its requests (503)
+                logger.info("left a batch of %d rows (%s) after %.3f s: closing", len(rows), key, engine_s)
+                self._record_batch(BatchInfo(key, len(rows), waits, engine_s, error=UnavailableError.type))
+                return
             logger.error("engine failed on a batch of %d rows (%s): %r", len(rows), key, exc, exc_info=exc)
             self._record_batch(BatchInfo(key, len(rows), waits, engine_s, error=EngineError.type))
             self._fail_batch(batch, exc)
@@ -626,18 +718,21 @@ class Batcher:
         for p in done:
             _set_result(p.future, p.result())
 
-    def _step_hook(self, batch: _Batch) -> Callable[[int, Any], None] | None:
-        """The engine's ``on_step(i, x0)``, handing each hooked request its rows' slice; None when none has a hook."""
+    def _step_hook(self, batch: _Batch) -> Callable[[int, Any], None]:
+        """The engine's ``on_step(i, x0)``: leaves an abandoned batch, else hands each hooked request its rows' slice.
+
+        A batch without hooked requests pays a flag check per step, nothing more.
+        """
         listeners: list[tuple[_Pending, int, int, int]] = []
         offset = 0
         for s in batch.slices:
             if s.pending.on_step is not None:
                 listeners.append((s.pending, s.start, offset, offset + s.stop - s.start))
             offset += s.stop - s.start
-        if not listeners:
-            return None
 
         def on_step(i: int, x0: Any) -> None:
+            if self._abandon:
+                raise _Abandoned(f"the batcher closed during step {i + 1}")
             for p, first_row, lo, hi in listeners:
                 if p.future.done() or p.client_gone():  # failed already, or nobody is listening
                     continue

@@ -21,6 +21,7 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from lcmserve.engine.backends import BACKENDS, TORCH_EXECUTED, BucketSet, create_backend
-from lcmserve.engine.backends.cuda_graph import check_compile_mode
+from lcmserve.engine.backends import BACKENDS, TORCH_EXECUTED, BucketSet, check_compile_mode, create_backend
+from lcmserve.engine.backends.base import sync
 from lcmserve.engine.cache import library_versions
 from lcmserve.engine.kernels.attention import check_attention, use_small_head_attention, with_standard_attention
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Row
-from lcmserve.errors import InvalidInputError
+from lcmserve.errors import InvalidInputError, check_int
 from lcmserve.models.loading import DTYPES, cpu_has_bfloat16
 
 logger = logging.getLogger(__name__)
@@ -122,10 +123,8 @@ class BenchConfig:
             )
         if not self.steps or any(not MIN_STEPS <= s <= MAX_STEPS for s in self.steps):
             raise InvalidInputError.out_of_range("steps", list(self.steps), f"integers in [{MIN_STEPS}, {MAX_STEPS}]")
-        if self.warmup < 0:
-            raise InvalidInputError.out_of_range("warmup", self.warmup, "an integer >= 0")
-        if not 1 <= self.iters <= 1000:
-            raise InvalidInputError.out_of_range("iters", self.iters, "an integer in [1, 1000]")
+        check_int("warmup", self.warmup, 0)
+        check_int("iters", self.iters, 1, 1000)
         if self.resolutions:
             BucketSet(resolutions=self.resolutions)  # same checks as the compiled backends
         if self.baseline_dtype is not None and self.baseline_dtype not in DTYPES:
@@ -136,9 +135,7 @@ class BenchConfig:
                                     "shares; bench channels-last in a run of its own", param="interleave")
         check_attention(self.attention)
         check_compile_mode(self.compile_mode)
-        if isinstance(self.profile_top, bool) or not isinstance(self.profile_top, int) or \
-                not 1 <= self.profile_top <= 500:
-            raise InvalidInputError.out_of_range("profile_top", self.profile_top, "an integer in [1, 500]")
+        check_int("profile_top", self.profile_top, 1, 500)
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise InvalidInputError.out_of_range("threads", self.threads, "an integer in [1, 1024] or None")
 
@@ -175,11 +172,6 @@ def _peak_memory_mb(device: torch.device) -> float:
         # to max_memory_allocated although no one else can use them.
         return torch.cuda.max_memory_reserved(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def summarize(latencies_s: list[float], batch_size: int) -> dict[str, float]:
@@ -273,10 +265,10 @@ def _time_shape(live: dict[str, tuple[Any, float]], cfg: BenchConfig, device: to
         for _ in range(cfg.iters):
             for runner, run_once in list(runs.items()):
                 try:
-                    _sync(device)
+                    sync(device)
                     start = time.perf_counter()
                     stage_times = run_once()
-                    _sync(device)
+                    sync(device)
                     times[runner][0].append(time.perf_counter() - start)
                     times[runner][1].append(stage_times)
                     ran(runner)
@@ -305,7 +297,7 @@ def profile_once(run_once, device: torch.device, top: int = PROFILE_TOP) -> dict
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         run_once()
-        _sync(device)
+        sync(device)
     on_device = device.type == "cuda"
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, key) > 0]
@@ -324,7 +316,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the sweep, write NAME.json / .md / .png under cfg.out, return the result."""
     from tqdm import tqdm
 
-    from lcmserve.engine.sampler import LCMSampler
     from lcmserve.models import load_model
 
     if cfg.threads is not None:
@@ -345,65 +336,78 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     groups = [runners] if cfg.interleave else [[runner] for runner in runners]
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
-    buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), tuple(resolutions))
     baseline_model = model
     if cfg.baseline and cfg.baseline_dtype not in (None, model.dtype_name):
         baseline_model = load_model(cfg.model, lora=cfg.lora, lora_scale=cfg.lora_scale, unet=cfg.unet, vae=cfg.vae,
                                     device=str(device), dtype=cfg.baseline_dtype)
-    dtypes = {runner: (baseline_model if runner == BASELINE else model).dtype_name for runner in runners}
-    attentions = {runner: cfg.attention if runner in TORCH_EXECUTED else "sdpa" for runner in runners}
-    memory_kind = "cuda_max_reserved" if device.type == "cuda" else "process_peak_rss"
-    if cfg.interleave:
-        memory_kind += "_all_backends"
+    models = {runner: baseline_model if runner == BASELINE else model for runner in runners}
+    memory_kind = ("cuda_max_reserved" if device.type == "cuda" else "process_peak_rss") + \
+        ("_all_backends" if cfg.interleave else "")
     with tqdm(total=len(runners) * len(shapes) * per_config, desc="bench", unit="batch",
               disable=not cfg.progress) as bar:
         for group in groups:
-            live: dict[str, tuple[Any, float]] = {}  # runner -> (pipeline or sampler, setup seconds)
-            for runner in group:
-                bar.set_postfix_str(f"{runner}: setup")
-                started = time.perf_counter()
-                try:
-                    if runner == BASELINE:
-                        target = diffusers_pipeline(baseline_model)
-                    else:
-                        backend = create_backend(runner, model, buckets=buckets, cache_dir=cfg.cache_dir,
-                                                 compile=cfg.compile, compile_mode=cfg.compile_mode,
-                                                 channels_last=cfg.channels_last,
-                                                 exporter=cfg.exporter, threads=cfg.threads,
-                                                 attention=attentions[runner])
-                        target = LCMSampler(model, backend=backend, max_batch_size=max(cfg.batch_sizes))
-                except Exception as exc:  # one broken backend must not cost the rows of the others
-                    logger.exception("bench: %s could not be set up", runner)
-                    errors.append({"backend": runner, "stage": "setup", "error": f"{type(exc).__name__}: {exc}"})
-                    bar.update(len(shapes) * per_config)
-                    continue
-                live[runner] = (target, time.perf_counter() - started)
+            live = _set_up(group, cfg, models, tuple(resolutions), bar, errors, len(shapes) * per_config)
             bar.set_postfix_str(",".join(group))
             for (height, width), steps, batch_size in shapes:
                 measured = _time_shape(live, cfg, device, bar, errors, batch_size, steps, height, width)
                 peak_mb = _peak_memory_mb(device)
                 for runner, (latencies, stages, profiled) in measured.items():
-                    row = {
-                        "backend": runner, "batch_size": batch_size, "steps": steps, "height": height,
-                        "width": width, "dtype": dtypes[runner], "attention": attentions[runner], "vae": cfg.vae,
-                        "iters": cfg.iters,
-                        "setup_s": round(live[runner][1], 3),
-                        **summarize(latencies, batch_size), "peak_memory_mb": round(peak_mb, 1),
-                        "peak_memory_kind": memory_kind,
-                    }
-                    if stages and stages[0] is not None:
-                        for stage in ("text_s", "unet_s", "vae_s"):
-                            row[f"{stage[:-2]}_ms"] = float(np.mean([getattr(t, stage) for t in stages]) * 1000)
-                    if profiled is not None:
-                        row["profile"] = profiled
-                    rows.append(row)
+                    row = {"backend": runner, "batch_size": batch_size, "steps": steps, "height": height,
+                           "width": width, "dtype": models[runner].dtype_name, "attention": _attention(cfg, runner),
+                           "vae": cfg.vae, "iters": cfg.iters, "setup_s": round(live[runner][1], 3),
+                           **summarize(latencies, batch_size), "peak_memory_mb": round(peak_mb, 1),
+                           "peak_memory_kind": memory_kind}
+                    rows.append(_with_stages(row, stages, profiled))
             rows.sort(key=lambda r: runners.index(r["backend"]))  # by backend, as a sequential run lists them
             # Written after every group, so an interrupted run keeps what it measured.
-            result = _result(cfg, resolutions, model, device, rows, errors)
-            write_results(result, Path(cfg.out), cfg.name)
+            write_results(_result(cfg, resolutions, model, device, rows, errors), Path(cfg.out), cfg.name)
     result = _result(cfg, resolutions, model, device, rows, errors)
     write_results(result, Path(cfg.out), cfg.name)
     return result
+
+
+def _attention(cfg: BenchConfig, runner: str) -> str:
+    """The attention a runner's row ran: the bench's choice in the torch-executed backends, SDPA elsewhere."""
+    return cfg.attention if runner in TORCH_EXECUTED else "sdpa"
+
+
+def _set_up(group: list[str], cfg: BenchConfig, models: dict[str, Any], resolutions, bar,
+            errors: list[dict[str, Any]], batches: int) -> dict[str, tuple[Any, float]]:
+    """Each runner of the group as (diffusers' pipeline or our sampler, setup seconds); one that fails is recorded
+    in ``errors`` (and its ``batches`` counted done) and left out, so it does not cost the others their rows."""
+    from lcmserve.engine.sampler import LCMSampler
+
+    buckets = BucketSet(tuple(cfg.batch_sizes), tuple(cfg.steps), resolutions)
+    live: dict[str, tuple[Any, float]] = {}
+    for runner in group:
+        bar.set_postfix_str(f"{runner}: setup")
+        started = time.perf_counter()
+        try:
+            if runner == BASELINE:
+                target = diffusers_pipeline(models[runner])
+            else:
+                backend = create_backend(runner, models[runner], buckets=buckets, cache_dir=cfg.cache_dir,
+                                         compile=cfg.compile, compile_mode=cfg.compile_mode,
+                                         channels_last=cfg.channels_last, exporter=cfg.exporter, threads=cfg.threads,
+                                         attention=_attention(cfg, runner))
+                target = LCMSampler(models[runner], backend=backend, max_batch_size=max(cfg.batch_sizes))
+        except Exception as exc:  # one broken backend must not cost the rows of the others
+            logger.exception("bench: %s could not be set up", runner)
+            errors.append({"backend": runner, "stage": "setup", "error": f"{type(exc).__name__}: {exc}"})
+            bar.update(batches)
+            continue
+        live[runner] = (target, time.perf_counter() - started)
+    return live
+
+
+def _with_stages(row: dict[str, Any], stages: list, profiled: dict[str, Any] | None) -> dict[str, Any]:
+    """The row with the backend's mean per-stage split (when it reports one) and its profile (when taken)."""
+    if stages and stages[0] is not None:
+        for stage in ("text_s", "unet_s", "vae_s"):
+            row[f"{stage[:-2]}_ms"] = float(np.mean([getattr(t, stage) for t in stages]) * 1000)
+    if profiled is not None:
+        row["profile"] = profiled
+    return row
 
 
 def _result(cfg: BenchConfig, resolutions, model, device: torch.device, rows: list[dict[str, Any]],
@@ -561,14 +565,21 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, label=_label) -> No
     plt.close(fig)
 
 
-def write_results(result: dict[str, Any], out: Path, name: str) -> dict[str, Path]:
+def write_report(result: dict[str, Any], out: Path, name: str, markdown: str,
+                 draw: Callable[[Path], None]) -> dict[str, Path]:
+    """NAME.json (the result), NAME.md (``markdown``) and NAME.png (``draw(path)``) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    paths["md"].write_text(_markdown(result))
-    env = result["environment"]
-    plot(result["rows"], paths["png"], f"{result['config']['model']} on {env['device']} ({env['date'][:10]})")
+    paths["md"].write_text(markdown)
+    draw(paths["png"])
     return paths
+
+
+def write_results(result: dict[str, Any], out: Path, name: str) -> dict[str, Path]:
+    env = result["environment"]
+    title = f"{result['config']['model']} on {env['device']} ({env['date'][:10]})"
+    return write_report(result, out, name, _markdown(result), lambda path: plot(result["rows"], path, title))
 
 
 def compare(files: list[str | Path], out: str | Path, name: str = "bench-compare") -> dict[str, Any]:

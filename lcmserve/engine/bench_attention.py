@@ -10,7 +10,6 @@ reference. JSON + markdown + a PNG of the speed-ups.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -21,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lcmserve.engine.bench import environment
+from lcmserve.engine.bench import environment, write_report
 from lcmserve.engine.kernels import attention as kernel
-from lcmserve.errors import InvalidInputError
+from lcmserve.errors import InvalidInputError, check_int
 
 SWEEP_HEAD_DIMS = (4, 8, 12, 16, 24, 32)
 SWEEP_TOKENS = 256
@@ -51,8 +50,7 @@ class AttentionBenchConfig:
         for dtype in self.dtypes:
             if dtype not in names:
                 raise InvalidInputError.out_of_range("dtypes", dtype, "each one of " + ", ".join(names))
-        if not 1 <= self.iters <= 1000:
-            raise InvalidInputError.out_of_range("iters", self.iters, "an integer in [1, 1000]")
+        check_int("iters", self.iters, 1, 1000)
 
 
 def unet_attention_shapes(model) -> Counter:
@@ -136,11 +134,7 @@ def run_attention_bench(cfg: AttentionBenchConfig) -> dict[str, Any]:
         row.update(set=set_name, calls_per_unet=model_shapes.get(shape, 0) if set_name == "model" else None)
         rows.append(row)
     result = {"config": asdict(cfg), "environment": environment(torch.device("cpu")), "rows": rows}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{cfg.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{cfg.name}.md").write_text(_markdown(result))
-    _plot(result, out / f"{cfg.name}.png")
+    write_report(result, Path(cfg.out), cfg.name, _markdown(result), lambda path: _plot(result, path))
     return result
 
 

@@ -1,4 +1,4 @@
-"""On-disk cache of compiled artefacts (ONNX graphs, TensorRT engines), never stale, never trusted blindly.
+"""On-disk cache of compiled artefacts (ONNX graphs, TensorRT engines, kernels), never stale, never trusted blindly.
 
 An entry is a folder named after the hash of everything that shapes its artefact (the
 weights' fingerprint, dtype, bucket or resolution, library versions, ...), so a change in any
@@ -80,8 +80,12 @@ class ArtifactCache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).expanduser()
 
+    @staticmethod
+    def entry_key(kind: str, spec: dict[str, Any]) -> str:
+        return cache_key({"kind": kind, **spec})
+
     def entry_dir(self, kind: str, spec: dict[str, Any]) -> Path:
-        return self.root / f"{kind}-{cache_key({'kind': kind, **spec})[:24]}"
+        return self.root / f"{kind}-{self.entry_key(kind, spec)[:24]}"
 
     def check(self, folder: Path, spec: dict[str, Any], kind: str) -> str | None:
         """None if ``folder`` is a complete, unmodified entry for this spec; else what is wrong."""
@@ -92,7 +96,7 @@ class ArtifactCache:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             return f"unreadable manifest ({exc})"
-        if manifest.get("key") != cache_key({"kind": kind, **spec}):
+        if manifest.get("key") != self.entry_key(kind, spec):
             return "manifest is for a different spec"
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
@@ -150,7 +154,7 @@ class ArtifactCache:
         if not files:
             raise RuntimeError(f"building {kind} wrote no files into {folder}")
         manifest = {
-            "kind": kind, "key": cache_key({"kind": kind, **spec}), "spec": spec, "files": files,
+            "kind": kind, "key": ArtifactCache.entry_key(kind, spec), "spec": spec, "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
@@ -165,3 +169,22 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lcmserve"
     )
     return Path(base)
+
+
+INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def use_inductor_cache(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Keep torch.compile's on-disk caches in ``CACHE/inductor`` (``cache_dir``, else ``default_cache_dir()``) unless
+    ``$TORCHINDUCTOR_CACHE_DIR`` is set, and turn its FX-graph and AOTAutograd caches on; returns the folder.
+
+    Inductor keys each entry by a hash of what shapes its code: the graph with its inputs' shapes, dtypes and
+    strides, inductor's settings (freezing, the C++ wrapper), torch's version and the compiler; frozen weights
+    enter by shape and dtype, as the code reads their values at run time. So an entry is never stale, and a
+    second start of the same model (or another of its architecture) skips code generation and the C++ builds;
+    dynamo still traces. Set once per process: inductor reads the variable when it first writes."""
+    if not os.environ.get(INDUCTOR_ENV):
+        os.environ[INDUCTOR_ENV] = str((Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "inductor")
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return Path(os.environ[INDUCTOR_ENV])

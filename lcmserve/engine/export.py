@@ -9,7 +9,7 @@ versions of every library that writes the graph (see engine/cache.py).
 
 ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript) is the default and the
 exporter torch supports going forward; ``exporter="legacy"`` selects the TorchScript tracer,
-deprecated in torch but about five times faster to export on CPU.
+deprecated in torch but several times faster to export on CPU.
 """
 
 from __future__ import annotations
@@ -78,9 +78,13 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 # -- names and shapes of each graph -----------------------------------------------------------
+def text_graph(index: int) -> str:
+    """The graph name of text encoder ``index``."""
+    return "text_encoder" if index == 0 else "text_encoder_2"
+
+
 def graph_names(model: LCMModel) -> list[str]:
-    texts = ["text_encoder"] + (["text_encoder_2"] if len(model.text_encoders) > 1 else [])
-    return texts + ["unet", "vae_decoder"]
+    return [text_graph(i) for i in range(len(model.text_encoders))] + ["unet", "vae_decoder"]
 
 
 def _has_projection(encoder: torch.nn.Module) -> bool:
@@ -89,9 +93,26 @@ def _has_projection(encoder: torch.nn.Module) -> bool:
 
 def output_names(model: LCMModel, name: str) -> list[str]:
     if name.startswith("text_encoder"):
-        encoder = model.text_encoders[0 if name == "text_encoder" else 1]
-        return ["hidden", "pooled"] if _has_projection(encoder) else ["hidden"]
+        return ["hidden", "pooled"] if _has_projection(_source_module(model, name)) else ["hidden"]
     return ["out"] if name == "unet" else ["images"]
+
+
+# -- calling a graph as the eager backend calls its networks (onnx and tensorrt backends) --------
+def text_outputs(outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A text graph's outputs as ``Networks.text`` returns them: hidden states, pooled projection or None."""
+    return outs[0], (outs[1] if len(outs) > 1 else None)
+
+
+def unet_feeds(sample: torch.Tensor, timestep, hidden: torch.Tensor, timestep_cond: torch.Tensor | None = None,
+               added: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The UNet graph's named inputs for a ``Networks.unet`` call (the timestep as float32 [B])."""
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
+    feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": hidden}
+    if timestep_cond is not None:
+        feeds["timestep_cond"] = timestep_cond
+    if added is not None:
+        feeds.update(added)
+    return feeds
 
 
 def example_inputs(model: LCMModel, name: str, height: int, width: int, batch: int = 2) -> dict[str, torch.Tensor]:
@@ -126,7 +147,7 @@ def example_inputs(model: LCMModel, name: str, height: int, width: int, batch: i
 
 def _graph_module(model: LCMModel, name: str) -> torch.nn.Module:
     if name.startswith("text_encoder"):
-        encoder = model.text_encoders[0 if name == "text_encoder" else 1]
+        encoder = _source_module(model, name)
         return TextEncoderGraph(encoder, penultimate=model.family == "sdxl", pooled=_has_projection(encoder))
     # The exporter traces diffusers' SDPA processors even when the engine runs our CPU kernel.
     return UNetGraph(with_standard_attention(model.unet)) if name == "unet" else VaeDecoderGraph(model.vae)
@@ -134,7 +155,7 @@ def _graph_module(model: LCMModel, name: str) -> torch.nn.Module:
 
 def _source_module(model: LCMModel, name: str) -> torch.nn.Module:
     if name.startswith("text_encoder"):
-        return model.text_encoders[0 if name == "text_encoder" else 1]
+        return model.text_encoders[0 if name == text_graph(0) else 1]
     return model.unet if name == "unet" else model.vae
 
 

@@ -6,7 +6,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from lcmserve.errors import InvalidInputError
+from lcmserve.errors import InvalidInputError, check_int
 
 MIN_STEPS, MAX_STEPS = 1, 8
 MAX_GUIDANCE = 50.0
@@ -85,9 +85,7 @@ def _is_int(value) -> bool:
 
 
 def check_steps(steps) -> int:
-    if not _is_int(steps) or not MIN_STEPS <= steps <= MAX_STEPS:
-        raise InvalidInputError.out_of_range("steps", steps, f"an integer in [{MIN_STEPS}, {MAX_STEPS}]")
-    return steps
+    return check_int("steps", steps, MIN_STEPS, MAX_STEPS)
 
 
 def check_guidance(guidance_scale, limits: Limits) -> float:
@@ -116,9 +114,7 @@ def check_seed(seed) -> int:
 
 
 def check_num_images(num_images, limits: Limits) -> int:
-    if not _is_int(num_images) or not 1 <= num_images <= limits.max_images:
-        raise InvalidInputError.out_of_range("num_images", num_images, f"an integer in [1, {limits.max_images}]")
-    return num_images
+    return check_int("num_images", num_images, 1, limits.max_images)
 
 
 def check_prompt(prompt, param: str = "prompt") -> str:

@@ -17,7 +17,7 @@ import torch
 
 from lcmserve.consistency import lcm_timesteps
 from lcmserve.engine.backends.base import Backend, DenoiseBatch, StageTimes
-from lcmserve.engine.backends.torch_backend import TorchBackend
+from lcmserve.engine.backends.torch import TorchBackend
 from lcmserve.engine.loop import StepCallback
 from lcmserve.engine.request import (
     MAX_SEED,

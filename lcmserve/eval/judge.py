@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from lcmserve.shapes.scenes import Scene
+from lcmserve.shapes.bundle import CLASSIFIER, CLIP, bundled
+from lcmserve.shapes.models import BACKGROUND_CLASSES, COLOUR_CLASSES, SHAPE_CLASSES, SIZE_CLASSES, SceneClassifier
+from lcmserve.shapes.scenes import CELLS, Scene
 
 
 def scene_key(scene: Scene) -> tuple[str, dict]:
@@ -20,9 +22,6 @@ class ShapesJudge:
                  batch_size: int = 256) -> None:
         from safetensors.torch import load_file
         from transformers import CLIPModel, CLIPTokenizer
-
-        from lcmserve.shapes.bundle import CLASSIFIER, CLIP, bundled
-        from lcmserve.shapes.models import SceneClassifier
 
         clip_dir = Path(clip_dir) if clip_dir else bundled(CLIP)
         self.clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
@@ -61,9 +60,6 @@ class ShapesJudge:
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> list[tuple[str, dict]]:
         """What the classifier sees: (background, {cell: (shape, colour, size)}) per image."""
-        from lcmserve.shapes.models import BACKGROUND_CLASSES, COLOUR_CLASSES, SHAPE_CLASSES, SIZE_CLASSES
-        from lcmserve.shapes.scenes import CELLS
-
         out = []
         for i in range(0, len(images), self.batch_size):
             logits = self.classifier(images[i : i + self.batch_size])

@@ -23,10 +23,16 @@ from tqdm import tqdm
 
 from lcmserve import __version__
 from lcmserve.errors import InvalidInputError
-from lcmserve.eval.sampling import SAMPLERS
+from lcmserve.eval.judge import ShapesJudge, scene_key
+from lcmserve.eval.metrics import attribute_accuracy, clip_score, frechet_distance
+from lcmserve.eval.sampling import SAMPLERS, sample
+from lcmserve.models.model import DEFAULT_GUIDANCE
+from lcmserve.models.registry import bundled_names, resolve_bundled
+from lcmserve.shapes.data import to_tensor
+from lcmserve.shapes.scenes import SPLITS, caption_for_index, render, scene_for_index
+from lcmserve.shapes.train import resolve_device
 
 logger = logging.getLogger(__name__)
-MODEL_ALIASES = {"shapes-teacher": "shapes-teacher", "shapes-lcm": "shapes-lcm"}
 
 
 @dataclass
@@ -49,9 +55,6 @@ class EvalConfig:
     device: str = "auto"  # where the samplers run (auto: the GPU when there is one); the judges run on the CPU
 
     def __post_init__(self) -> None:
-        from lcmserve.shapes.scenes import SPLITS
-        from lcmserve.shapes.train import resolve_device
-
         resolve_device(self.device)
 
         bad = [s for s in self.samplers if s not in SAMPLERS]
@@ -64,8 +67,6 @@ class EvalConfig:
         if self.lora is not None and self.samplers != ["lcm"]:
             raise InvalidInputError.out_of_range("sampler", ",".join(self.samplers), "lcm alone with a LoRA")
         if self.guidance is None:
-            from lcmserve.models.model import DEFAULT_GUIDANCE
-
             self.guidance = DEFAULT_GUIDANCE["cfg"] if self.lora is not None else 8.0
         if not (math.isfinite(self.guidance) and 0 <= self.guidance <= 50):
             raise InvalidInputError.out_of_range("guidance", self.guidance, "a finite number in [0, 50]")
@@ -78,33 +79,24 @@ class EvalConfig:
 
 
 def resolve_model(spec: str) -> str:
-    from lcmserve.shapes.bundle import bundled
-
-    if spec in MODEL_ALIASES:
-        return str(bundled(MODEL_ALIASES[spec]))
-    if not Path(spec).is_dir():
-        raise InvalidInputError(f"model: {spec!r} is neither a folder nor one of {', '.join(MODEL_ALIASES)}",
+    """A pipeline folder, or a bundled model's name (shapes-teacher, shapes-lcm) as its folder."""
+    folder = resolve_bundled(spec)
+    if not Path(folder).is_dir():
+        raise InvalidInputError(f"model: {spec!r} is neither a folder nor one of {', '.join(bundled_names())}",
                                 param="model")
-    return spec
+    return folder
 
 
 def prompts(cfg: EvalConfig):
-    from lcmserve.shapes.scenes import caption_for_index
-
     pairs = [caption_for_index(i, cfg.split, cfg.seed) for i in range(cfg.num_images)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def real_images(scenes) -> torch.Tensor:
-    from lcmserve.shapes.data import to_tensor
-    from lcmserve.shapes.scenes import render
-
     return to_tensor([render(s) for s in scenes])
 
 
 def score(judge, images: torch.Tensor, captions, targets, reference_features) -> dict[str, float]:
-    from lcmserve.eval.metrics import attribute_accuracy, clip_score, frechet_distance
-
     feats = judge.image_features(images).numpy()
     row = {"fid": frechet_distance(feats, reference_features)}
     row["clip_score"] = clip_score(judge.image_embeds(images), judge.text_embeds(list(captions)))
@@ -125,12 +117,6 @@ def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from lcmserve.eval.judge import ShapesJudge, scene_key
-    from lcmserve.eval.sampling import sample
-    from lcmserve.shapes.scenes import scene_for_index
-
-    from lcmserve.shapes.train import resolve_device
-
     model = resolve_model(cfg.model)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)

@@ -20,11 +20,11 @@ import torch
 from lcmserve.errors import InvalidInputError, ModelLoadError
 from lcmserve.models.model import LCMModel, NoiseSchedule, vae_scale_factor
 from lcmserve.models.presets import PRESET_PREFIX, build_preset_pipeline, build_preset_vae, get_preset
+from lcmserve.models.registry import resolve_bundled
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("auto", "cpu", "cuda")
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")  # what --vae may load: the full KL VAE or TAESD
 _SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _SDXL_COMPONENTS = _SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
@@ -32,16 +32,21 @@ _SDXL_COMPONENTS = _SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
 _SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise InvalidInputError.out_of_range("device", device, "auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"device: {device!r} asked for, but torch sees no CUDA GPU; use --device cpu",
+                                param="device")
+    return torch.device(device)
+
+
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """Turn user strings into a device and dtype; fp16 on GPU and fp32 on CPU by default."""
-    base = device.split(":")[0]
-    if base not in DEVICES:
-        raise InvalidInputError.out_of_range("device", device, "one of " + ", ".join(DEVICES) + " (or cuda:N)")
-    if base == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif base == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("device: cuda was asked for but no CUDA GPU is visible; use --device cpu", param="device")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dtype == "auto":
         return dev, torch.float16 if dev.type == "cuda" else torch.float32
     if dtype not in DTYPES:
@@ -52,7 +57,7 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
         )
     if dev.type == "cpu" and dtype == "bfloat16" and not cpu_has_bfloat16():
         logger.warning("dtype: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); bfloat16 runs emulated "
-                       "here, and was 2.6-3.2x slower than float32 on SD1.5's UNet and VAE on one such CPU (use --dtype float32)")
+                       "here, several times slower than float32 (use --dtype float32)")
     return dev, DTYPES[dtype]
 
 
@@ -65,6 +70,14 @@ def cpu_has_bfloat16() -> bool:
 
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") != 1 or os.sep != "/" and os.sep in spec
+
+
+def pipeline_index(folder: Path, where: str) -> dict[str, Any]:
+    """The model_index.json of a diffusers pipeline folder, checked to be an SD-family text-to-image pipeline;
+    ``where`` names the folder in errors."""
+    index = _read_index(folder)
+    _check_components(index, where)
+    return index
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
@@ -108,20 +121,6 @@ def _from_pretrained(spec: str, index: dict[str, Any], dtype: torch.dtype):
     return DiffusionPipeline.from_pretrained(spec, dtype=dtype, **skipped)
 
 
-BUNDLED_MODELS = ("shapes-lcm", "shapes-teacher")  # shipped in the package (lcmserve/shapes/weights)
-BUNDLED_LORAS = ("shapes-lcm-lora",)  # an LCM-LoRA of shapes-teacher, shipped beside them
-
-
-def resolve_bundled(spec: str, names: tuple[str, ...] = BUNDLED_MODELS, param: str = "model") -> str:
-    """The folder of a bundled model's name (``shapes-lcm``, ``shapes-teacher``; with ``BUNDLED_LORAS``,
-    ``shapes-lcm-lora``); any other spec as it is."""
-    if spec in names and not Path(spec).exists():  # a folder of that name in the cwd wins
-        from lcmserve.shapes.bundle import bundled
-
-        return str(bundled(spec, param=param))
-    return spec
-
-
 def _load_pipeline(spec: str, dtype: torch.dtype):
     if spec.startswith(PRESET_PREFIX):
         get_preset(spec)  # clear error for an unknown name before any work
@@ -131,8 +130,7 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
     if folder.exists():
         if not folder.is_dir():
             raise ModelLoadError(f"model: {spec!r} is a file; give the pipeline's folder", param="model")
-        index = _read_index(folder)
-        _check_components(index, f"folder {spec!r}")
+        index = pipeline_index(folder, f"folder {spec!r}")
         try:
             return _from_pretrained(str(folder), index, dtype)
         except Exception as exc:  # diffusers raises many kinds for broken folders
@@ -252,7 +250,7 @@ def _swap_vae(pipe, vae_spec: str, dtype: torch.dtype) -> None:
 
 
 def _fuse_lora(pipe, lora: str, lora_scale: float) -> None:
-    lora = resolve_bundled(lora, BUNDLED_LORAS, param="lora")
+    lora = resolve_bundled(lora, kind="lora", param="lora")
     path = Path(lora).expanduser()
     if not path.exists() and _looks_like_path(lora):
         raise ModelLoadError(f"lora: {lora!r} does not exist", param="lora")
@@ -278,7 +276,7 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
 ) -> LCMModel:
-    """Load ``spec`` (folder, Hub id, ``preset:NAME`` or a bundled model, e.g. ``shapes-lcm``) as an LCM.
+    """Load ``spec`` (folder, Hub id, ``preset:NAME`` or a bundled model's name) as an LCM.
 
     ``unet`` replaces the pipeline's UNet; ``vae`` its VAE (a folder or Hub id of an AutoencoderKL or
     AutoencoderTiny, or ``preset:taesd``): a TAESD trades some detail for a far faster decode."""

@@ -1,29 +1,31 @@
 """Wiring and lifecycle of ``lcmserve serve``: load, warm up, serve REST (+ gRPC), drain on a signal.
 
     1. load the model, build the sampler, the engine client (metrics hooks) and the REST app
-    2. start uvicorn on config.host:port and, when lcmserve.server.grpc is importable, gRPC
+    2. start uvicorn on config.host:port and, unless grpc_port is 0, gRPC on config.host:grpc_port
     3. warm up in the background; /readyz turns 200 when done
     4. on SIGTERM/SIGINT: /readyz and new generation requests answer 503, queued and running
-       work finishes within drain_grace_s, the servers stop, the process exits 0.
-       A second SIGINT/SIGTERM stops at once.
+       work finishes within drain_grace_s (what is left gets 503), the servers stop, the engine's
+       last batch ends, the process exits 0. A second SIGINT/SIGTERM stops at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+import json
 import logging
+import os
 import signal
-import threading
-from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from lcmserve.engine.request import Limits
-from lcmserve.engine.request import MAX_STEPS, MIN_STEPS
+from lcmserve.engine import backends
+from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Limits
 from lcmserve.engine.sampler import LCMSampler
+from lcmserve.models import load_model, load_preview_decoder
 from lcmserve.server.client import EngineClient
 from lcmserve.server.config import ServerConfig
+from lcmserve.server.errors import RequestTimeoutError, error_body
 from lcmserve.server.metrics import ServerMetrics
 from lcmserve.server.rest import create_app
 
@@ -34,8 +36,6 @@ HTTP_SHUTDOWN_S = 5.0
 
 def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
     """Model -> sampler -> engine client whose batcher feeds ``metrics``; not started yet."""
-    from lcmserve.models import load_model, load_preview_decoder
-
     model = load_model(config.model, lora=config.lora, lora_scale=config.lora_scale, unet=config.unet, vae=config.vae,
                        device=config.device, dtype=config.dtype)
     if config.model.startswith("preset:"):
@@ -43,12 +43,11 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
     limits = Limits.for_native_size(model.native_size, max_images=config.max_images)
     sampler = LCMSampler(model, limits=limits, max_batch_size=config.max_batch_size)
     if config.backend != "torch" or config.attention != "sdpa":
-        from lcmserve.engine.backends import BucketSet, create_backend
-
         sizes = tuple(sorted({min(2**i, config.max_batch_size) for i in range(11)}))
-        buckets = BucketSet(sizes, tuple(range(MIN_STEPS, MAX_STEPS + 1)), ((model.native_size, model.native_size),))
-        sampler.backend = create_backend(config.backend, model, buckets=buckets, cache_dir=config.cache_dir,
-                                         attention=config.attention)
+        native = (model.native_size, model.native_size)
+        buckets = backends.BucketSet(sizes, tuple(range(MIN_STEPS, MAX_STEPS + 1)), (native,))
+        sampler.backend = backends.create_backend(config.backend, model, buckets=buckets, cache_dir=config.cache_dir,
+                                                  attention=config.attention)
     preview_decoder = load_preview_decoder(model, config.preview_vae) if config.preview_vae else None
     client = EngineClient(sampler, config.model, config.batcher_config,
                           on_batch=metrics.on_batch, on_failure=metrics.on_failure, preview_decoder=preview_decoder)
@@ -57,12 +56,8 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
     return client
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
 class _GrpcHandle:
-    """The gRPC server of lcmserve.server.grpc when that module is there; a no-op otherwise."""
+    """The gRPC server of lcmserve.server.grpc when grpcio is installed and grpc_port is set; a no-op otherwise."""
 
     def __init__(self, client: EngineClient, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.server = None
@@ -71,22 +66,82 @@ class _GrpcHandle:
             return
         try:
             from lcmserve.server.grpc import build_grpc_server
-        except ImportError as exc:  # the gRPC adapter is optional; REST serves alone
+        except ImportError as exc:  # grpcio is missing: REST serves alone
             logger.warning("gRPC off: lcmserve.server.grpc cannot be imported (%s)", exc)
             return
         self.server = build_grpc_server(client, config, metrics)
 
     async def start(self, config: ServerConfig) -> None:
         if self.server is not None:
-            await _maybe_await(self.server.start())
+            self.server.start()
             logger.info("gRPC listening on %s:%d", config.host, config.grpc_port)
 
     async def stop(self, grace_s: float) -> None:
         if self.server is None:
             return
-        done = await _maybe_await(self.server.stop(grace_s))
-        if isinstance(done, threading.Event):  # grpc.Server.stop returns an Event set when stopped
-            await asyncio.to_thread(done.wait, grace_s + 1.0)
+        stopped = self.server.stop(grace_s)  # a threading.Event, set once the server has stopped
+        await asyncio.to_thread(stopped.wait, grace_s + 1.0)
+
+
+class HeaderDeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on a request's headers: ``header_timeout_s`` from the
+    connection's start, or from the end of the previous response on a kept-alive connection.
+
+    A client that misses it gets 408 and the connection closes. uvicorn's own timeout_keep_alive
+    closes a silent connection only: a byte now and then would keep it open forever. The body has
+    its deadline in BodyLimitMiddleware, counted from the end of the headers.
+    """
+
+    header_timeout_s = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._headers_arrived()
+
+    def on_response_complete(self) -> None:
+        self._arm_header_deadline()
+        super().on_response_complete()
+        self._headers_arrived()  # a pipelined request may be in already
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        self._cancel_header_deadline()
+        self._waiting_after = self.cycle  # a new cycle means a new request's headers are in
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _cancel_header_deadline(self) -> None:
+        timer, self._header_timer = getattr(self, "_header_timer", None), None
+        if timer is not None:
+            timer.cancel()
+
+    def _headers_arrived(self) -> None:
+        if getattr(self, "_header_timer", None) is not None and self.cycle is not self._waiting_after:
+            self._cancel_header_deadline()
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.cycle is not self._waiting_after:
+            return
+        # h11 has no request to answer yet, so the response is written as bytes
+        error = RequestTimeoutError(f"the request headers did not arrive within read_timeout_s={self.header_timeout_s}")
+        body = json.dumps(error_body(error)).encode()
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
+def uvicorn_config(app, config: ServerConfig) -> uvicorn.Config:
+    """How uvicorn serves the REST app: config.host:port, h11 with the header deadline, no lifespan."""
+    protocol = type("LCMServeH11", (HeaderDeadlineH11,), {"header_timeout_s": config.read_timeout_s})
+    return uvicorn.Config(app, host=config.host, port=config.port, lifespan="off", log_config=None, http=protocol,
+                          timeout_graceful_shutdown=HTTP_SHUTDOWN_S, server_header=False)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -109,7 +164,8 @@ class _Uvicorn(uvicorn.Server):
         self._on_signal()
 
 
-async def _serve(config: ServerConfig, client: EngineClient, metrics: ServerMetrics) -> bool:
+async def _serve(config: ServerConfig, client: EngineClient, metrics: ServerMetrics) -> tuple[bool, bool]:
+    """Serve until drained; (clean, forced): forced after a second signal, when nothing more may be waited for."""
     app = create_app(client, config, metrics)
     grpc_server = _GrpcHandle(client, config, metrics)
     loop = asyncio.get_running_loop()
@@ -120,7 +176,8 @@ async def _serve(config: ServerConfig, client: EngineClient, metrics: ServerMetr
         # 1. readyz and new requests answer 503 from here on; queued work runs without waiting to fill
         client.drain()
         # 2. in-flight work finishes (or fails with 503 after the grace); then the listeners stop
-        # (both within one grace period: a Kubernetes termination grace sized to it stays enough)
+        # (both within one grace period; serve() then waits for the engine's running batch, so a
+        # Kubernetes termination grace of drain_grace_s plus one batch stays enough)
         _, finished = await asyncio.gather(grpc_server.stop(config.drain_grace_s),
                                            asyncio.to_thread(client.close, config.drain_grace_s))
         logger.info("engine drained (%s); stopping HTTP", "all work finished" if finished else
@@ -131,9 +188,7 @@ async def _serve(config: ServerConfig, client: EngineClient, metrics: ServerMetr
     def on_signal() -> None:
         loop.call_soon_threadsafe(lambda: asyncio.ensure_future(drain()))
 
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, lifespan="off", log_config=None,
-                               timeout_graceful_shutdown=HTTP_SHUTDOWN_S, server_header=False)
-    server = _Uvicorn(uv_config, on_signal)
+    server = _Uvicorn(uvicorn_config(app, config), on_signal)
 
     async def warm_up() -> None:
         try:
@@ -154,7 +209,20 @@ async def _serve(config: ServerConfig, client: EngineClient, metrics: ServerMetr
         if not drained.is_set():  # uvicorn stopped on its own (a bind error, a forced exit)
             await grpc_server.stop(0.0)
             await asyncio.to_thread(client.close, 0.0 if server.force_exit else config.drain_grace_s)
-    return clean[0] and server.started
+    return clean[0] and server.started, server.force_exit
+
+
+def _engine_stopped(client: EngineClient, forced: bool) -> bool:
+    """Wait for the engine's worker thread to end after the drain; False when it is still inside a batch.
+
+    A batch may still run after the grace (its requests got 503 already): torch cannot be
+    interrupted, and an interpreter that exits under a thread inside torch aborts.
+    """
+    if client.wait_for_worker(0.0):
+        return True
+    bound_s = 0.0 if forced else client.batch_bound_s()
+    logger.info("waiting up to %.1f s for the engine's running batch to end", bound_s)
+    return client.wait_for_worker(bound_s)
 
 
 def serve(config: ServerConfig) -> int:
@@ -164,9 +232,14 @@ def serve(config: ServerConfig) -> int:
         logger.warning("binding %s: reachable from other machines; set api_key (LCMSERVE_API_KEY)", config.host)
     metrics = ServerMetrics()
     client = build_client(config, metrics)
-    ok = asyncio.run(_serve(config, client, metrics))
+    ok, forced = asyncio.run(_serve(config, client, metrics))
+    if not _engine_stopped(client, forced):
+        # the interpreter's normal exit would abort under the running batch; leave without it
+        logger.error("stopped (not clean): the engine is still inside a batch; exiting without waiting for it")
+        logging.shutdown()
+        os._exit(1)
     logger.info("stopped (%s)", "clean" if ok else "not clean")
     return 0 if ok else 1
 
 
-__all__ = ["build_client", "serve"]
+__all__ = ["HeaderDeadlineH11", "build_client", "serve", "uvicorn_config"]

@@ -18,19 +18,39 @@ import io
 import logging
 import time
 from collections.abc import Callable, Collection
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
 
 from lcmserve.engine.batcher import Batcher, BatcherConfig, BatchInfo, BucketKey, RowsResult
-from lcmserve.engine.request import GenerationRequest, ResolvedRequest
+from lcmserve.engine.request import MAX_STEPS, GenerationRequest, ResolvedRequest
 from lcmserve.engine.sampler import LCMSampler
 
 logger = logging.getLogger(__name__)
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PREVIEW_JPEG_QUALITY = 50  # step previews (gRPC GenerateStream, REST /generate/stream): small and quick
+# Added to the estimate of one full batch when waiting for the engine's last batch at shutdown:
+# a batch may also decode previews and encode images, which the estimate does not see.
+BATCH_SLACK_S = 10.0
+
+
+def _copy_failure(outer: Future, inner: Future) -> bool:
+    """True when ``inner`` did not succeed; its cancellation or error is then copied to ``outer``.
+
+    ``outer`` may be done already (its caller cancelled it while the batch ran): nothing is copied then.
+    """
+    if not inner.cancelled() and inner.exception() is None:
+        return False
+    try:
+        if inner.cancelled():
+            outer.cancel()
+        else:
+            outer.set_exception(inner.exception())
+    except InvalidStateError:
+        pass
+    return True
 
 
 def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 95) -> bytes:
@@ -84,7 +104,10 @@ class EngineClient:
         self.sampler = sampler
         self.preview_decoder = preview_decoder
         self.model_name = model_name
-        self.batcher = Batcher(sampler.run_rows, config or BatcherConfig(), on_batch=on_batch, on_failure=on_failure)
+        self._on_batch = on_batch
+        self._slowest_s = 0.0  # engine seconds per row, step and pixel: the most any batch took
+        self.batcher = Batcher(sampler.run_rows, config or BatcherConfig(), on_batch=self._batch_done,
+                               on_failure=on_failure)
         self.ready = False
 
     def model_info(self) -> dict:
@@ -107,8 +130,32 @@ class EngineClient:
         self.batcher.drain()
 
     def close(self, grace_s: float | None = None) -> bool:
+        """Drain, let queued and running work finish within ``grace_s``, fail the rest (503); True if all finished.
+
+        A batch still inside the engine goes on after this returns: ``wait_for_worker`` waits for it.
+        """
         self.ready = False
         return self.batcher.close(grace_s)
+
+    def wait_for_worker(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the engine's worker thread to end (after ``close``); True once it has.
+
+        A process must not exit while that thread is inside torch: the runtime's exit handlers
+        then abort the process.
+        """
+        return self.batcher.join(timeout_s)
+
+    def batch_bound_s(self) -> float:
+        """A generous bound on one batch: the largest (rows, steps, pixels) at the slowest speed seen."""
+        largest = self.batcher.config.max_batch_size * MAX_STEPS * self.sampler.limits.max_size ** 2
+        return self._slowest_s * largest + BATCH_SLACK_S
+
+    def _batch_done(self, info: BatchInfo) -> None:
+        if info.error is None and info.rows:
+            work = info.rows * info.key.steps * info.key.width * info.key.height
+            self._slowest_s = max(self._slowest_s, info.engine_s / work)
+        if self._on_batch is not None:
+            self._on_batch(info)
 
     # requests -------------------------------------------------------------------------
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
@@ -154,19 +201,17 @@ class EngineClient:
         outer: Future = Future()
 
         def done(f: Future) -> None:
-            if f.cancelled():
-                outer.cancel()
-                return
-            error = f.exception()
-            if error is not None:
-                outer.set_exception(error)
+            if _copy_failure(outer, f):
                 return
             rows: RowsResult = f.result()
-            outer.set_result(Generation(
-                request=resolved, images=list(rows.images), seeds=[r.seed for r in rows_in],
-                queue_wait_s=rows.queue_wait_s, engine_s=rows.engine_s, batch_sizes=rows.batch_sizes,
-                total_s=time.monotonic() - started,
-            ))
+            try:
+                outer.set_result(Generation(
+                    request=resolved, images=list(rows.images), seeds=[r.seed for r in rows_in],
+                    queue_wait_s=rows.queue_wait_s, engine_s=rows.engine_s, batch_sizes=rows.batch_sizes,
+                    total_s=time.monotonic() - started,
+                ))
+            except InvalidStateError:  # cancelled by its caller while the batch ran: nobody waits for it
+                pass
 
         inner.add_done_callback(done)
         outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)

@@ -9,17 +9,19 @@ that carried it, the value, and the allowed range.
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from lcmserve.engine.backends import check_backend_attention
 from lcmserve.engine.batcher import BatcherConfig
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS
-from lcmserve.errors import InvalidInputError
+from lcmserve.errors import InvalidInputError, check_float, check_int
 from lcmserve.models import DEFAULT_MODEL
 
 ENV_PREFIX = "LCMSERVE_"
+# Room for a request's fields besides its two prompts (numbers, the output format, field tags).
+REQUEST_FIELDS_BYTES = 1024
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -74,7 +76,8 @@ class ServerConfig:
         "step counts run once before /readyz turns ready (comma list, each 1-8; empty: no warm-up)"))
     # 4. access ------------------------------------------------------------------------------
     api_key: str | None = field(default=None, repr=False, metadata=_doc(
-        "Bearer token required on the generation routes (prefer LCMSERVE_API_KEY: flags show in ps)"))
+        "Bearer token required on the generation routes, GET /v1/models and every ImageGeneration RPC, checked "
+        "before the request is read (prefer LCMSERVE_API_KEY: flags show in ps)"))
     auth_metrics: bool = field(default=False, metadata=_doc(
         "also require the API key on /metrics, /healthz and /readyz (open by default)"))
     cors_origins: tuple[str, ...] = field(default=(), metadata=_doc(
@@ -85,23 +88,28 @@ class ServerConfig:
     max_images: int = field(default=4, metadata=_doc("images per request, at most, 1-64"))
     max_pixels: int = field(default=1024 * 1024, metadata=_doc(
         "width * height of one image, at most, in [4096, 16777216]"))
+    grpc_max_message_bytes: int = field(default=4 * 2**20, metadata=_doc(
+        "size of one incoming gRPC message, at most, in [64 KiB, 256 MiB]; a larger one is refused with "
+        "RESOURCE_EXHAUSTED before it is parsed. At least the largest legal request: both prompts at "
+        "max_prompt_chars of 4-byte UTF-8 characters, plus room for the other fields"))
+    read_timeout_s: float = field(default=30.0, metadata=_doc(
+        "how long an HTTP client may take to send a request's headers, and then its body, in (0, 3600] s; "
+        "a slower one gets 408 and its connection is closed"))
 
     def __post_init__(self) -> None:
-        _check_int("port", self.port, 1, 65535)
-        _check_int("grpc_port", self.grpc_port, 0, 65535)
+        check_int("port", self.port, 1, 65535)
+        check_int("grpc_port", self.grpc_port, 0, 65535)
         if not isinstance(self.host, str) or not self.host.strip():
             raise InvalidInputError.out_of_range("host", self.host, "an interface address such as 127.0.0.1")
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidInputError.out_of_range("model", self.model, "a diffusers folder, Hub id or preset:NAME")
-        _check_float("lora_scale", self.lora_scale, 0.0, 10.0)
-        from lcmserve.engine.backends import check_backend_attention
-
+        check_float("lora_scale", self.lora_scale, 0.0, 10.0)
         check_backend_attention(self.backend, self.attention)
-        _check_int("max_batch_size", self.max_batch_size, 1, 1024)
-        _check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 60000.0)
-        _check_int("max_queue_rows", self.max_queue_rows, 1, 1_000_000)
-        _check_float("request_timeout_s", self.request_timeout_s, 0.0, 3600.0, open_low=True)
-        _check_float("drain_grace_s", self.drain_grace_s, 0.0, 3600.0)
+        check_int("max_batch_size", self.max_batch_size, 1, 1024)
+        check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 60000.0)
+        check_int("max_queue_rows", self.max_queue_rows, 1, 1_000_000)
+        check_float("request_timeout_s", self.request_timeout_s, 0.0, 3600.0, open_low=True)
+        check_float("drain_grace_s", self.drain_grace_s, 0.0, 3600.0)
         for steps in self.warmup_steps:
             if isinstance(steps, bool) or not isinstance(steps, int) or not MIN_STEPS <= steps <= MAX_STEPS:
                 raise InvalidInputError.out_of_range(
@@ -111,10 +119,17 @@ class ServerConfig:
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise InvalidInputError.out_of_range("cors_origins", origin, "'*' or origins like https://example.com")
-        _check_int("max_body_bytes", self.max_body_bytes, 1024, 16 * 2**20)
-        _check_int("max_prompt_chars", self.max_prompt_chars, 1, 100_000)
-        _check_int("max_images", self.max_images, 1, 64)
-        _check_int("max_pixels", self.max_pixels, 64 * 64, 4096 * 4096)
+        check_int("max_body_bytes", self.max_body_bytes, 1024, 16 * 2**20)
+        check_int("max_prompt_chars", self.max_prompt_chars, 1, 100_000)
+        check_int("max_images", self.max_images, 1, 64)
+        check_int("max_pixels", self.max_pixels, 64 * 64, 4096 * 4096)
+        check_int("grpc_max_message_bytes", self.grpc_max_message_bytes, 64 * 2**10, 256 * 2**20)
+        check_float("read_timeout_s", self.read_timeout_s, 0.0, 3600.0, open_low=True)
+        if self.grpc_max_message_bytes < self.largest_request_bytes:
+            raise InvalidInputError.out_of_range(
+                "grpc_max_message_bytes", self.grpc_max_message_bytes,
+                f">= {self.largest_request_bytes} bytes, the largest legal request at "
+                f"max_prompt_chars={self.max_prompt_chars}")
         # cross-field: the batcher needs room for one full batch and one whole request
         if self.max_queue_rows < max(self.max_batch_size, self.max_images):
             raise InvalidInputError.out_of_range(
@@ -122,6 +137,11 @@ class ServerConfig:
                 f">= max_batch_size ({self.max_batch_size}) and >= max_images ({self.max_images})")
 
     # derived ----------------------------------------------------------------------------------
+    @property
+    def largest_request_bytes(self) -> int:
+        """The wire size of the largest request the limits allow: two prompts of 4-byte characters, and the rest."""
+        return 2 * 4 * self.max_prompt_chars + REQUEST_FIELDS_BYTES
+
     @property
     def batcher_config(self) -> BatcherConfig:
         return BatcherConfig(
@@ -165,17 +185,6 @@ class ServerConfig:
 
     def with_overrides(self, **changes: Any) -> "ServerConfig":
         return replace(self, **changes)
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInputError.out_of_range(name, value, f"an integer in [{low}, {high}]")
-
-
-def _check_float(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or not (low < value if open_low else low <= value) or value > high:
-        raise InvalidInputError.out_of_range(name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
 
 
 def _kind(f) -> str:

@@ -15,11 +15,18 @@ from lcmserve.errors import (
     UnavailableError,
 )
 
+class RequestTimeoutError(InvalidInputError):
+    """The HTTP client did not send its request within read_timeout_s; it is answered 408 and disconnected."""
+
+    type = "request_timeout"
+
+
 # (HTTP status, gRPC status code name) per error class; the first match in list order wins,
 # so a subclass sits above its parent. gRPC has no body size of its own to refuse (its
 # message size limit answers RESOURCE_EXHAUSTED before the servicer runs).
 _MAPPING: list[tuple[type[LCMServeError], int, str]] = [
     (BodyTooLargeError, 413, "INVALID_ARGUMENT"),
+    (RequestTimeoutError, 408, "DEADLINE_EXCEEDED"),  # HTTP only: gRPC has no read deadline of its own
     (InvalidInputError, 422, "INVALID_ARGUMENT"),
     (AuthError, 401, "UNAUTHENTICATED"),
     (OverloadedError, 429, "RESOURCE_EXHAUSTED"),

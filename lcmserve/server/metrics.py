@@ -19,7 +19,7 @@ from lcmserve.engine.batcher import BatchInfo
 if TYPE_CHECKING:
     from lcmserve.server.client import EngineClient
 
-# 10 ms .. 60 s: a 1-step tiny model answers in tens of ms, an SDXL batch under load in tens of s.
+# From one step of a tiny model to an SDXL batch under load: the range a latency of this server spans.
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STAGES = {"text": "text_s", "unet": "unet_s", "vae": "vae_s"}

@@ -3,7 +3,7 @@
 Schemas are strict (no "4" for 4) and forbid unknown fields, so a typo fails loudly. Bounds
 that do not depend on the server's config sit in the schema (and so in the OpenAPI docs);
 the configured limits (prompt length, images per request, pixels) and the model's own size
-range are checked in ``to_engine_request`` with errors that name the field.
+range are checked in ``check_limits``, which gRPC shares, with errors that name the field.
 """
 
 from __future__ import annotations
@@ -168,6 +168,20 @@ class ErrorBody(BaseModel):
 
 
 # 3. translation and the configured limits ------------------------------------------------------
+def check_text(text: str, param: str) -> str:
+    """Text the tokenizer can take: valid Unicode, so no lone surrogate (JSON's "\\ud800" escapes make one).
+
+    REST and gRPC share it; gRPC's undecodable bytes are refused as they are parsed (grpc_gate.py).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{param} is not valid Unicode: a lone surrogate U+{ord(text[exc.start]):04X} at index {exc.start} "
+            "(send UTF-8 text; a JSON \\uD8xx escape needs its \\uDCxx pair)", param=param) from None
+    return text
+
+
 def check_prompt_length(prompt: str, config: ServerConfig, param: str = "prompt") -> None:
     if len(prompt) > config.max_prompt_chars:
         raise InvalidInputError(
@@ -205,15 +219,29 @@ def parse_size(size: str | None, limits: Limits) -> tuple[int | None, int | None
     return width, height
 
 
+def check_limits(request: GenerationRequest, config: ServerConfig, native: int, *,
+                 images_param: str = "num_images", size_param: str = "width") -> GenerationRequest:
+    """The server's configured limits, the same for every route and RPC: prompt lengths, images, pixels.
+
+    ``images_param`` and ``size_param`` name the fields as the caller's wire format spells them.
+    """
+    for param in ("prompt", "negative_prompt"):
+        text = getattr(request, param)
+        if isinstance(text, str):  # the engine names a value of another type
+            check_text(text, param)
+            check_prompt_length(text, config, param)
+    if request.num_images > config.max_images:
+        raise InvalidInputError.out_of_range(images_param, request.num_images,
+                                             f"an integer in [1, {config.max_images}]")
+    check_pixels(size_param, request.width, request.height, native, config)
+    return request
+
+
 def generate_to_engine(body: GenerateRequest, config: ServerConfig, native: int) -> GenerationRequest:
-    check_prompt_length(body.prompt, config)
-    check_prompt_length(body.negative_prompt, config, "negative_prompt")
-    if body.num_images > config.max_images:
-        raise InvalidInputError.out_of_range("num_images", body.num_images, f"an integer in [1, {config.max_images}]")
-    check_pixels("width", body.width, body.height, native, config)
-    return GenerationRequest(prompt=body.prompt, num_images=body.num_images, steps=body.steps,
-                             guidance_scale=body.guidance_scale, width=body.width, height=body.height, seed=body.seed,
-                             negative_prompt=body.negative_prompt)
+    request = GenerationRequest(prompt=body.prompt, num_images=body.num_images, steps=body.steps,
+                                guidance_scale=body.guidance_scale, width=body.width, height=body.height,
+                                seed=body.seed, negative_prompt=body.negative_prompt)
+    return check_limits(request, config, native)
 
 
 def openai_to_engine(body: OpenAIImageRequest, config: ServerConfig, model_name: str, limits: Limits,
@@ -224,19 +252,14 @@ def openai_to_engine(body: OpenAIImageRequest, config: ServerConfig, model_name:
             param="response_format")
     if body.model is not None and body.model != model_name:
         raise InvalidInputError.out_of_range("model", body.model, f"{model_name!r} (see GET /v1/models) or omitted")
-    check_prompt_length(body.prompt, config)
-    check_prompt_length(body.negative_prompt, config, "negative_prompt")
-    if body.n > config.max_images:
-        raise InvalidInputError.out_of_range("n", body.n, f"an integer in [1, {config.max_images}]")
     width, height = parse_size(body.size, limits)
-    check_pixels("size", width, height, native, config)
-    return GenerationRequest(prompt=body.prompt, num_images=body.n, steps=body.steps,
-                             guidance_scale=body.guidance_scale, width=width, height=height, seed=body.seed,
-                             negative_prompt=body.negative_prompt)
-
+    request = GenerationRequest(prompt=body.prompt, num_images=body.n, steps=body.steps,
+                                guidance_scale=body.guidance_scale, width=width, height=height, seed=body.seed,
+                                negative_prompt=body.negative_prompt)
+    return check_limits(request, config, native, images_param="n", size_param="size")
 
 __all__ = [
-    "ErrorBody", "GenerateRequest", "GenerateResponse", "GenerateStreamRequest", "ImageOut", "ModelCard", "ModelList", "OpenAIImage",
-    "OpenAIImageRequest", "OpenAIImagesResponse", "Timings", "check_timeout", "generate_to_engine", "openai_to_engine",
-    "parse_size", "partial_image_steps",
+    "ErrorBody", "GenerateRequest", "GenerateResponse", "GenerateStreamRequest", "ImageOut", "ModelCard", "ModelList",
+    "OpenAIImage", "OpenAIImageRequest", "OpenAIImagesResponse", "Timings", "check_limits", "check_text", "check_timeout",
+    "generate_to_engine", "openai_to_engine", "parse_size", "partial_image_steps",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lcmserve.distill.config import CONFIG_FILE, SUMMARY_FILE
 from lcmserve.errors import ModelLoadError
 
 WEIGHTS = "weights"
@@ -113,8 +114,6 @@ def assemble_lora(lora_run: str | Path, out: str | Path) -> Path:
 
 def _run_recipe(run: str | Path) -> dict:
     """A distillation run's config and summary (``distill-config.json`` + ``distill.json``), losses left out."""
-    from lcmserve.distill.train import CONFIG_FILE, SUMMARY_FILE
-
     recipe = {}
     for name in (CONFIG_FILE, SUMMARY_FILE):
         if (Path(run) / name).is_file():

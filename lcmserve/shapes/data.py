@@ -1,4 +1,5 @@
-"""Batches of rendered scenes, reproducible by (seed, step) so that a resumed run sees the same data."""
+"""Batches of rendered scenes, reproducible by (seed, step) so that a resumed run sees the same data;
+the same scenes as a data source of ``lcmserve distill --data shapes``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 import numpy as np
 import torch
 
+from lcmserve.distill.data import MapSource, resize_square
 from lcmserve.shapes.models import BACKGROUND_CLASSES, COLOUR_CLASSES, N_CELLS, SHAPE_CLASSES, SIZE_CLASSES
 from lcmserve.shapes.scenes import CELLS, Scene, caption, render, sample_scene
 
@@ -39,3 +41,45 @@ def batch_for_step(seed: int, stage: str, step: int, batch_size: int, splits: tu
     scenes = [sample_scene(rng, rng.choice(splits)) for _ in range(batch_size)]
     captions = [caption(s, rng) for s in scenes]
     return scenes, captions, to_tensor([render(s) for s in scenes])
+
+
+class ShapesStream:
+    """The endless scene generator as a distillation source: a new batch of train-split scenes every step."""
+
+    def batch(self, seed: int, stream: str, step: int, batch_size: int,
+              resolution: int) -> tuple[torch.Tensor, list[str]]:
+        _, captions, images = batch_for_step(seed, stream, step, batch_size)
+        return resize_square(images * 2 - 1, resolution), captions
+
+
+class ShapesSetSource(MapSource):
+    """A fixed set of ``n`` scenes of the train split (for caching and epochs)."""
+
+    chunk = 256
+
+    def __init__(self, seed: int, n: int) -> None:
+        images, captions = [], []
+        for c in range(-(-n // self.chunk)):
+            _, caps, imgs = batch_for_step(seed, "distill-set", c, self.chunk)
+            images.append((imgs * 255).round().to(torch.uint8))
+            captions.extend(caps)
+        self.images = torch.cat(images)[:n]
+        self.captions = captions[:n]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def load(self, i: int, resolution: int) -> tuple[torch.Tensor, str]:
+        return resize_square(self.images[i : i + 1].float() / 127.5 - 1, resolution)[0], self.captions[i]
+
+    def caption(self, i: int) -> str:
+        return self.captions[i]
+
+    def fingerprint(self) -> dict:
+        return {"kind": "shapes", "seed": self.seed, "n": len(self)}
+
+
+def open_distill_source(seed: int, num_samples: int) -> ShapesStream | ShapesSetSource:
+    """``--data shapes``: a fixed set of ``num_samples`` scenes, or the endless stream when it is 0."""
+    return ShapesSetSource(seed, num_samples) if num_samples else ShapesStream()

@@ -1,8 +1,9 @@
 """The architectures of the shapes family: tokenizer, domain CLIP, VAE, teacher UNet, judge.
 
-Sizes are chosen so that every stage trains on two AVX2 CPU cores in float32 (bf16 autocast
-is emulated, and ten times slower, on CPUs without AVX-512 BF16) within minutes to tens of
-minutes, and the shipped weights (float16 safetensors) stay under 25 MB together.
+Sizes are chosen so that every stage trains on two CPU cores in float32 (bf16 autocast is
+emulated, and far slower, on CPUs without AVX-512 BF16 or AMX) in minutes rather than hours,
+and the shipped weights (float16 safetensors) stay small enough to live in the package
+(tests/shapes/test_shapes_bundle.py holds the limits; docs/shapes.md the measured times).
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ SHAPE_CLASSES = ("empty", *SHAPES)
 COLOUR_CLASSES = tuple(COLOURS)
 SIZE_CLASSES = tuple(SIZES)
 BACKGROUND_CLASSES = tuple(BACKGROUNDS)
+CELL_LOGITS = len(SHAPE_CLASSES) + len(COLOUR_CLASSES) + len(SIZE_CLASSES)  # per cell: shape, colour, size
+
+
+def scene_logits(cells: torch.Tensor, background: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The heads of a scene reader: per-cell logits [B, 9, CELL_LOGITS] split by attribute, and the background's."""
+    s, c = len(SHAPE_CLASSES), len(COLOUR_CLASSES)
+    return {"shape": cells[..., :s], "colour": cells[..., s : s + c], "size": cells[..., s + c :],
+            "background": background}
 
 
 class SceneClassifier(nn.Module):
@@ -93,17 +102,11 @@ class SceneClassifier(nn.Module):
             block(2 * width, 2 * width, 1), nn.AdaptiveAvgPool2d(3),  # one 3x3 map cell per grid cell
         )
         c = 2 * width
-        self.cell_head = nn.Conv2d(c, len(SHAPE_CLASSES) + len(COLOUR_CLASSES) + len(SIZE_CLASSES), 1)
+        self.cell_head = nn.Conv2d(c, CELL_LOGITS, 1)
         self.background_head = nn.Linear(c, len(BACKGROUND_CLASSES))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: float [B, 3, 64, 64] in [0, 1]. Returns logits per head."""
         f = self.features(images * 2 - 1)
         cells = self.cell_head(f).flatten(2).transpose(1, 2)  # [B, 9, K]
-        s, c = len(SHAPE_CLASSES), len(COLOUR_CLASSES)
-        return {
-            "shape": cells[..., :s],
-            "colour": cells[..., s : s + c],
-            "size": cells[..., s + c :],
-            "background": self.background_head(f.mean(dim=(2, 3))),
-        }
+        return scene_logits(cells, self.background_head(f.mean(dim=(2, 3))))

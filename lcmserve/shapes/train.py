@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lcmserve.errors import InvalidInputError
+from lcmserve.models import resolve_device as _plain_device
 from lcmserve.shapes import models as M
 from lcmserve.shapes.data import batch_for_step, scene_targets
 from lcmserve.shapes.scenes import BACKGROUNDS
@@ -118,15 +119,8 @@ class StageConfig:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec != "cpu" and not (spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit())):
-        raise InvalidInputError.out_of_range("device", spec, "auto, cpu, cuda or cuda:N")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidInputError(f"device: {spec!r} asked for, but torch sees no CUDA GPU; use --device cpu",
-                                param="device")
-    device = torch.device(spec)
+    """``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``, with TF32 on for a GPU."""
+    device = _plain_device(spec)
     if device.type == "cuda":
         # TF32 matrix units for the float32 recipes: the models are small and the loss noisy.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -161,19 +155,61 @@ WARM_STEPS = 10  # steps before the timing starts (lazy initialisation, torch.co
 FINISH_RESERVE_S = 20.0  # kept back from max_minutes for the final checkpoint and weights
 
 
+class _Budget:
+    """Fits a run into ``cfg.max_minutes`` counted from ``started``: the speed of ``MEASURE_STEPS`` steps
+    after ``WARM_STEPS`` untimed ones (lazy set-up, torch.compile) cuts the total to what the budget
+    allows (never above ``cfg.steps``), so the cosine schedule still ends at zero; a run that still
+    overruns stops at the deadline."""
+
+    def __init__(self, cfg: StageConfig, started: float, start_step: int) -> None:
+        self.cfg, self.start_step = cfg, start_step
+        self.deadline = started + cfg.max_minutes * 60 - FINISH_RESERVE_S if cfg.max_minutes else None
+        self.warm_at = time.monotonic()
+
+    def total_after(self, step: int, total: int) -> int:
+        """The run's step count once ``step`` is done."""
+        if self.deadline is None:
+            return total
+        now = time.monotonic()
+        if step - self.start_step == WARM_STEPS:
+            self.warm_at = now
+        elif step - self.start_step == WARM_STEPS + MEASURE_STEPS:
+            rate = MEASURE_STEPS / (now - self.warm_at)
+            total = max(step, min(total, step + int(rate * (self.deadline - now))))
+            logger.info("%s: %.1f steps/s; %d steps fit in max_minutes=%g", self.cfg.stage, rate, total,
+                        self.cfg.max_minutes)
+        elif now > self.deadline:
+            logger.warning("%s: max_minutes reached at step %d of %d", self.cfg.stage, step, total)
+            total = step
+        return total
+
+
+def _resume(ckpt: Path, cfg: StageConfig, modules: dict[str, torch.nn.Module], optimizer, schedule,
+            extra_state: dict, device: torch.device) -> tuple[int, list[float], int]:
+    """(step, losses, total steps) of the checkpoint, its state loaded; a fresh start without one."""
+    if not ckpt.exists():
+        return 0, [], cfg.steps
+    state = torch.load(ckpt, weights_only=False, map_location=device)
+    for name, module in modules.items():
+        module.load_state_dict(state["modules"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    for name, obj in extra_state.items():
+        obj.load_state_dict(state["extra"][name])
+    logger.info("resuming %s from step %d", cfg.stage, state["step"])
+    return state["step"], state["losses"], min(cfg.steps, state.get("total_steps", cfg.steps))
+
+
 def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step_fn: Callable[[int], torch.Tensor],
              extra_state: dict | None = None, device: torch.device | None = None,
              started: float | None = None) -> list[float]:
     """The shared loop: AdamW + warm-up/cosine, checkpoints, resume, progress. Returns the losses.
 
-    With ``cfg.max_minutes`` the run fits a wall-time budget counted from ``started``: the speed
-    of ``MEASURE_STEPS`` steps after ``WARM_STEPS`` untimed ones (lazy set-up, torch.compile) cuts
-    the total to what the budget allows (never raised
-    above ``cfg.steps``), so the cosine schedule still ends at zero; the total is recorded in
-    the checkpoint and in config.json. A run that still overruns stops at the budget.
+    With ``cfg.max_minutes`` the run fits a wall-time budget (``_Budget``); the total it comes to
+    is recorded in the checkpoint and in config.json.
     """
     device = device or torch.device("cpu")
-    started = time.monotonic() if started is None else started
+    extra_state = extra_state or {}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -181,20 +217,8 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
     plan = {"total": cfg.steps}
     # Our own LambdaLR rather than diffusers' get_cosine_schedule_with_warmup: its total is fixed at creation.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_lambda(cfg.warmup_steps, plan))
-    start, losses = 0, []
     ckpt = out / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=device)
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        for name, obj in (extra_state or {}).items():
-            obj.load_state_dict(state["extra"][name])
-        start, losses = state["step"], state["losses"]
-        plan["total"] = min(cfg.steps, state.get("total_steps", cfg.steps))
-        logger.info("resuming %s from step %d", cfg.stage, start)
-
+    start, losses, plan["total"] = _resume(ckpt, cfg, modules, optimizer, schedule, extra_state, device)
     pending: list[torch.Tensor] = []
 
     def flush() -> None:  # one device-to-host copy per few steps, not one per step
@@ -207,13 +231,12 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
         _save_atomic({
             "step": step, "total_steps": plan["total"], "losses": losses, "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "modules": {n: m.state_dict() for n, m in modules.items()},
-            "extra": {n: o.state_dict() for n, o in (extra_state or {}).items()},
+            "extra": {n: o.state_dict() for n, o in extra_state.items()},
         }, ckpt)
 
-    deadline = started + cfg.max_minutes * 60 - FINISH_RESERVE_S if cfg.max_minutes else None
+    budget = _Budget(cfg, time.monotonic() if started is None else started, start)
     bar = tqdm(total=plan["total"], initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
     loop_started = time.monotonic()
-    warm_at = loop_started
     step = start
     while step < plan["total"]:
         loss = step_fn(step)
@@ -222,7 +245,7 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        for obj in (extra_state or {}).values():
+        for obj in extra_state.values():
             if hasattr(obj, "step"):
                 obj.step(params)
         pending.append(loss.detach())
@@ -231,20 +254,7 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
         if step % 10 == 0:
             flush()
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if deadline is not None:
-            now = time.monotonic()
-            if step - start == WARM_STEPS:
-                warm_at = now
-            elif step - start == WARM_STEPS + MEASURE_STEPS:
-                rate = MEASURE_STEPS / (now - warm_at)
-                plan["total"] = max(step, min(plan["total"], step + int(rate * (deadline - now))))
-                bar.total = plan["total"]
-                bar.refresh()
-                logger.info("%s: %.1f steps/s; %d steps fit in max_minutes=%g", cfg.stage, rate, plan["total"],
-                            cfg.max_minutes)
-            elif now > deadline:
-                logger.warning("%s: max_minutes reached at step %d of %d", cfg.stage, step, plan["total"])
-                plan["total"] = step
+        plan["total"] = bar.total = budget.total_after(step, plan["total"])
         if step % cfg.checkpoint_every == 0 or step >= plan["total"]:
             save(step)
     bar.close()

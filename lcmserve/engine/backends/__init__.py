@@ -1,25 +1,40 @@
-"""Engine backends: one contract (``Backend.run``), one file per backend, one factory."""
+"""Engine backends: one contract (``Backend.run``), one file per backend, one factory.
+
+torch.py is the eager reference and the logic every backend shares, over a ``Networks`` triple
+(text encoders, UNet, VAE). compiled.py, cuda_graph.py and tensorrt.py run it inside the bucketed
+static-shape program of static.py; onnx.py calls ONNX Runtime sessions as its networks. auto.py is no
+backend: its rule table picks one (and the dtype and attention) for this machine and model.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lcmserve.engine.backends.base import Backend, BackendOutput, Bucket, DenoiseBatch, StageTimes
+from lcmserve.engine.backends.auto import BackendChoice, auto_attention, choose_backend, choose_before_load
+from lcmserve.engine.backends.base import (
+    AUTO,
+    BACKEND_CHOICES,
+    BACKENDS,
+    TORCH_EXECUTED,
+    Backend,
+    BackendOutput,
+    Bucket,
+    DenoiseBatch,
+    StageTimes,
+)
 from lcmserve.engine.backends.buckets import BucketSet, pad_batch
-from lcmserve.engine.backends.cuda_graph import CompiledBackend, CudaGraphBackend, CudaGraphConfig
-from lcmserve.engine.backends.torch_backend import TorchBackend
+from lcmserve.engine.backends.compiled import COMPILE_MODES, CompiledBackend, check_compile_mode
+from lcmserve.engine.backends.cuda_graph import CudaGraphBackend, CudaGraphConfig
+from lcmserve.engine.backends.torch import Networks, TorchBackend
 from lcmserve.engine.kernels.attention import check_attention, use_small_head_attention
 from lcmserve.errors import InvalidInputError
-
-BACKENDS = ("torch", "compiled", "cuda-graph", "onnx", "tensorrt")
-TORCH_EXECUTED = ("torch", "compiled", "cuda-graph")  # the ones whose UNet runs torch's modules (and processors)
 
 
 def check_backend_attention(name: str, attention: str) -> str:
     """Check a backend name and an attention mode that go together (before any model is loaded); returns the mode."""
-    if name not in BACKENDS:
-        raise InvalidInputError.out_of_range("backend", name, "one of " + ", ".join(BACKENDS))
-    if check_attention(attention) == "small-head" and name not in TORCH_EXECUTED:
+    if name not in BACKEND_CHOICES:
+        raise InvalidInputError.out_of_range("backend", name, "one of " + ", ".join(BACKEND_CHOICES))
+    if check_attention(attention) == "small-head" and name not in (AUTO, *TORCH_EXECUTED):
         raise InvalidInputError(
             f"attention: small-head needs backend {', '.join(TORCH_EXECUTED)} (the torch-executed ones); "
             f"{name} runs its own graph: use --attention sdpa", param="attention")
@@ -45,13 +60,24 @@ def create_backend(
 
     ``buckets`` are the shapes compiled, cuda-graph and tensorrt build at start-up; ``cache_dir`` holds
     exported ONNX graphs and TensorRT engines (default ``$LCMSERVE_CACHE_DIR`` or
-    ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph (``compile_mode``: max-autotune-no-cudagraphs or default) and
-    ``channels_last`` NHWC convolutions; ``exporter`` and
+    ``~/.cache/lcmserve``); ``compile`` adds torch.compile to cuda-graph (``compile_mode``:
+    max-autotune-no-cudagraphs or default) and ``channels_last`` NHWC convolutions; ``exporter`` and
     ``build`` apply to onnx (``build=False``: use cached graphs only), ``threads`` to its
     CPU provider (None: ONNX Runtime's default). ``attention="small-head"`` routes the UNet's attention
     through our CPU kernel (engine/kernels/attention.py) for the torch-executed backends on a CPU.
+
+    ``name="auto"`` takes the backend (and with ``attention="auto"`` the attention) that backends/auto.py's
+    rule picks for this machine and the model as loaded (its dtype counts as given: to let the rule pick
+    the dtype too, call ``choose_before_load`` and load the model in its dtype). ``attention="auto"``
+    beside a named backend: small-head where the kernel pays, else sdpa.
     """
-    if check_backend_attention(name, attention) == "small-head":
+    check_backend_attention(name, attention)
+    if name == AUTO:
+        choice = choose_backend(model, model.device, dtype=model.dtype_name, attention=attention)
+        name, attention = choice.backend, choice.attention
+    elif attention == AUTO:
+        attention = auto_attention(name, model)
+    if attention == "small-head":
         if model.device.type != "cpu":
             raise InvalidInputError(
                 f"attention: small-head is a CPU kernel and the model is on {model.device.type} (where SDPA "
@@ -65,17 +91,20 @@ def create_backend(
         return CudaGraphBackend(model, CudaGraphConfig(buckets=buckets or BucketSet(), compile=compile,
                                                         compile_mode=compile_mode, channels_last=channels_last),
                                 progress)
+    # onnx and tensorrt import their optional libraries only when chosen
     if name == "onnx":
-        from lcmserve.engine.backends.onnx_backend import OnnxBackend
+        from lcmserve.engine.backends.onnx import OnnxBackend
 
         onnx_dir = None if cache_dir is None else Path(cache_dir) / "onnx"
         return OnnxBackend(model, onnx_dir, exporter=exporter, build=build, threads=threads)
-    from lcmserve.engine.backends.tensorrt_backend import TensorRTBackend, TensorRTConfig
+    from lcmserve.engine.backends.tensorrt import TensorRTBackend, TensorRTConfig
 
     return TensorRTBackend(model, TensorRTConfig(buckets=buckets or BucketSet()), cache_dir, progress)
 
 
 __all__ = [
-    "BACKENDS", "TORCH_EXECUTED", "Backend", "BackendOutput", "Bucket", "BucketSet", "CompiledBackend", "CudaGraphBackend", "CudaGraphConfig",
-    "DenoiseBatch", "StageTimes", "TorchBackend", "check_backend_attention", "create_backend", "pad_batch",
+    "AUTO", "BACKENDS", "BACKEND_CHOICES", "COMPILE_MODES", "TORCH_EXECUTED", "Backend", "BackendChoice",
+    "BackendOutput", "Bucket", "BucketSet", "CompiledBackend", "CudaGraphBackend", "CudaGraphConfig", "DenoiseBatch",
+    "Networks", "StageTimes", "TorchBackend", "check_backend_attention", "check_compile_mode", "choose_backend",
+    "choose_before_load", "create_backend", "pad_batch",
 ]

@@ -1,8 +1,9 @@
-"""The one contract every engine backend fills (torch eager, CUDA graphs, ONNX, TensorRT)."""
+"""The one contract every engine backend fills (torch eager, compiled, CUDA graphs, ONNX, TensorRT)."""
 
 from __future__ import annotations
 
 import importlib
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -10,6 +11,12 @@ from types import ModuleType
 import torch
 
 from lcmserve.engine.loop import StepCallback
+from lcmserve.errors import InvalidInputError
+
+BACKENDS = ("torch", "compiled", "cuda-graph", "onnx", "tensorrt")
+TORCH_EXECUTED = ("torch", "compiled", "cuda-graph")  # the ones whose UNet runs torch's modules (and processors)
+AUTO = "auto"  # not a backend: the rule of backends/auto.py picks one of BACKENDS for this machine and model
+BACKEND_CHOICES = (AUTO, *BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,35 @@ class StageTimes:
         return self.text_s + self.unet_s + self.vae_s
 
 
+class StageClock:
+    """Stage boundaries: CUDA events on a GPU (no sync until read), wall time on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU), so that wall time means what it says."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class BackendOutput:
     """Decoded images as float32 [B, 3, H, W] in [0, 1] on the CPU, and where the time went."""
@@ -81,8 +117,6 @@ class Backend(ABC):
 
 def import_optional(module: str, backend: str, needs: str, hint: str) -> ModuleType:
     """A backend's optional library, or a clear error naming the backend and how to install it."""
-    from lcmserve.errors import InvalidInputError
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:

@@ -1,13 +1,13 @@
 """Small-head attention on a CPU: our C kernel, built on first use, as a torch op and a diffusers processor.
 
 Why our own kernel: PyTorch's CPU flash attention tiles the work into GEMMs whose inner dimension is
-the head dimension. With 4 channels per head (the shapes UNet: 8 heads over 32 channels at its 16x16
-level) those GEMMs do almost nothing per call, and at batch 32 that one layer type took half of the
+the head dimension. With a few channels per head (the shapes UNet splits 32 channels into 8 heads)
+those GEMMs do almost nothing per call, and at large batches that one layer type dominates the
 UNet's time. ``small_head_attention.c`` puts a block of query rows in the lanes of a vector register
 and streams each head's keys through scores, exp and the weighted sum of V, so nothing is reduced
-across lanes: several times faster than ``scaled_dot_product_attention`` at 4 to 16 channels on a
-2-core Zen 4 (docs/results/attention-cpu-zen4.md). Neither diffusers, xformers (CPU) nor ONNX
-Runtime has a kernel for this case.
+across lanes, which is what small heads need (measured against ``scaled_dot_product_attention`` by
+`lcmserve bench attention`: docs/results/attention-cpu-zen4.md). Neither diffusers, xformers (CPU)
+nor ONNX Runtime has a kernel for this case.
 
 The kernel is the CPU implementation of the operator ``lcmserve::small_head_attention``, registered
 from C++ (``small_head_attention_op.cpp``) so that torch.compile's C++ wrapper calls it directly. Both
@@ -35,6 +35,9 @@ from lcmserve.errors import InvalidInputError
 logger = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("sdpa", "small-head")
+# "auto": small-head where the kernel takes some of the model's layers and the backend runs torch's
+# modules on a CPU, else sdpa (engine/backends/auto.py decides).
+ATTENTION_CHOICES = ("auto", *ATTENTION_MODES)
 SOURCE = Path(__file__).with_name("small_head_attention.c")
 OP_SOURCE = Path(__file__).with_name("small_head_attention_op.cpp")
 LIBRARY = "small_head_attention.so"
@@ -46,8 +49,8 @@ FEW_KEYS, FEW_KEYS_MAX_HEAD_DIM = 80, 24
 
 
 def check_attention(mode: str) -> str:
-    if mode not in ATTENTION_MODES:
-        raise InvalidInputError.out_of_range("attention", mode, "one of " + ", ".join(ATTENTION_MODES))
+    if mode not in ATTENTION_CHOICES:
+        raise InvalidInputError.out_of_range("attention", mode, "one of " + ", ".join(ATTENTION_CHOICES))
     return mode
 
 
@@ -91,6 +94,12 @@ def small_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 def head_dim_takes(head_dim: int, n_key: int) -> bool:
     """Whether heads of ``head_dim`` channels over ``n_key`` keys run faster in the kernel than in SDPA."""
     return head_dim <= MAX_HEAD_DIM or (head_dim <= FEW_KEYS_MAX_HEAD_DIM and n_key <= FEW_KEYS)
+
+
+def suits_small_head(head_dims) -> bool:
+    """Whether a UNet with attention heads of these sizes gains from the kernel: some layer's heads are small
+    enough for it at any key count (the others fall back to SDPA per call, at no cost)."""
+    return any(0 < d <= MAX_HEAD_DIM for d in head_dims)
 
 
 def kernel_takes(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> bool:

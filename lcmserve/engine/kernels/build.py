@@ -7,8 +7,8 @@ cached like an ONNX graph: under a hash of both sources, the compilers, the flag
 flags and torch's version, verified on every load (a damaged file is rebuilt with a warning).
 
 Why an operator in C++: under torch.compile's C++ wrapper (the compiled backend on a CPU), an operator
-implemented in Python is called back through the interpreter; one in C++ is called directly (10 us a
-call against 29 us on a 2-core Zen 4). The stable ABI talks to libtorch through C functions only, so
+implemented in Python is called back through the interpreter; one in C++ is called directly, at a
+fraction of the per-call cost. The stable ABI talks to libtorch through C functions only, so
 the library does not depend on libtorch's C++ ABI. The kernels run on PyTorch's own OpenMP threads
 (the library is loaded after torch, so its libgomp.so.1 is the runtime torch runs).
 """
@@ -53,10 +53,16 @@ class KernelSource:
     instead: str  # how to do without it: "use --attention sdpa"
 
 
-def compilers(kernel: KernelSource) -> tuple[str, str]:
-    """The C and the C++ compiler: ``$CC`` and ``$CXX``, else the system's."""
+def find_compilers() -> tuple[str | None, str | None]:
+    """The C and the C++ compiler: ``$CC`` and ``$CXX``, else the system's; None for one not found."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    return cc, cxx
+
+
+def compilers(kernel: KernelSource) -> tuple[str, str]:
+    """The C and the C++ compiler, or an error that says what is missing and how to do without the kernel."""
+    cc, cxx = find_compilers()
     if not cc or not cxx:
         missing = "a C compiler ($CC, or gcc)" if not cc else "a C++ compiler ($CXX, or g++)"
         raise InvalidInputError(

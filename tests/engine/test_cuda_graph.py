@@ -112,9 +112,8 @@ def test_static_program_classifier_free_guidance_matches_eager():
     assert model.guidance_mode == "cfg"
     backend = _static_backend(model)
     unet_rows = []
-    unet_forward = backend.unet_forward
-    backend.unet_forward = lambda sample, *args, **kw: unet_rows.append(sample.shape[0]) or unet_forward(
-        sample, *args, **kw)
+    unet = backend.networks.unet
+    backend.networks.unet = lambda sample, *args, **kw: unet_rows.append(sample.shape[0]) or unet(sample, *args, **kw)
     images = {}
     for rows, unet_batch in ((ROWS, 8), (NEGATIVE_ROWS, 8), ([Row("a cat", 5, 1.0)], 1), (ROWS, 8),
                              (NEGATIVE_ROWS[:1], 2), ([Row("a cat", 5, 1.0, "a dog")], 1)):
@@ -216,7 +215,7 @@ def test_cpu_compile_keeps_the_guards_that_tell_buckets_apart():
     """The compiled backend keeps only dynamo's guards on tensor arguments: each shape still gets its own code."""
     from torch._dynamo.utils import counters
 
-    from lcmserve.engine.backends.cuda_graph import cpu_compile_options
+    from lcmserve.engine.backends.compiled import cpu_compile_options
 
     layer = torch.nn.Linear(4, 3)
     compiled = torch.compile(layer, dynamic=False, backend="eager", **cpu_compile_options())
@@ -253,7 +252,7 @@ def test_compiled_backends_of_two_models_keep_to_their_own_weights(tiny):
 
 
 def test_compile_mode_is_checked_and_reaches_torch_compile_on_a_gpu():
-    from lcmserve.engine.backends.cuda_graph import compile_options, cpu_compile_options
+    from lcmserve.engine.backends.compiled import compile_options, cpu_compile_options
 
     assert compile_options("cuda", "default") == {"mode": "default"}
     assert compile_options("cuda") == {"mode": "max-autotune-no-cudagraphs"}

@@ -7,10 +7,10 @@
 3. Engines are cached (engine/cache.py) under the ONNX entry's key (itself the weights'
    hash, dtype, resolution, versions), the TensorRT version, the GPU's name and compute
    capability and the profiles: a new driver stack, card or bucket never reuses an engine.
-4. At run time each profile has its own execution context; the cuda-graph backend's
-   machinery (static buffers, padding to buckets, three captured stages) captures the
-   ``execute_async_v3`` enqueues together with the LCM step math, so a request replays
-   the whole text -> loop -> VAE path without Python in between.
+4. At run time each profile has its own execution context; the engines are the networks of
+   the bucketed static program (static.py: static buffers, padding to buckets, three stages),
+   whose stages cuda_graph.py captures with the ``execute_async_v3`` enqueues and the LCM step
+   math inside, so a request replays the whole text -> loop -> VAE path without Python in between.
 
 TensorRT is imported lazily: without it (or without a GPU) the backend says how to
 install it or which backend to use instead.
@@ -25,12 +25,15 @@ from pathlib import Path
 
 import torch
 
-from lcmserve.engine.backends.base import import_optional
+from lcmserve.engine.backends.base import Backend, BackendOutput, DenoiseBatch, import_optional
 from lcmserve.engine.backends.buckets import BucketSet
-from lcmserve.engine.backends.cuda_graph import CudaGraphBackend, CudaGraphConfig
+from lcmserve.engine.backends.cuda_graph import capture_stages, check_graph_device
+from lcmserve.engine.backends.static import BucketPrograms
+from lcmserve.engine.backends.torch import Networks, TorchBackend
 from lcmserve.engine.cache import MANIFEST, ArtifactCache, default_cache_dir
-from lcmserve.engine.export import example_inputs, export_model, graph_names, output_names
-from lcmserve.errors import EngineError, InvalidInputError
+from lcmserve.engine.export import example_inputs, export_model, graph_names, text_graph, text_outputs, unet_feeds
+from lcmserve.engine.loop import StepCallback
+from lcmserve.errors import EngineError, InvalidInputError, check_float, check_int
 from lcmserve.models.model import LCMModel
 
 logger = logging.getLogger(__name__)
@@ -79,10 +82,8 @@ class TensorRTConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.buckets, BucketSet):
             raise InvalidInputError.out_of_range("buckets", self.buckets, "a BucketSet")
-        if not 0 < self.workspace_gb <= 1024:
-            raise InvalidInputError.out_of_range("workspace_gb", self.workspace_gb, "a number in (0, 1024]")
-        if isinstance(self.optimization_level, bool) or self.optimization_level not in range(6):
-            raise InvalidInputError.out_of_range("optimization_level", self.optimization_level, "an integer in [0, 5]")
+        check_float("workspace_gb", self.workspace_gb, 0, 1024, open_low=True)
+        check_int("optimization_level", self.optimization_level, 0, 5)
 
 
 # -- pure logic: which shapes each engine is built for ---------------------------------------------
@@ -219,8 +220,8 @@ class TrtEngine:
         return outs
 
 
-class TensorRTBackend(CudaGraphBackend):
-    """The three networks as TensorRT engines inside the cuda-graph backend's captured program."""
+class TensorRTBackend(Backend):
+    """The three networks as TensorRT engines inside the bucketed static program, captured as CUDA graphs."""
 
     name = "tensorrt"
 
@@ -231,7 +232,7 @@ class TensorRTBackend(CudaGraphBackend):
         cache_dir: str | Path | None = None,
         progress: bool = False,
     ) -> None:
-        self.trt_config = config or TensorRTConfig()
+        self.trt_config = config = config or TensorRTConfig()
         if model.device.type != "cuda":
             raise InvalidInputError(
                 f"backend: tensorrt needs the model on a CUDA GPU (it is on {model.device.type}); use --device cuda, "
@@ -239,12 +240,15 @@ class TensorRTBackend(CudaGraphBackend):
                 param="backend",
             )
         self.trt = import_tensorrt()
+        self.model = model
         self.cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._engines: dict[tuple[str, int, int], TrtEngine] = {}
-        self._resolution: tuple[int, int] | None = None
         self._build_engines(model, progress)
-        graph_config = CudaGraphConfig(buckets=self.trt_config.buckets, capture=self.trt_config.cuda_graph)
-        super().__init__(model, graph_config, progress=progress)
+        check_graph_device(model, config.cuda_graph)
+        self.eager = TorchBackend(model, Networks(self._text, self._unet, self._vae))
+        self.programs = BucketPrograms(self.eager, config.buckets, name=self.name,
+                                       capture=capture_stages if config.cuda_graph else None)
+        self.programs.warmup(progress)
 
     def _build_engines(self, model: LCMModel, progress: bool) -> None:
         from tqdm import tqdm
@@ -256,7 +260,7 @@ class TensorRTBackend(CudaGraphBackend):
         jobs = [(name, h, w) for h, w in buckets.resolutions for name in graph_names(model)]
         for name, h, w in tqdm(jobs, desc="TensorRT engines", unit="engine", disable=not progress):
             if name.startswith("text_encoder") and any(k[0] == name for k in self._engines):
-                self._engines[(name, h, w)] = next(v for k, v in self._engines.items() if k[0] == name)
+                self._engines[(name, h, w)] = self._engine(name)  # the text encoders know no resolution
                 continue
             onnx_path = export_model(model, onnx_cache.root, h, w, progress=False)[name]
             # The ONNX entry's full key already covers the weights, dtype, resolution and exporter versions.
@@ -270,33 +274,27 @@ class TensorRTBackend(CudaGraphBackend):
                 lambda tmp, p=onnx_path, pr=profiles: build_engine(trt, p, pr, self.trt_config, tmp / "model.plan"),
             )
             self._engines[(name, h, w)] = TrtEngine(trt, folder / "model.plan", ProfileTable(name, sizes), model.device)
-        self._output_names = {name: output_names(model, name) for name in graph_names(model)}
 
-    def _engine(self, name: str) -> TrtEngine:
-        h, w = self._resolution or self.trt_config.buckets.resolutions[0]
-        return self._engines[(name, h, w)]
+    def _engine(self, name: str, latents: torch.Tensor | None = None) -> TrtEngine:
+        """The engine of graph ``name`` at the resolution of ``latents`` (text encoders: the one engine)."""
+        if latents is None:
+            return next(engine for key, engine in self._engines.items() if key[0] == name)
+        f = self.model.vae_scale_factor
+        return self._engines[(name, latents.shape[-2] * f, latents.shape[-1] * f)]
 
     # -- the three networks as engines ---------------------------------------------------------
-    def text_forward(self, index: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        outs = self._engine("text_encoder" if index == 0 else "text_encoder_2")(input_ids=input_ids)
-        return outs[0], (outs[1] if len(outs) > 1 else None)
+    def _text(self, index: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return text_outputs(self._engine(text_graph(index))(input_ids=input_ids))
 
-    def unet_forward(self, sample, timestep, hidden, timestep_cond=None, added=None) -> torch.Tensor:
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
-        feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": hidden}
-        if timestep_cond is not None:
-            feeds["timestep_cond"] = timestep_cond
-        if added is not None:
-            feeds.update(added)
-        return self._engine("unet")(**feeds)[0]
+    def _unet(self, sample, timestep, hidden, timestep_cond=None, added=None) -> torch.Tensor:
+        return self._engine("unet", sample)(**unet_feeds(sample, timestep, hidden, timestep_cond, added))[0]
 
-    def vae_forward(self, scaled_latents: torch.Tensor) -> torch.Tensor:
-        return self._engine("vae_decoder")(latents=scaled_latents)[0]
+    def _vae(self, scaled_latents: torch.Tensor) -> torch.Tensor:
+        return self._engine("vae_decoder", scaled_latents)(latents=scaled_latents)[0]
 
-    def _build(self, bucket):
-        self._resolution = (bucket.height, bucket.width)
-        return super()._build(bucket)
+    @property
+    def builds(self) -> int:
+        return self.programs.builds
 
-    def run(self, batch, on_step=None):
-        self._resolution = (batch.height, batch.width)
-        return super().run(batch, on_step)
+    def run(self, batch: DenoiseBatch, on_step: StepCallback | None = None) -> BackendOutput:
+        return self.programs.run(batch, on_step)

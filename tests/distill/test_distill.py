@@ -18,7 +18,7 @@ from lcmserve.distill.lcd import (
     lcd_student,
 )
 from lcmserve.distill.lcf import lcf_loss
-from lcmserve.distill.teacher import TextStates
+from lcmserve.engine.conditioning import TextConditioning
 from lcmserve.errors import InvalidInputError, ModelLoadError
 from lcmserve.models import load_model
 from lcmserve.models.model import NoiseSchedule
@@ -68,8 +68,8 @@ def tiny():
     math = ConsistencyMath.from_schedule(schedule, K, 2, torch.device("cpu"))
     torch.manual_seed(11)
     inputs = dict(
-        latents=torch.randn(3, 4, 8, 8), text=TextStates(torch.randn(3, 77, 32)),
-        uncond=TextStates(torch.randn(1, 77, 32)),
+        latents=torch.randn(3, 4, 8, 8), text=TextConditioning(torch.randn(3, 77, 32)),
+        uncond=TextConditioning(torch.randn(1, 77, 32)),
         draws=StepDraws(torch.tensor([999, 519, 19]), torch.tensor([2.0, 7.5, 14.0]), torch.randn(3, 4, 8, 8)),
     )
     return teacher, student, target, math, inputs, dict(pipe.scheduler.config)

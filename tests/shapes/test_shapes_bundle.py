@@ -2,6 +2,9 @@
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +267,22 @@ def test_a_teacher_continued_from_the_shipped_one_keeps_its_starting_recipe(tmp_
     chained = json.loads((out2 / "training-configs.json").read_text())["teacher"]
     assert chained["steps"] == 5 and chained["init_unet_recipe"] == configs["teacher"]
     assert chained["init_unet_recipe"]["init_unet_recipe"] == recorded["teacher"]
+
+
+def test_the_shapes_plug_in_registers_its_models_and_data_source():
+    from lcmserve.distill.data import MapSource, StreamSource, open_source
+    from lcmserve.models.registry import bundled_names, data_source_names, resolve_bundled
+
+    assert set(bundled_names("model")) == {"shapes-lcm", "shapes-teacher"}
+    assert bundled_names("lora") == ("shapes-lcm-lora",) and "shapes" in data_source_names()
+    assert Path(resolve_bundled("shapes-lcm")) == weights_dir() / "shapes-lcm"
+    assert isinstance(open_source("shapes", 0, 0), StreamSource)
+    assert isinstance(open_source("shapes", 0, 3), MapSource) and len(open_source("shapes", 0, 3)) == 3
+
+
+def test_the_bundled_names_resolve_without_importing_the_domain():
+    """A fresh interpreter that imports only lcmserve.models finds shapes-lcm: the entry point registers it."""
+    code = ("import sys; from lcmserve.models.registry import resolve_bundled; "
+            "print(resolve_bundled('shapes-lcm')); print('lcmserve.shapes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert Path(out[0]) == weights_dir() / "shapes-lcm" and out[1] == "True"

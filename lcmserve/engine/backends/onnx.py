@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the exported graphs (engine/export.py) behind the eager backend's logic.
+"""ONNX Runtime backend: the exported graphs (engine/export.py) as the eager backend's networks.
 
 Only the three networks change: tokens, noise, guidance, the LCM loop and the step math are
 the eager backend's own code, so the two can differ only by what ONNX Runtime computes
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcmserve.engine.backends.base import BackendOutput, DenoiseBatch, import_optional
-from lcmserve.engine.backends.torch_backend import TorchBackend
+from lcmserve.engine.backends.base import Backend, BackendOutput, DenoiseBatch, import_optional
+from lcmserve.engine.backends.torch import Networks, TorchBackend
 from lcmserve.engine.cache import default_cache_dir
-from lcmserve.engine.export import DEFAULT_OPSET, check_exporter, export_model
+from lcmserve.engine.export import DEFAULT_OPSET, check_exporter, export_model, text_graph, text_outputs, unet_feeds
 from lcmserve.engine.loop import StepCallback
 from lcmserve.errors import InvalidInputError
 from lcmserve.models.model import LCMModel
@@ -72,7 +72,7 @@ class OrtGraph:
         return [torch.from_numpy(out).to(device) for out in self.session.run(None, feeds)]
 
 
-class OnnxBackend(TorchBackend):
+class OnnxBackend(Backend):
     """Text encoder(s), UNet and VAE decoder through ONNX Runtime; everything else as eager."""
 
     name = "onnx"
@@ -87,15 +87,16 @@ class OnnxBackend(TorchBackend):
         build: bool = True,
         threads: int | None = None,
     ) -> None:
-        super().__init__(model)
         ort = import_onnxruntime()
         check_exporter(exporter)
+        self.model = model
         self.providers = self._providers(model, ort.get_available_providers())
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "onnx"
         self.exporter, self.opset, self.build, self.threads = exporter, opset, build, threads
         self._graphs: dict[Path, OrtGraph] = {}
         self._prepared: dict[tuple[int, int], dict[str, OrtGraph]] = {}
         self._current: dict[str, OrtGraph] = {}
+        self.eager = TorchBackend(model, Networks(self._text, self._unet, self._vae))
 
     @staticmethod
     def _providers(model: LCMModel, available: list[str]) -> list[str]:
@@ -128,25 +129,14 @@ class OnnxBackend(TorchBackend):
             graphs[name] = self._graphs[path]
         return graphs
 
-    # -- the three networks ------------------------------------------------------------------
-    def text_forward(self, index: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        outs = self._current["text_encoder" if index == 0 else "text_encoder_2"](
-            self.model.device, input_ids=input_ids.to(torch.int32)
-        )
-        return outs[0], (outs[1] if len(outs) > 1 else None)
+    # -- the three networks, as sessions of the current resolution ------------------------------
+    def _text(self, index: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return text_outputs(self._current[text_graph(index)](self.model.device, input_ids=input_ids.to(torch.int32)))
 
-    def unet_forward(self, sample, timestep, hidden, timestep_cond=None, added=None) -> torch.Tensor:
-        feeds = {
-            "sample": sample, "encoder_hidden_states": hidden,
-            "timestep": torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0]),
-        }
-        if timestep_cond is not None:
-            feeds["timestep_cond"] = timestep_cond
-        if added is not None:
-            feeds.update(added)
-        return self._current["unet"](self.model.device, **feeds)[0]
+    def _unet(self, sample, timestep, hidden, timestep_cond=None, added=None) -> torch.Tensor:
+        return self._current["unet"](self.model.device, **unet_feeds(sample, timestep, hidden, timestep_cond, added))[0]
 
-    def vae_forward(self, scaled_latents: torch.Tensor) -> torch.Tensor:
+    def _vae(self, scaled_latents: torch.Tensor) -> torch.Tensor:
         return self._current["vae_decoder"](self.model.device, latents=scaled_latents)[0]
 
     def run(self, batch: DenoiseBatch, on_step: StepCallback | None = None) -> BackendOutput:
@@ -155,4 +145,4 @@ class OnnxBackend(TorchBackend):
         if key not in self._prepared:
             self._prepared[key] = self.prepare(batch.height, batch.width)
         self._current = self._prepared[key]
-        return super().run(batch, on_step)
+        return self.eager.run(batch, on_step)

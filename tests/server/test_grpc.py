@@ -23,6 +23,7 @@ from lcmserve.engine.request import GenerationRequest, ResolvedRequest
 from lcmserve.engine.sampler import LCMSampler
 from lcmserve.models import load_model
 from lcmserve.server.client import EngineClient, Generation, StepEvent
+from lcmserve.server.config import ServerConfig
 from lcmserve.server.grpc import SERVICE_NAME, build_grpc_server, pb2, pb2_grpc
 from conftest import FailingSampler
 
@@ -42,6 +43,9 @@ class Recorder:
 
     def on_failure(self, error_type: str) -> None:
         self.failures.append(error_type)
+
+    def track_in_flight(self, protocol: str):
+        return contextlib.nullcontext()
 
     def statuses(self) -> list[tuple[str, str, str]]:
         return [c[:3] for c in self.calls]
@@ -64,7 +68,7 @@ def wait_for(predicate, timeout_s: float = 5.0) -> None:
 def serving(client, metrics=None, api_key=None):
     """A started server over ``client``; yields (stub, channel)."""
     port = free_port()
-    server = build_grpc_server(client, SimpleNamespace(host="127.0.0.1", grpc_port=port, api_key=api_key), metrics)
+    server = build_grpc_server(client, ServerConfig(host="127.0.0.1", grpc_port=port, api_key=api_key), metrics)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -206,6 +210,7 @@ class SteppingClient:
     """A model-free client that reports steps (and previews when asked) like EngineClient."""
 
     model_name, ready = "fake", True
+    sampler = SimpleNamespace(model=SimpleNamespace(native_size=8))
 
     def submit(self, request, *, deadline=None, is_cancelled=None, on_step=None, previews=False):
         resolved = ResolvedRequest(prompt=request.prompt, num_images=2, steps=request.steps, width=8, height=8,
@@ -256,7 +261,7 @@ def test_invalid_argument_names_the_field(main, field, fields):
     assert main.metrics.failures[-2:] == ["invalid_request", "invalid_request"]
 
 
-def test_api_key_guards_generation_but_not_health(main):
+def test_api_key_guards_every_image_generation_rpc_but_not_health(main):
     metrics = Recorder()
     with serving(main.client, metrics, api_key=API_KEY) as (stub, channel):
         request = pb2.GenerateRequest(prompt=PROMPT, steps=1, seed=0)
@@ -276,12 +281,16 @@ def test_api_key_guards_generation_but_not_health(main):
         health = health_pb2_grpc.HealthStub(channel)  # open without a key, like /healthz
         assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == (
             health_pb2.HealthCheckResponse.SERVING)
-        info = stub.GetModel(pb2.GetModelRequest(), timeout=5)  # open too, like GET /v1/models
+        with pytest.raises(grpc.RpcError) as info:  # keyed too, like GET /v1/models
+            stub.GetModel(pb2.GetModelRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        info = stub.GetModel(pb2.GetModelRequest(), timeout=5, metadata=good)
         assert (info.id, info.guidance_mode, info.default_guidance_scale, info.native_size, info.lora) == (
             "tiny", "embedding", 8.0, 64, "")
     assert ("grpc", "Generate", "UNAUTHENTICATED") in metrics.statuses()
+    assert ("grpc", "GetModel", "UNAUTHENTICATED") in metrics.statuses()
     assert ("grpc", "GetModel", "OK") in metrics.statuses()
-    assert metrics.failures.count("unauthorized") == 8
+    assert metrics.failures.count("unauthorized") == 9
 
 
 def test_failing_batch_is_internal_and_the_next_call_succeeds(sampler):
@@ -305,9 +314,9 @@ def test_failing_batch_is_internal_and_the_next_call_succeeds(sampler):
 
 
 def test_server_limits_apply_as_on_rest(main):
-    limits = SimpleNamespace(max_prompt_chars=10, max_pixels=64 * 64)
     port = free_port()
-    server = build_grpc_server(main.client, SimpleNamespace(host="127.0.0.1", grpc_port=port, **vars(limits)))
+    server = build_grpc_server(main.client, ServerConfig(host="127.0.0.1", grpc_port=port, max_prompt_chars=10,
+                                                         max_pixels=64 * 64))
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -324,7 +333,8 @@ def test_server_limits_apply_as_on_rest(main):
 
 
 def test_unknown_errors_are_internal():
-    broken = SimpleNamespace(model_name="fake", ready=True, submit=lambda *a, **k: 1 / 0)
+    broken = SimpleNamespace(model_name="fake", ready=True, sampler=SteppingClient.sampler,
+                             submit=lambda *a, **k: 1 / 0)
     with serving(broken) as (stub, _), pytest.raises(grpc.RpcError) as info:
         stub.Generate(pb2.GenerateRequest(prompt="x"), timeout=10)
     assert info.value.code() == grpc.StatusCode.INTERNAL

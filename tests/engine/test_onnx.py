@@ -8,7 +8,7 @@ import torch
 
 from lcmserve.engine import LCMSampler, Row
 from lcmserve.engine import export as export_mod
-from lcmserve.engine.backends.onnx_backend import OnnxBackend, OrtGraph
+from lcmserve.engine.backends.onnx import OnnxBackend, OrtGraph
 from lcmserve.engine.cache import MANIFEST, ArtifactCache, default_cache_dir
 from lcmserve.engine.export import export_model, graph_names
 from lcmserve.errors import InvalidInputError

@@ -29,7 +29,7 @@ import yaml
 from lcmserve.server.app import HTTP_SHUTDOWN_S
 from lcmserve.server.metrics import ServerMetrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 PROMETHEUS = shutil.which("prometheus")
@@ -490,4 +490,4 @@ def test_dockerfile_contract():
     users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert users and not users[-1].startswith(("root", "0")), users
     assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", text, re.MULTILINE)
-    assert "lcmserve.proto" in (REPO / ".dockerignore").read_text()
+    assert "!lcmserve/" in (REPO / ".dockerignore").read_text()

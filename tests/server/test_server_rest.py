@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -140,14 +141,20 @@ def _metric(text: str, name: str, **labels: str) -> float:
 def test_operational_routes(http):
     assert http.get("/healthz").json() == {"status": "ok"}
     assert http.get("/readyz").json() == {"status": "ready", "model": "preset:tiny-sd"}
-    models = http.get("/v1/models").json()
+    _assert_error(http.get("/v1/models"), 401, "unauthorized", "Authorization")  # like OpenAI's, it takes the key
+    models = http.get("/v1/models", headers=AUTH).json()
     assert models["object"] == "list" and models["data"][0]["id"] == "preset:tiny-sd"
     card = models["data"][0]  # lcmserve's fields: what a request may ask of this model
     assert (card["guidance_mode"], card["default_guidance_scale"], card["native_size"]) == ("embedding", 8.0, 64)
     assert card["lora"] is None
     page = http.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "Generate" in page.text and "/generate" in page.text and "http" not in page.text.split("<script>")[1]
+    # the page's script and style come from this server (no CDN), the script posts to /generate/stream
+    assets = re.findall(r'(?:src|href)="(/[^"]*\.(?:js|css))"', page.text)
+    assert len(assets) == 3 and all(http.get(a).status_code == 200 for a in assets), assets
+    script = "".join(http.get(a).text for a in assets if a.endswith(".js"))
+    assert "Generate" in page.text and "/generate/stream" in script and "http" not in script
+    assert '"model": "preset:tiny-sd"' in script and '"max_images": 4' in script
     schema = http.get("/openapi.json").json()
     assert {"/generate", "/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(
         schema["paths"])

@@ -18,7 +18,7 @@ from lcmserve.engine.backends import (
     TorchBackend,
     create_backend,
 )
-from lcmserve.engine.backends import tensorrt_backend as trt_mod
+from lcmserve.engine.backends import tensorrt as trt_mod
 from lcmserve.errors import EngineError, InvalidInputError
 from lcmserve.models import load_model
 

@@ -2,7 +2,7 @@
 
 No model and no GPU. A fake clock makes batching decisions deterministic; threads meet on
 events, never on sleeps, except where a test shows that nothing happens while the clock
-stands still.
+stands still, or times an engine that sleeps a known time per row and step.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class FakeEngine:
         self.fail_steps = fail_steps
         self.during = during  # called inside the engine call, e.g. to move a clock or block
 
-    def __call__(self, rows, steps, width, height):
+    def __call__(self, rows, steps, width, height, on_step=None):
         self.calls.append((steps, width, height, list(rows)))
         if self.during is not None:
             self.during()
@@ -90,6 +90,22 @@ class BlockingEngine(FakeEngine):
     def _block(self) -> None:
         self.entered.set()
         self.release.wait(WAIT_S)
+
+
+class SleepingEngine(FakeEngine):
+    """Takes ``row_step_s`` seconds per row and step, and reports each step like the sampler."""
+
+    def __init__(self, row_step_s: float) -> None:
+        super().__init__()
+        self.row_step_s = row_step_s
+        self.entered = threading.Event()
+
+    def __call__(self, rows, steps, width, height, on_step=None):
+        self.entered.set()
+        for i in range(steps):
+            time.sleep(self.row_step_s * len(rows))
+            on_step(i, [(r.seed, i) for r in rows])
+        return super().__call__(rows, steps, width, height)
 
 
 def rows(n: int, prompt: str = "a cat", seed: int = 0, guidance: float = 8.0) -> list[Row]:
@@ -189,7 +205,7 @@ def test_rows_keep_their_own_prompt_seed_and_guidance(make):
 
 
 def test_tensor_images_are_sliced_per_row(make):
-    def engine(batch_rows, steps, width, height):
+    def engine(batch_rows, steps, width, height, on_step):
         return Out(torch.tensor([[r.seed, r.guidance_scale] for r in batch_rows]))
 
     b = make(engine, clock=FakeClock(), max_batch_size=4, max_queue_delay_ms=0)
@@ -223,7 +239,7 @@ class SteppingEngine(FakeEngine):
     def __call__(self, rows, steps, width, height, on_step=None):
         self.got_hook.append(on_step is not None)
         for i in range(steps if on_step is not None else 0):
-            on_step(i, [(r.seed, i) for r in rows])
+            assert on_step(i, [(r.seed, i) for r in rows]) is None
         return super().__call__(rows, steps, width, height)
 
 
@@ -248,11 +264,12 @@ def test_step_hooks_get_only_their_own_rows(make):
     assert engine.sizes == [4, 3] and engine.got_hook == [True, True]
 
 
-def test_batches_without_hooks_run_without_a_step_callback(make):
+def test_batches_without_hooks_get_the_batchers_own_step_callback(make):
+    # it lets close() leave the batch between steps, and costs a flag check per step
     engine = SteppingEngine()
     b = make(engine, max_queue_delay_ms=0).start()
-    b.submit(KEY, rows(2)).result(WAIT_S)
-    assert engine.got_hook == [False]
+    assert [image[1] for image in b.submit(KEY, rows(2, seed=3)).result(WAIT_S).images] == [3, 4]
+    assert engine.got_hook == [True]
 
 
 def test_raising_step_hook_fails_only_its_request(make):
@@ -291,6 +308,23 @@ def test_overload_refuses_new_work_and_keeps_accepted_work(make):
     b.start()
     assert [f.result(WAIT_S).images[-1][1] for f in accepted] == [2, 3]
     assert sorted(engine.seeds) == [0, 1, 2, 3]
+
+
+def test_retry_after_is_the_time_the_queue_ahead_takes(make):
+    # a warm-up of one row and one step first: the hint must scale its pace to full batches
+    engine = SleepingEngine(row_step_s=0.02)
+    b = make(engine, max_batch_size=4, max_queue_rows=16, max_queue_delay_ms=0).start()
+    b.submit(BucketKey("tiny-sd", 1, 64, 64), rows(1)).result(WAIT_S)
+    accepted = []
+    with pytest.raises(OverloadedError) as err:
+        for i in range(10):
+            accepted.append(b.submit(KEY, rows(4, seed=10 * i)))
+    refused_at = time.monotonic()
+    for f in accepted:
+        f.result(WAIT_S)
+    took_s = time.monotonic() - refused_at
+    assert len(accepted) >= 4 and took_s > 1.0  # four full batches of four steps, at least
+    assert took_s / 2 <= err.value.retry_after_s <= 2 * took_s
 
 
 def test_request_that_could_never_fit_is_invalid(make):
@@ -369,6 +403,31 @@ def test_cancelled_request_frees_its_queue_rows(make):
     assert b.stats().queued_rows == 2
 
 
+def test_cancel_frees_queue_rows_at_once_while_a_batch_runs(make):
+    failures = []
+    engine = BlockingEngine()
+    b = make(engine, max_batch_size=2, max_queue_delay_ms=0, on_failure=failures.append).start()
+    running = b.submit(KEY, rows(2, seed=0))
+    assert engine.entered.wait(WAIT_S)
+    cancelled = b.submit(KEY, rows(2, seed=10))
+    alone = b.submit(BucketKey("tiny-sd", 2, 64, 64), rows(1, seed=30))  # the only request of its bucket
+    kept = b.submit(KEY, rows(1, seed=20))
+    assert b.stats().queued_rows == 4
+    # 1. the worker is inside the engine, yet the count drops at once
+    assert cancelled.cancel() and alone.cancel()
+    stats = b.stats()
+    assert (stats.queued_requests, stats.queued_rows) == (1, 1)
+    assert failures == ["cancelled", "cancelled"]
+    # 2. the worker neither runs nor counts them again
+    engine.release.set()
+    assert kept.result(WAIT_S).images[0][1] == 20
+    assert [image[1] for image in running.result(WAIT_S).images] == [0, 1]
+    stats = b.stats()
+    assert (stats.queued_requests, stats.queued_rows, stats.failures) == (0, 0, {"cancelled": 2})
+    assert engine.seeds == [0, 1, 20]
+    assert b.submit(KEY, rows(2, seed=40)).result(WAIT_S).batch_sizes == (2,)
+
+
 # 4. faults ---------------------------------------------------------------------------------
 def test_failing_batch_fails_only_its_requests_and_the_worker_goes_on(make):
     batches, failures = [], []
@@ -393,7 +452,7 @@ def test_failing_batch_fails_only_its_requests_and_the_worker_goes_on(make):
 
 
 def test_engine_returning_too_few_images_is_an_engine_error(make):
-    b = make(lambda batch_rows, *shape: Out(images=[]), max_queue_delay_ms=0).start()
+    b = make(lambda batch_rows, *shape, on_step: Out(images=[]), max_queue_delay_ms=0).start()
     with pytest.raises(EngineError, match="0 images for 2 rows"):
         b.submit(KEY, rows(2)).result(WAIT_S)
 
@@ -468,14 +527,42 @@ def test_close_after_grace_fails_what_is_left(make):
         with pytest.raises(UnavailableError, match="grace_s=0.05"):
             f.result(0)
     assert failures == ["unavailable", "unavailable"]
-    engine.release.set()  # the batch in the engine ends later; its result has nowhere to go
+    # an engine that reports no step cannot be left early: the worker ends with its batch,
+    # whose result has nowhere to go
+    assert b.worker_alive()
+    engine.release.set()
+    assert b.join(WAIT_S) and not b.worker_alive()
+    assert failures == ["unavailable", "unavailable"]
+
+
+def test_close_leaves_the_running_batch_at_its_next_step(make):
+    failures, batches = [], []
+    engine = SleepingEngine(row_step_s=0.1)
+    long_key = BucketKey("tiny-sd", 50, 64, 64)  # a batch of one row takes 5 s
+    b = make(engine, max_batch_size=1, max_queue_delay_ms=0, on_failure=failures.append,
+             on_batch=batches.append).start()
+    running, queued = b.submit(long_key, rows(1, seed=0)), b.submit(long_key, rows(1, seed=1))
+    assert engine.entered.wait(WAIT_S)
+    started = time.monotonic()
+    assert not b.close(grace_s=0.2)
+    # the grace, then about one step: far less than the batch
+    assert time.monotonic() - started < 1.5
+    assert not b.worker_alive() and b.join(0)
+    for f in (running, queued):
+        with pytest.raises(UnavailableError, match="grace_s=0.2"):
+            f.result(0)
+    assert failures == ["unavailable", "unavailable"]
+    assert engine.calls == []  # the engine call never returned
+    assert [(info.rows, info.error) for info in batches] == [(1, "unavailable")]
+    assert b.stats().rows_run == 0
 
 
 def test_context_manager_starts_and_closes(make):
     engine = FakeEngine()
     with Batcher(engine, BatcherConfig(max_queue_delay_ms=0)) as b:
         assert b.submit(KEY, rows(1, seed=3)).result(WAIT_S).images[0][1] == 3
-    assert b.stats().state == "closed"
+        assert b.worker_alive()
+    assert b.stats().state == "closed" and not b.worker_alive()
     with pytest.raises(UnavailableError):
         b.submit(KEY, rows(1))
     with pytest.raises(RuntimeError, match="does not restart"):

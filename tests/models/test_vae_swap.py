@@ -72,7 +72,7 @@ def test_onnx_export_follows_the_decoder_and_matches_eager(tmp_path):
     """The vae_decoder graph is exported anew for the tiny decoder (the cache key follows the VAE), the other
     graphs are reused, and ONNX Runtime decodes as eager does."""
     pytest.importorskip("onnxruntime")
-    from lcmserve.engine.backends.onnx_backend import OnnxBackend
+    from lcmserve.engine.backends.onnx import OnnxBackend
     from lcmserve.engine.export import export_model
 
     kl_paths = export_model(load_model("preset:tiny-sd", device="cpu"), tmp_path, 32, 32, exporter="legacy")

@@ -1,0 +1,86 @@
+"""What plug-in domains lend the generic layers: bundled model names and training-data sources.
+
+The generic layers (models, engine, distill, server) never import a domain. A domain package
+declares an entry point in the group ``lcmserve.plugins`` (pyproject.toml); the first lookup
+here loads every such plug-in, and each one registers its names:
+
+    register_bundled("shapes-lcm", locate)            # load_model("shapes-lcm") finds its folder
+    register_data_source("shapes", open_source)       # DistillConfig(data="shapes") finds its data
+
+so ``load_model("shapes-lcm")`` works from any entry point (the CLI, the server, a notebook)
+without the caller importing the domain first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_GROUP = "lcmserve.plugins"
+KINDS = ("model", "lora")
+
+_bundled: dict[str, dict[str, Callable[[str], Path]]] = {kind: {} for kind in KINDS}
+_data_sources: dict[str, Callable[[int, int], Any]] = {}
+_plugins_loaded = False
+
+
+def register_bundled(name: str, locate: Callable[[str], Path], kind: str = "model") -> None:
+    """Make ``name`` a bundled ``kind`` (model or lora); ``locate(param)`` returns its folder, or raises a
+    ModelLoadError naming ``param`` when this installation lacks it."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    _bundled[kind][name] = locate
+
+
+def register_data_source(name: str, open_source: Callable[[int, int], Any]) -> None:
+    """Make ``name`` a value of ``DistillConfig.data``: ``open_source(seed, num_samples)`` returns the
+    source (a finite set or an endless stream, see lcmserve.distill.data)."""
+    _data_sources[name] = open_source
+
+
+def load_plugins() -> None:
+    """Load the plug-ins of ``PLUGIN_GROUP`` once; a broken one is logged and skipped."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    plugins = entry_points(group=PLUGIN_GROUP)
+    if not plugins:
+        logger.warning("no plug-ins in the entry point group %s: bundled model names and data sources are unknown "
+                       "until the package is installed again (pip install -e .)", PLUGIN_GROUP)
+    for plugin in plugins:
+        try:
+            plugin.load()()
+        except Exception:  # a broken plug-in must not stop folders and Hub ids from loading
+            logger.exception("plug-in %s (%s) failed to register", plugin.name, plugin.value)
+
+
+def bundled_names(kind: str = "model") -> tuple[str, ...]:
+    load_plugins()
+    return tuple(_bundled[kind])
+
+
+def resolve_bundled(spec: str, kind: str = "model", param: str = "model") -> str:
+    """The folder of a bundled ``kind``'s name (e.g. ``shapes-lcm``); any other spec as it is.
+
+    A folder of that name in the working directory wins over the bundled one."""
+    load_plugins()
+    locate = _bundled[kind].get(spec)
+    if locate is None or Path(spec).exists():
+        return spec
+    return str(locate(param))
+
+
+def data_source(name: str) -> Callable[[int, int], Any] | None:
+    load_plugins()
+    return _data_sources.get(name)
+
+
+def data_source_names() -> tuple[str, ...]:
+    load_plugins()
+    return tuple(_data_sources)

@@ -1,0 +1,48 @@
+"""Bundled names and data sources reach the generic layers through the registry, not an import."""
+
+from pathlib import Path
+
+import pytest
+
+from lcmserve.errors import ModelLoadError
+from lcmserve.models import load_model, registry
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """A registry of its own for the test, so that planted names do not leak into other tests."""
+    monkeypatch.setattr(registry, "_bundled", {kind: dict(names) for kind, names in registry._bundled.items()})
+    monkeypatch.setattr(registry, "_data_sources", dict(registry._data_sources))
+
+
+def test_a_registered_name_loads_its_folder_and_others_pass_through(clean_registry, lcm_sd_dir, tmp_path):
+    asked = []
+
+    def locate(param: str) -> Path:
+        asked.append(param)
+        return lcm_sd_dir
+
+    registry.register_bundled("tiny-bundled-lcm", locate)
+    assert "tiny-bundled-lcm" in registry.bundled_names()
+    model = load_model("tiny-bundled-lcm", device="cpu", dtype="float32")
+    assert model.family == "sd" and asked == ["model"]
+    assert registry.resolve_bundled("someone/some-lcm") == "someone/some-lcm"
+    assert registry.resolve_bundled("tiny-bundled-lcm", kind="lora") == "tiny-bundled-lcm"  # a model, not a LoRA
+
+
+def test_a_missing_bundled_folder_is_the_plug_ins_error(clean_registry):
+    def locate(param: str) -> Path:
+        raise ModelLoadError(f"{param}: the bundled thing is not in this installation", param=param)
+
+    registry.register_bundled("not-shipped-lora", locate, kind="lora")
+    with pytest.raises(ModelLoadError, match="lora: the bundled thing") as err:
+        registry.resolve_bundled("not-shipped-lora", kind="lora", param="lora")
+    assert err.value.param == "lora"
+    with pytest.raises(ValueError, match="kind"):
+        registry.register_bundled("x", locate, kind="vae")
+
+
+def test_data_sources_by_name(clean_registry):
+    registry.register_data_source("fake-data", lambda seed, n: ("fake", seed, n))
+    assert registry.data_source("fake-data")(3, 4) == ("fake", 3, 4)
+    assert registry.data_source("no-such-data") is None and "fake-data" in registry.data_source_names()
