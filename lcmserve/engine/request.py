@@ -124,6 +124,12 @@ def check_prompt(prompt, param: str = "prompt") -> str:
         raise InvalidInputError(
             f"{param} must not contain NUL characters; found one at index {prompt.index(chr(0))}", param=param
         )
+    try:  # the tokenizer takes valid Unicode only; JSON's "\ud800" escape makes a lone surrogate
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{param} is not valid Unicode: a lone surrogate U+{ord(prompt[exc.start]):04X} at index {exc.start} "
+            "(send UTF-8 text; a JSON \\uD8xx escape needs its \\uDCxx pair)", param=param) from None
     return prompt
 
 

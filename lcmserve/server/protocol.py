@@ -13,7 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lcmserve.engine.request import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_STEPS, GenerationRequest, Limits
+from lcmserve.engine.request import (
+    MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_STEPS, GenerationRequest, Limits, check_prompt,
+)
 from lcmserve.errors import InvalidInputError
 from lcmserve.server.config import ServerConfig
 
@@ -169,17 +171,9 @@ class ErrorBody(BaseModel):
 
 # 3. translation and the configured limits ------------------------------------------------------
 def check_text(text: str, param: str) -> str:
-    """Text the tokenizer can take: valid Unicode, so no lone surrogate (JSON's "\\ud800" escapes make one).
-
-    REST and gRPC share it; gRPC's undecodable bytes are refused as they are parsed (grpc_gate.py).
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(
-            f"{param} is not valid Unicode: a lone surrogate U+{ord(text[exc.start]):04X} at index {exc.start} "
-            "(send UTF-8 text; a JSON \\uD8xx escape needs its \\uDCxx pair)", param=param) from None
-    return text
+    """Text the tokenizer can take (the engine's one check: a string, no NUL, valid Unicode), before any
+    limit of the server's is applied; gRPC's undecodable bytes are refused as they are parsed (grpc_gate.py)."""
+    return check_prompt(text, param)
 
 
 def check_prompt_length(prompt: str, config: ServerConfig, param: str = "prompt") -> None:

@@ -611,7 +611,7 @@ def test_backend_flag_picks_the_engine_backend(monkeypatch):
     from lcmserve.server.app import build_client
     from lcmserve.server.metrics import ServerMetrics
 
-    with pytest.raises(InvalidInputError, match="--backend: backend must be one of torch, compiled, cuda-graph, onnx, tensorrt"):
+    with pytest.raises(InvalidInputError, match="--backend: backend must be one of (auto, )?torch, compiled, cuda-graph, onnx, tensorrt"):
         ServerConfig.load({"backend": "jax"}, {})
     config = ServerConfig.load({}, {"LCMSERVE_BACKEND": "cuda-graph", "LCMSERVE_MAX_BATCH_SIZE": "6"})
     config = dataclasses.replace(config, model="preset:tiny-sd", device="cpu", dtype="float32")
