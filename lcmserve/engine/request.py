@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lcmserve.errors import InvalidInputError, check_int
@@ -12,6 +13,10 @@ MIN_STEPS, MAX_STEPS = 1, 8
 MAX_GUIDANCE = 50.0
 MAX_SEED = 2**63 - 1
 SIZE_MULTIPLE = 8
+MAX_ADAPTERS = 4  # per row: each adds a low-rank product to every layer it targets
+MAX_ADAPTER_SCALE = 4.0
+
+AdapterItems = tuple[tuple[str, float], ...]
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,11 @@ class Row:
     guidance_scale: float
     negative_prompt: str = ""
     """What classifier-free guidance steers away from, in place of the empty prompt; "" for none."""
+    adapters: AdapterItems = ()
+    """The LoRA adapters this row runs with: a mapping name -> scale, kept as sorted (name, scale) pairs."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", check_adapters(self.adapters))
 
 
 @dataclass(frozen=True)
@@ -66,10 +76,16 @@ class GenerationRequest:
     negative_prompt: str = ""
     """Classifier-free guidance models only (a base model with an LCM-LoRA): the prompt that guidance
     steers away from, in place of the empty one; it acts on images with guidance_scale > 1."""
+    adapters: AdapterItems = ()
+    """LoRA adapters loaded beside the model (``AdapterSet``): a mapping name -> scale, at most
+    ``MAX_ADAPTERS``, each scale in [-MAX_ADAPTER_SCALE, MAX_ADAPTER_SCALE]; kept as sorted pairs."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", check_adapters(self.adapters))
 
     def rows(self) -> list[Row]:
         assert self.seed is not None, "resolve() the request first"
-        return [Row(self.prompt, self.seed + i, self.guidance_scale, self.negative_prompt)
+        return [Row(self.prompt, self.seed + i, self.guidance_scale, self.negative_prompt, self.adapters)
                 for i in range(self.num_images)]
 
 
@@ -142,3 +158,28 @@ def check_negative_prompt(negative_prompt, guidance_mode: str) -> str:
             "unconditional branch for a negative prompt to replace; leave it empty, or serve a base model with an "
             "LCM-LoRA (--lora), which uses classifier-free guidance", param="negative_prompt")
     return negative_prompt
+
+
+def check_adapters(adapters) -> AdapterItems:
+    """A mapping name -> scale (or (name, scale) pairs) as sorted pairs, at most ``MAX_ADAPTERS``, scales in range."""
+    allowed = (f"a mapping of at most {MAX_ADAPTERS} adapter names to scales in "
+               f"[{-MAX_ADAPTER_SCALE:g}, {MAX_ADAPTER_SCALE:g}]")
+    if adapters is None:
+        return ()
+    if isinstance(adapters, (str, bytes)):
+        raise InvalidInputError.out_of_range("adapters", adapters, allowed)
+    try:
+        pairs = list(adapters.items() if isinstance(adapters, Mapping) else adapters)
+        names = [name for name, _ in pairs]
+    except (TypeError, ValueError):
+        raise InvalidInputError.out_of_range("adapters", adapters, allowed) from None
+    if len(pairs) > MAX_ADAPTERS or len(set(names)) != len(names):
+        raise InvalidInputError.out_of_range("adapters", dict(pairs), allowed + " (each name once)")
+    items = []
+    for name, scale in pairs:
+        ok = not isinstance(scale, bool) and isinstance(scale, (int, float)) and math.isfinite(scale)
+        if not isinstance(name, str) or not name or not ok or abs(scale) > MAX_ADAPTER_SCALE:
+            raise InvalidInputError(
+                f"adapters: {name!r}: {scale!r} is not allowed; adapters must be {allowed}", param="adapters")
+        items.append((name, float(scale)))
+    return tuple(sorted(items))

@@ -9,6 +9,7 @@ alone, inside any batch, and in diffusers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lcmserve.consistency import lcm_timesteps
+from lcmserve.engine.adapters import AdapterSet
 from lcmserve.engine.backends.base import Backend, DenoiseBatch, StageTimes
 from lcmserve.engine.backends.torch import TorchBackend
 from lcmserve.engine.loop import StepCallback
@@ -25,6 +27,7 @@ from lcmserve.engine.request import (
     Limits,
     ResolvedRequest,
     Row,
+    check_adapters,
     check_guidance,
     check_num_images,
     check_negative_prompt,
@@ -73,6 +76,7 @@ class LCMSampler:
         backend: Backend | None = None,
         limits: Limits | None = None,
         max_batch_size: int = 8,
+        adapters: AdapterSet | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
@@ -80,6 +84,8 @@ class LCMSampler:
         self.backend = backend or TorchBackend(model)
         self.limits = limits or Limits.for_native_size(model.native_size)
         self.max_batch_size = max_batch_size
+        self.adapters = adapters
+        """LoRA adapters held beside the model, chosen per row; None: rows may name none."""
 
     # 1. checks --------------------------------------------------------------------------
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
@@ -101,6 +107,7 @@ class LCMSampler:
         return ResolvedRequest(
             prompt=prompt, num_images=num_images, steps=steps, guidance_scale=guidance,
             width=width, height=height, seed=seed, negative_prompt=negative_prompt,
+            adapters=self.check_adapter_names(request.adapters),
             truncated=self.count_tokens(prompt) > self.model.max_prompt_tokens,
         )
 
@@ -117,6 +124,23 @@ class LCMSampler:
             check_guidance(row.guidance_scale, self.limits)
             if check_seed(row.seed) != row.seed:
                 raise InvalidInputError.out_of_range("seed", row.seed, "an integer per row")
+            self.check_adapter_names(row.adapters)
+
+    def check_adapter_names(self, adapters) -> tuple[tuple[str, float], ...]:
+        """The adapters checked (count and scales) and known to this engine, whose backend must run them."""
+        items = check_adapters(adapters)
+        if not items:
+            return items
+        if self.adapters is None:
+            raise InvalidInputError(f"adapters: no adapter named {items[0][0]!r} is loaded; loaded: none "
+                                    "(load adapters beside the model to choose them per request)", param="adapters")
+        self.adapters.check(name for name, _ in items)
+        if self.backend.name != "torch":
+            # The other backends run a compiled graph, captured CUDA graphs or exported files of the UNet,
+            # which the eager per-layer hooks of adapters.py do not reach.
+            raise InvalidInputError(f"adapters: the {self.backend.name} backend does not run per-request adapters; "
+                                    "use --backend torch, or fuse one LoRA at load with --lora", param="adapters")
+        return items
 
     # 2. tokens and noise ------------------------------------------------------------------------
     def count_tokens(self, prompt: str) -> int:
@@ -180,7 +204,10 @@ class LCMSampler:
         """Generate one image per row; rows share steps and resolution."""
         self.check_rows(rows, steps, width, height)
         batch, truncated = self.make_batch(rows, steps, width, height)
-        out = self.backend.run(batch, on_step=on_step)
+        row_adapters = [row.adapters for row in rows]
+        applied = self.adapters.applied(row_adapters) if any(row_adapters) else contextlib.nullcontext()
+        with applied:
+            out = self.backend.run(batch, on_step=on_step)
         return BatchResult(out.images, out.times, truncated)
 
     def generate(
