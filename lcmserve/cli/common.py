@@ -20,7 +20,8 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> Non
                    "AutoencoderKL or AutoencoderTiny (TAESD: a much faster decode), or preset:taesd (random weights)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto",
-                   help="auto, float32, bfloat16 or float16 (auto: fp16 on GPU, fp32 on CPU)")
+                   help="auto, float32, bfloat16 or float16 (auto: with --backend auto, the dtype its rule picks, "
+                        "bfloat16 on a CPU with bfloat16 instructions; otherwise fp16 on GPU, fp32 on CPU)")
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -32,20 +33,22 @@ def load_model_from_args(args: argparse.Namespace):
 
 def add_backend_flags(parser: argparse.ArgumentParser) -> None:
     """What the accelerated backends take: their cache, torch.compile, memory layout, exporter, attention."""
-    from lcmserve.engine.kernels.attention import ATTENTION_MODES
+    from lcmserve.engine.kernels.attention import ATTENTION_CHOICES
 
     parser.add_argument("--cache-dir", default=None,
-                        help="ONNX/TensorRT cache (default $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)")
+                        help="ONNX graphs, TensorRT engines, kernels and inductor's code (default $LCMSERVE_CACHE_DIR "
+                             "or ~/.cache/lcmserve; inductor's: $TORCHINDUCTOR_CACHE_DIR when set)")
     parser.add_argument("--compile", action="store_true", help="cuda-graph: torch.compile the UNet and VAE")
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                         help="cuda-graph --compile on a GPU: max-autotune-no-cudagraphs (default; minutes of "
                         "autotuning per bucket) or default (library kernels, a short warm-up)")
     parser.add_argument("--channels-last", action="store_true", help="cuda-graph: NHWC convolutions")
     add_exporter(parser)
-    parser.add_argument("--attention", choices=ATTENTION_MODES, default="sdpa",
-                        help="sdpa: torch's scaled_dot_product_attention (default); small-head: our CPU kernel for "
-                             "heads of up to 16 channels, or 24 over at most 80 keys (the shapes models), built "
-                             "with the C compiler on first use")
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                        help="auto (default): small-head where it pays (a torch-executed backend on a CPU, a model "
+                             "with small heads), else sdpa; sdpa: torch's scaled_dot_product_attention; small-head: "
+                             "our CPU kernel for heads of up to 16 channels, or 24 over at most 80 keys (the shapes "
+                             "models), built with the C compiler on first use")
 
 
 def add_exporter(parser: argparse.ArgumentParser, help: str = "onnx: torch.onnx exporter") -> None:

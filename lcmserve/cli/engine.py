@@ -38,6 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_num_images(args.num_images, limits)
     check_seed(args.seed)
     check_compile_mode(args.compile_mode)
+    choice = _choose(args)
     model = load_model_from_args(args)
     if args.model.startswith("preset:"):
         logger.warning("model %s has random weights: its images are noise (use it to measure speed)", args.model)
@@ -68,12 +69,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "seeds": result.seeds,
         "files": files,
         "model": model.describe(),
+        "backend": choice.describe() if choice else {"backend": args.backend, "dtype": model.dtype_name,
+                                                     "attention": args.attention},
         "times_s": {"text": result.times.text_s, "unet": result.times.unet_s, "vae": result.times.vae_s,
                     "total_with_load": time.perf_counter() - started},
     }
     (out_dir / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {len(files)} image(s) to {out_dir}/ ({', '.join(files)})")
     return 0
+
+
+def _choose(args: argparse.Namespace):
+    """``--backend auto``: the backend, dtype and attention its rule picks for a one-off run, written into ``args``
+    before the model loads in that dtype; None for a named backend."""
+    if args.backend != "auto":
+        return None
+    from lcmserve.engine.backends import choose_before_load
+
+    choice = choose_before_load(args.model, unet=args.unet, device=args.device, dtype=args.dtype,
+                                attention=args.attention, one_off=True)
+    args.backend, args.dtype, args.attention = choice.backend, choice.dtype, choice.attention
+    return choice
 
 
 def _generate_backend(args: argparse.Namespace, model, resolved):
@@ -90,7 +106,7 @@ def _generate_backend(args: argparse.Namespace, model, resolved):
 
 
 def _add_generate(sub) -> None:
-    from lcmserve.engine.backends import BACKENDS
+    from lcmserve.engine.backends import BACKEND_CHOICES
     from lcmserve.models import DEFAULT_MODEL
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
@@ -111,8 +127,9 @@ def _add_generate(sub) -> None:
     gen.add_argument("--format", choices=["png", "jpeg", "webp"], default="png", help="image file format")
     gen.add_argument("-o", "--output", default="out", help="output folder (default out/)")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    gen.add_argument("--backend", choices=BACKENDS, default="torch",
-                     help="engine backend (default torch, the eager reference)")
+    gen.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                     help="engine backend (default auto: the dtype and attention that pay on this machine, eager "
+                          "torch for a one-off run, whose images cost less than compiling; torch is the reference)")
     add_backend_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -198,6 +215,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_bench(sub) -> None:
     from lcmserve.engine.backends import BACKENDS
+    from lcmserve.engine.bench import DEFAULT_ROW
     from lcmserve.models import DEFAULT_MODEL
 
     bn = sub.add_parser("bench", help="latency/throughput of the backends vs diffusers (JSON, markdown, plot); "
@@ -205,7 +223,10 @@ def _add_bench(sub) -> None:
                         description="--lora, --unet and --vae change the model for ours and diffusers' pipeline "
                         "alike.")
     add_model_args(bn, DEFAULT_MODEL)
-    bn.add_argument("--backends", default="torch", help="comma list of " + ", ".join(BACKENDS))
+    bn.add_argument("--backends", default=DEFAULT_ROW,
+                    help=f"comma list of {DEFAULT_ROW} (what `lcmserve serve` runs: backend auto with the dtype and "
+                         f"attention it picks, its own copy of the weights) and " + ", ".join(BACKENDS)
+                         + f" (default {DEFAULT_ROW}); --attention auto: the named ones run sdpa")
     bn.add_argument("--batch-sizes", type=int_list, default=[1, 8], help="comma list in [1, 32] (default 1,8)")
     bn.add_argument("--steps", type=int_list, default=[4], help="comma list in [1, 8] (default 4)")
     bn.add_argument("--resolutions", default="", help="comma list HEIGHTxWIDTH (default: the model's size)")

@@ -7,8 +7,10 @@ backend), and records p50/p90/p99 latency, throughput, the backend's per-stage s
 process's peak RSS on a CPU, a high-water mark over the whole run). In the same run the
 same modules go through diffusers' ``LatentConsistencyModelPipeline`` (eager, same dtype unless
 ``baseline_dtype`` says otherwise) as the baseline; ``interleave`` times the backends' batches
-in turn. Results: ``NAME.json``, ``NAME.md`` and ``NAME.png``; ``compare`` merges
-result files from several machines into one table and plot.
+in turn. The row ``default`` runs what ``lcmserve serve`` runs by default: the backend, dtype and
+attention that ``auto`` picks (backends/auto.py), on its own copy of the same weights. Results:
+``NAME.json``, ``NAME.md`` and ``NAME.png``; ``compare`` merges result files from several machines into
+one table and plot.
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from lcmserve.engine.backends import BACKENDS, TORCH_EXECUTED, BucketSet, check_compile_mode, create_backend
+from lcmserve.engine.backends import (
+    AUTO,
+    BACKENDS,
+    TORCH_EXECUTED,
+    BackendChoice,
+    BucketSet,
+    check_compile_mode,
+    choose_backend,
+    create_backend,
+)
 from lcmserve.engine.backends.base import sync
 from lcmserve.engine.cache import library_versions
 from lcmserve.engine.kernels.attention import check_attention, use_small_head_attention, with_standard_attention
@@ -40,6 +51,7 @@ from lcmserve.models.loading import DTYPES, cpu_has_bfloat16
 logger = logging.getLogger(__name__)
 
 BASELINE = "diffusers"
+DEFAULT_ROW = "default"  # what `lcmserve serve` runs: backend auto, with the dtype and attention it picks
 MAX_BENCH_BATCH = 32
 _LIBRARIES = ("lcmserve", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
@@ -59,7 +71,8 @@ class BenchConfig:
     unet: str | None = None
     """An LCM UNet folder that replaces the pipeline's UNet (as lcm-sdxl is distributed)."""
     backends: tuple[str, ...] = ("torch",)
-    """Backends to measure, from torch, compiled, cuda-graph, onnx, tensorrt."""
+    """Backends to measure, from default (backend auto with its dtype and attention, on its own copy of the
+    weights), torch, compiled, cuda-graph, onnx, tensorrt."""
     batch_sizes: tuple[int, ...] = (1, 8)
     """Rows per batch, 1 to 32."""
     steps: tuple[int, ...] = (4,)
@@ -91,9 +104,10 @@ class BenchConfig:
     baseline and the other backends, or in a bench of its own)."""
     exporter: str = "dynamo"
     """torch.onnx exporter of the onnx backend (dynamo or legacy)."""
-    attention: str = "sdpa"
+    attention: str = AUTO
     """small-head: our CPU attention kernel in the torch-executed backends (torch, compiled, cuda-graph);
-    diffusers' baseline and the onnx/tensorrt graphs keep SDPA."""
+    diffusers' baseline and the onnx/tensorrt graphs keep SDPA. auto: the default row takes the rule's
+    pick, the named backends SDPA; sdpa or small-head given: the default row runs it too."""
     threads: int | None = None
     """CPU threads of torch and ONNX Runtime (None: their defaults). On a shared CPU, 1 avoids
     the OpenMP barrier stalls that many threads suffer when other processes hold the cores."""
@@ -112,8 +126,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for backend in self.backends:
-            if backend not in BACKENDS:
-                raise InvalidInputError.out_of_range("backends", backend, "each one of " + ", ".join(BACKENDS))
+            if backend not in (DEFAULT_ROW, *BACKENDS):
+                raise InvalidInputError.out_of_range("backends", backend,
+                                                     "each one of " + ", ".join((DEFAULT_ROW, *BACKENDS)))
         if not self.backends and not self.baseline:
             raise InvalidInputError("backends: give at least one backend or keep the diffusers baseline",
                                     param="backends")
@@ -127,6 +142,8 @@ class BenchConfig:
         check_int("iters", self.iters, 1, 1000)
         if self.resolutions:
             BucketSet(resolutions=self.resolutions)  # same checks as the compiled backends
+        if self.dtype != AUTO and self.dtype not in DTYPES:
+            raise InvalidInputError.out_of_range("dtype", self.dtype, "auto, " + ", ".join(DTYPES))
         if self.baseline_dtype is not None and self.baseline_dtype not in DTYPES:
             raise InvalidInputError.out_of_range("baseline_dtype", self.baseline_dtype,
                                                  ", ".join(DTYPES) + " or None (the bench's dtype)")
@@ -245,7 +262,7 @@ def _time_shape(live: dict[str, tuple[Any, float]], cfg: BenchConfig, device: to
 
     for runner, (target, _) in live.items():
         try:
-            if runner == "onnx":
+            if runner != BASELINE and target.backend.name == "onnx":
                 target.backend.prepare(height, width)  # export / load outside the timed runs
         except Exception as exc:  # noqa: BLE001 - recorded by failed()
             failed(runner, exc)
@@ -325,8 +342,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.guidance is None:
         cfg = dataclasses.replace(cfg, guidance=model.default_guidance_scale)
     device = model.device
-    if cfg.attention == "small-head" and any(b in TORCH_EXECUTED for b in cfg.backends):
-        use_small_head_attention(model, cfg.cache_dir)  # before the baseline is set up: it takes an SDPA twin
     resolutions = cfg.resolutions or ((model.native_size, model.native_size),)
     shapes = [(r, s, b) for r in resolutions for s in cfg.steps for b in cfg.batch_sizes]
     per_config = cfg.warmup + cfg.iters
@@ -336,27 +351,24 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     groups = [runners] if cfg.interleave else [[runner] for runner in runners]
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
-    baseline_model = model
-    if cfg.baseline and cfg.baseline_dtype not in (None, model.dtype_name):
-        baseline_model = load_model(cfg.model, lora=cfg.lora, lora_scale=cfg.lora_scale, unet=cfg.unet, vae=cfg.vae,
-                                    device=str(device), dtype=cfg.baseline_dtype)
-    models = {runner: baseline_model if runner == BASELINE else model for runner in runners}
+    models, choice = _models(cfg, model, runners)
     memory_kind = ("cuda_max_reserved" if device.type == "cuda" else "process_peak_rss") + \
         ("_all_backends" if cfg.interleave else "")
     with tqdm(total=len(runners) * len(shapes) * per_config, desc="bench", unit="batch",
               disable=not cfg.progress) as bar:
         for group in groups:
-            live = _set_up(group, cfg, models, tuple(resolutions), bar, errors, len(shapes) * per_config)
+            live = _set_up(group, cfg, models, choice, tuple(resolutions), bar, errors, len(shapes) * per_config)
             bar.set_postfix_str(",".join(group))
             for (height, width), steps, batch_size in shapes:
                 measured = _time_shape(live, cfg, device, bar, errors, batch_size, steps, height, width)
                 peak_mb = _peak_memory_mb(device)
                 for runner, (latencies, stages, profiled) in measured.items():
                     row = {"backend": runner, "batch_size": batch_size, "steps": steps, "height": height,
-                           "width": width, "dtype": models[runner].dtype_name, "attention": _attention(cfg, runner),
-                           "vae": cfg.vae, "iters": cfg.iters, "setup_s": round(live[runner][1], 3),
-                           **summarize(latencies, batch_size), "peak_memory_mb": round(peak_mb, 1),
-                           "peak_memory_kind": memory_kind}
+                           "width": width, "dtype": models[runner].dtype_name,
+                           "attention": _attention(cfg, runner, choice), "vae": cfg.vae, "iters": cfg.iters,
+                           "setup_s": round(live[runner][1], 3), **summarize(latencies, batch_size),
+                           "peak_memory_mb": round(peak_mb, 1), "peak_memory_kind": memory_kind,
+                           **({"auto": choice.describe()} if runner == DEFAULT_ROW else {})}
                     rows.append(_with_stages(row, stages, profiled))
             rows.sort(key=lambda r: runners.index(r["backend"]))  # by backend, as a sequential run lists them
             # Written after every group, so an interrupted run keeps what it measured.
@@ -366,13 +378,37 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return result
 
 
-def _attention(cfg: BenchConfig, runner: str) -> str:
-    """The attention a runner's row ran: the bench's choice in the torch-executed backends, SDPA elsewhere."""
-    return cfg.attention if runner in TORCH_EXECUTED else "sdpa"
+def _models(cfg: BenchConfig, model, runners: list[str]) -> tuple[dict[str, Any], BackendChoice | None]:
+    """Each runner's model: ``model`` for the named backends; diffusers' in ``baseline_dtype`` when set; the
+    default row's own copy in the dtype auto picks (its attention may differ from the named rows')."""
+    from lcmserve.models import load_model
+
+    def load(dtype: str):
+        return load_model(cfg.model, lora=cfg.lora, lora_scale=cfg.lora_scale, unet=cfg.unet, vae=cfg.vae,
+                          device=str(model.device), dtype=dtype)
+
+    if cfg.attention == "small-head" and any(b in TORCH_EXECUTED for b in cfg.backends):
+        use_small_head_attention(model, cfg.cache_dir)  # before the baseline is set up: it takes an SDPA twin
+    models = dict.fromkeys(runners, model)
+    if BASELINE in runners and cfg.baseline_dtype not in (None, model.dtype_name):
+        models[BASELINE] = load(cfg.baseline_dtype)
+    choice = None
+    if DEFAULT_ROW in runners:
+        choice = choose_backend(model, model.device, dtype=cfg.dtype, attention=cfg.attention)
+        models[DEFAULT_ROW] = load(choice.dtype)
+    return models, choice
 
 
-def _set_up(group: list[str], cfg: BenchConfig, models: dict[str, Any], resolutions, bar,
-            errors: list[dict[str, Any]], batches: int) -> dict[str, tuple[Any, float]]:
+def _attention(cfg: BenchConfig, runner: str, choice: BackendChoice | None = None) -> str:
+    """The attention a runner's row ran: auto's pick in the default row; the bench's in the torch-executed
+    backends (SDPA when left at auto); SDPA elsewhere."""
+    if runner == DEFAULT_ROW:
+        return choice.attention
+    return cfg.attention if runner in TORCH_EXECUTED and cfg.attention != AUTO else "sdpa"
+
+
+def _set_up(group: list[str], cfg: BenchConfig, models: dict[str, Any], choice: BackendChoice | None, resolutions,
+            bar, errors: list[dict[str, Any]], batches: int) -> dict[str, tuple[Any, float]]:
     """Each runner of the group as (diffusers' pipeline or our sampler, setup seconds); one that fails is recorded
     in ``errors`` (and its ``batches`` counted done) and left out, so it does not cost the others their rows."""
     from lcmserve.engine.sampler import LCMSampler
@@ -386,10 +422,11 @@ def _set_up(group: list[str], cfg: BenchConfig, models: dict[str, Any], resoluti
             if runner == BASELINE:
                 target = diffusers_pipeline(models[runner])
             else:
-                backend = create_backend(runner, models[runner], buckets=buckets, cache_dir=cfg.cache_dir,
+                name = choice.backend if runner == DEFAULT_ROW else runner
+                backend = create_backend(name, models[runner], buckets=buckets, cache_dir=cfg.cache_dir,
                                          compile=cfg.compile, compile_mode=cfg.compile_mode,
                                          channels_last=cfg.channels_last, exporter=cfg.exporter, threads=cfg.threads,
-                                         attention=_attention(cfg, runner))
+                                         attention=_attention(cfg, runner, choice))
                 target = LCMSampler(models[runner], backend=backend, max_batch_size=max(cfg.batch_sizes))
         except Exception as exc:  # one broken backend must not cost the rows of the others
             logger.exception("bench: %s could not be set up", runner)
@@ -475,6 +512,8 @@ def _markdown(result: dict[str, Any]) -> str:
         + ("; backends interleaved batch by batch (peak memory is the whole set's)" if cfg.get("interleave") else "")
         + "\n\n"
         + markdown_table(result["rows"])
+        + next((f"\n`default` is `lcmserve serve`'s path, backend auto: {r['auto']['reason']}.\n"
+                for r in result["rows"] if r.get("auto")), "")
         + _profile_markdown(result["rows"])
         + "".join(f"\n- {e['backend']} failed ({e['stage']}"
                   + (f", batch {e['batch_size']}, {e['steps']} steps, {e['height']}x{e['width']}" if "steps" in e else "")
@@ -507,8 +546,9 @@ def _profile_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _row_label(r: dict[str, Any]) -> str:
-    """The backend, with what sets the row apart: our attention kernel, a replacement VAE."""
-    return (r["backend"] + (f" ({r['attention']})" if r.get("attention", "sdpa") != "sdpa" else "")
+    """The backend, with what sets the row apart: auto's pick, our attention kernel, a replacement VAE."""
+    return (r["backend"] + (f" = {r['auto']['backend']}" if r.get("auto") else "")
+            + (f" ({r['attention']})" if r.get("attention", "sdpa") != "sdpa" else "")
             + (f" + VAE {r['vae']}" if r.get("vae") else ""))
 
 

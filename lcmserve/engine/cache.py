@@ -182,9 +182,13 @@ def use_inductor_cache(cache_dir: str | os.PathLike | None = None) -> Path:
     strides, inductor's settings (freezing, the C++ wrapper), torch's version and the compiler; frozen weights
     enter by shape and dtype, as the code reads their values at run time. So an entry is never stale, and a
     second start of the same model (or another of its architecture) skips code generation and the C++ builds;
-    dynamo still traces. Set once per process: inductor reads the variable when it first writes."""
-    if not os.environ.get(INDUCTOR_ENV):
-        os.environ[INDUCTOR_ENV] = str((Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "inductor")
+    dynamo still traces. Set once per process, before the first compile: inductor reads the variable
+    whenever it writes. Importing torch._dynamo sets it to torch's default, so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    if os.environ.get(INDUCTOR_ENV) in (None, "", torch_default()):
+        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        os.environ[INDUCTOR_ENV] = str(root / "inductor")
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
     return Path(os.environ[INDUCTOR_ENV])

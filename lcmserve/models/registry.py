@@ -1,4 +1,4 @@
-"""What plug-in domains lend the generic layers: bundled model names and training-data sources.
+"""What plug-in domains lend the generic layers: bundled names, their prompt guides, and data sources.
 
 The generic layers (models, engine, distill, server) never import a domain. A domain package
 declares an entry point in the group ``lcmserve.plugins`` (pyproject.toml); the first lookup
@@ -6,6 +6,7 @@ here loads every such plug-in, and each one registers its names:
 
     register_bundled("shapes-lcm", locate)            # load_model("shapes-lcm") finds its folder
     register_data_source("shapes", open_source)       # DistillConfig(data="shapes") finds its data
+    register_prompt_guide("shapes-lcm", guide)        # the playground shows what the model draws
 
 so ``load_model("shapes-lcm")`` works from any entry point (the CLI, the server, a notebook)
 without the caller importing the domain first.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ KINDS = ("model", "lora")
 
 _bundled: dict[str, dict[str, Callable[[str], Path]]] = {kind: {} for kind in KINDS}
 _data_sources: dict[str, Callable[[int, int], Any]] = {}
+_prompt_guides: dict[str, PromptGuide] = {}
 _plugins_loaded = False
 
 
@@ -41,6 +44,27 @@ def register_data_source(name: str, open_source: Callable[[int, int], Any]) -> N
     """Make ``name`` a value of ``DistillConfig.data``: ``open_source(seed, num_samples)`` returns the
     source (a finite set or an endless stream, see lcmserve.distill.data)."""
     _data_sources[name] = open_source
+
+
+@dataclass(frozen=True)
+class PromptGuide:
+    """What a bundled model understands, for the people who prompt it (the playground's model card)."""
+
+    understands: str
+    """The prompts it was trained on, in a sentence or two."""
+    examples: tuple[str, ...] = ()
+    """Prompts it draws right; the first is the playground's default."""
+
+
+def register_prompt_guide(name: str, guide: PromptGuide) -> None:
+    """Describe the prompts of the bundled model ``name``."""
+    _prompt_guides[name] = guide
+
+
+def prompt_guide(name: str) -> PromptGuide | None:
+    """The guide of a bundled model's name; None for any other model (a folder, a Hub id, a preset)."""
+    load_plugins()
+    return _prompt_guides.get(name)
 
 
 def load_plugins() -> None:

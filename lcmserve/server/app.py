@@ -1,9 +1,11 @@
 """Wiring and lifecycle of ``lcmserve serve``: load, warm up, serve REST (+ gRPC), drain on a signal.
 
-    1. load the model, build the sampler, the engine client (metrics hooks) and the REST app
-    2. start uvicorn on config.host:port and, unless grpc_port is 0, gRPC on config.host:grpc_port
-    3. warm up in the background; /readyz turns 200 when done
-    4. on SIGTERM/SIGINT: /readyz and new generation requests answer 503, queued and running
+    1. bind config.host:port and check grpc_port before the model loads: a port in use is one line
+       that names the flag to change, not a traceback after a long load
+    2. load the model, build the sampler, the engine client (metrics hooks) and the REST app
+    3. serve uvicorn on the bound sockets and, unless grpc_port is 0, gRPC on config.host:grpc_port
+    4. warm up in the background; /readyz turns 200 when done
+    5. on SIGTERM/SIGINT: /readyz and new generation requests answer 503, queued and running
        work finishes within drain_grace_s (what is left gets 503), the servers stop, the engine's
        last batch ends, the process exits 0. A second SIGINT/SIGTERM stops at once.
 """
@@ -11,10 +13,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -24,7 +28,7 @@ from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Limits
 from lcmserve.engine.sampler import LCMSampler
 from lcmserve.models import load_model, load_preview_decoder
 from lcmserve.server.client import EngineClient
-from lcmserve.server.config import ServerConfig
+from lcmserve.server.config import ServerConfig, port_error
 from lcmserve.server.errors import RequestTimeoutError, error_body
 from lcmserve.server.metrics import ServerMetrics
 from lcmserve.server.rest import create_app
@@ -34,20 +38,63 @@ logger = logging.getLogger(__name__)
 HTTP_SHUTDOWN_S = 5.0
 
 
+def bind_port(host: str, port: int, name: str = "port") -> list[socket.socket]:
+    """Sockets bound, not yet listening, on every address of host:port, as asyncio's create_server binds them.
+
+    Bound before the model loads, they keep the port for this server meanwhile; ``name`` is the config
+    field whose flag a failure names (port or grpc_port).
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                    flags=socket.AI_PASSIVE):
+            sock = socket.socket(family, kind, proto)
+            # as asyncio and uvicorn do: connections of a previous run in TIME_WAIT do not block a restart
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EADDRNOTAVAIL:  # not available: that family is off on this machine
+                    raise
+                continue
+            sockets.append(sock)
+        if not sockets:
+            raise OSError(errno.EADDRNOTAVAIL, "no address of this machine")
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise port_error(name, host, port, exc) from None
+    return sockets
+
+
 def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
-    """Model -> sampler -> engine client whose batcher feeds ``metrics``; not started yet."""
+    """Model -> sampler -> engine client whose batcher feeds ``metrics``; not started yet.
+
+    ``backend=auto`` picks the backend, and the dtype and attention left at auto, before the model loads
+    (it loads in the picked dtype); the backend keeps the reason, which GET /v1/models reports."""
+    choice = None
+    if config.backend == backends.AUTO:
+        choice = backends.choose_before_load(config.model, unet=config.unet, device=config.device,
+                                             dtype=config.dtype, attention=config.attention)
+    backend, dtype, attention = (choice.backend, choice.dtype, choice.attention) if choice else (
+        config.backend, config.dtype, config.attention)
     model = load_model(config.model, lora=config.lora, lora_scale=config.lora_scale, unet=config.unet, vae=config.vae,
-                       device=config.device, dtype=config.dtype)
+                       device=config.device, dtype=dtype)
     if config.model.startswith("preset:"):
         logger.warning("model %s has random weights: its images are noise (use it to measure speed)", config.model)
     limits = Limits.for_native_size(model.native_size, max_images=config.max_images)
     sampler = LCMSampler(model, limits=limits, max_batch_size=config.max_batch_size)
-    if config.backend != "torch" or config.attention != "sdpa":
+    if backend != "torch" or attention != "sdpa":
         sizes = tuple(sorted({min(2**i, config.max_batch_size) for i in range(11)}))
         native = (model.native_size, model.native_size)
         buckets = backends.BucketSet(sizes, tuple(range(MIN_STEPS, MAX_STEPS + 1)), (native,))
-        sampler.backend = backends.create_backend(config.backend, model, buckets=buckets, cache_dir=config.cache_dir,
-                                                  attention=config.attention)
+        sampler.backend = backends.create_backend(backend, model, buckets=buckets, cache_dir=config.cache_dir,
+                                                  attention=attention)
+    if choice is not None:
+        sampler.backend.reason = choice.reason
     preview_decoder = load_preview_decoder(model, config.preview_vae) if config.preview_vae else None
     client = EngineClient(sampler, config.model, config.batcher_config,
                           on_batch=metrics.on_batch, on_failure=metrics.on_failure, preview_decoder=preview_decoder)
@@ -164,7 +211,8 @@ class _Uvicorn(uvicorn.Server):
         self._on_signal()
 
 
-async def _serve(config: ServerConfig, client: EngineClient, metrics: ServerMetrics) -> tuple[bool, bool]:
+async def _serve(config: ServerConfig, client: EngineClient, metrics: ServerMetrics,
+                 sockets: list[socket.socket]) -> tuple[bool, bool]:
     """Serve until drained; (clean, forced): forced after a second signal, when nothing more may be waited for."""
     app = create_app(client, config, metrics)
     grpc_server = _GrpcHandle(client, config, metrics)
@@ -202,8 +250,13 @@ async def _serve(config: ServerConfig, client: EngineClient, metrics: ServerMetr
 
     await grpc_server.start(config)
     warm_task = asyncio.ensure_future(warm_up())
+    logger.info("REST listening on http://%s:%d (playground at /, API docs at /docs)", config.host, config.port)
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
+    except OSError as exc:  # another program took the port between the bind and the listen
+        if server.started:
+            raise
+        raise port_error("port", config.host, config.port, exc) from None
     finally:
         warm_task.cancel()
         if not drained.is_set():  # uvicorn stopped on its own (a bind error, a forced exit)
@@ -227,12 +280,20 @@ def _engine_stopped(client: EngineClient, forced: bool) -> bool:
 
 def serve(config: ServerConfig) -> int:
     """Run the server until a signal drains it; 0 after a drain, 1 when it could not start or warm up."""
-    logger.info("lcmserve serve: %s", config.to_dict())
-    if config.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("binding %s: reachable from other machines; set api_key (LCMSERVE_API_KEY)", config.host)
-    metrics = ServerMetrics()
-    client = build_client(config, metrics)
-    ok, forced = asyncio.run(_serve(config, client, metrics))
+    sockets = bind_port(config.host, config.port)
+    try:
+        if config.grpc_port:  # checked only: grpc binds its own socket once the model is loaded
+            for sock in bind_port(config.host, config.grpc_port, "grpc_port"):
+                sock.close()
+        logger.info("lcmserve serve: %s", config.to_dict())
+        if config.host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("binding %s: reachable from other machines; set api_key (LCMSERVE_API_KEY)", config.host)
+        metrics = ServerMetrics()
+        client = build_client(config, metrics)
+        ok, forced = asyncio.run(_serve(config, client, metrics, sockets))
+    finally:
+        for sock in sockets:  # uvicorn closes them when it ran; this covers a failure before
+            sock.close()
     if not _engine_stopped(client, forced):
         # the interpreter's normal exit would abort under the running batch; leave without it
         logger.error("stopped (not clean): the engine is still inside a batch; exiting without waiting for it")
@@ -242,4 +303,4 @@ def serve(config: ServerConfig) -> int:
     return 0 if ok else 1
 
 
-__all__ = ["HeaderDeadlineH11", "build_client", "serve", "uvicorn_config"]
+__all__ = ["HeaderDeadlineH11", "bind_port", "build_client", "serve", "uvicorn_config"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lcmserve.engine.batcher import Batcher, BatcherConfig, BatchInfo, BucketKey, RowsResult
+from lcmserve.engine.kernels.attention import SmallHeadAttnProcessor
 from lcmserve.engine.request import MAX_STEPS, GenerationRequest, ResolvedRequest
 from lcmserve.engine.sampler import LCMSampler
 
@@ -51,6 +52,12 @@ def _copy_failure(outer: Future, inner: Future) -> bool:
     except InvalidStateError:
         pass
     return True
+
+
+def attention_of(model) -> str:
+    """small-head when our kernel's processor runs some of the UNet's attention layers, else sdpa."""
+    layers = (getattr(m, "processor", None) for m in model.unet.modules())
+    return "small-head" if any(isinstance(p, SmallHeadAttnProcessor) for p in layers) else "sdpa"
 
 
 def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 95) -> bytes:
@@ -111,11 +118,15 @@ class EngineClient:
         self.ready = False
 
     def model_info(self) -> dict:
-        """What a client may ask of the served model: REST's ``GET /v1/models`` card and gRPC's ``GetModel``."""
-        model = self.sampler.model
+        """What a client may ask of the served model and how it runs: REST's ``GET /v1/models`` card and gRPC's
+        ``GetModel`` (whose message has no field for the backend: REST alone reports it).
+
+        ``backend_reason`` is why the backend was picked, when the backend carries one (``--backend auto``)."""
+        model, backend = self.sampler.model, self.sampler.backend
         return {"id": self.model_name, "guidance_mode": model.guidance_mode,
                 "default_guidance_scale": model.default_guidance_scale, "native_size": model.native_size,
-                "lora": model.lora}
+                "lora": model.lora, "backend": backend.name, "dtype": model.dtype_name,
+                "attention": attention_of(model), "backend_reason": getattr(backend, "reason", None)}
 
     # lifecycle ------------------------------------------------------------------------
     def start(self, warmup_steps: tuple[int, ...] = (1,)) -> None:

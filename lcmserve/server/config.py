@@ -9,6 +9,7 @@ that carried it, the value, and the allowed range.
 from __future__ import annotations
 
 import argparse
+import errno
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
@@ -54,12 +55,14 @@ class ServerConfig:
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     dtype: str = field(default="auto", metadata=_doc("auto, float32, bfloat16 or float16"))
     backend: str = field(default="torch", metadata=_doc(
-        "engine backend: torch, compiled, cuda-graph, onnx or tensorrt (the bucketed ones build every batch size "
-        "up to max_batch_size in powers of two, steps 1-8, the model's native size, at start-up)"))
+        "engine backend: auto (the rule of engine/backends/auto.py picks the backend, and the dtype and attention "
+        "left at auto, for this machine and model; GET /v1/models says which and why), torch, compiled, cuda-graph, "
+        "onnx or tensorrt (the bucketed ones build every batch size up to max_batch_size in powers of two, steps "
+        "1-8, the model's native size, at start-up)"))
     attention: str = field(default="sdpa", metadata=_doc(
-        "sdpa (torch's attention) or small-head (our CPU kernel for heads of up to 16 channels, or 24 over at most 80 "
-        "keys, as in the shapes models; torch, compiled and cuda-graph backends on a CPU; built with the C compiler "
-        "on first use)"))
+        "auto (small-head where it pays), sdpa (torch's attention) or small-head (our CPU kernel for heads of up to "
+        "16 channels, or 24 over at most 80 keys, as in the shapes models; torch, compiled and cuda-graph backends "
+        "on a CPU; built with the C compiler on first use)"))
     cache_dir: str | None = field(default=None, metadata=_doc(
         "where exported ONNX graphs, TensorRT engines and built kernels are kept (default $LCMSERVE_CACHE_DIR or ~/.cache/lcmserve)"))
     # 3. batching ----------------------------------------------------------------------------
@@ -99,6 +102,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         check_int("port", self.port, 1, 65535)
         check_int("grpc_port", self.grpc_port, 0, 65535)
+        if self.grpc_port == self.port:
+            raise InvalidInputError.out_of_range("grpc_port", self.grpc_port,
+                                                 f"a port other than port={self.port}, or 0 to turn gRPC off")
         if not isinstance(self.host, str) or not self.host.strip():
             raise InvalidInputError.out_of_range("host", self.host, "an interface address such as 127.0.0.1")
         if not isinstance(self.model, str) or not self.model.strip():
@@ -187,6 +193,20 @@ class ServerConfig:
         return replace(self, **changes)
 
 
+def port_error(name: str, host: str, port: int, exc: OSError | str) -> InvalidInputError:
+    """A port that cannot be listened on, as one line naming the flag and the variable that move it."""
+    flag, env = "--" + name.replace("_", "-"), ENV_PREFIX + name.upper()
+    what = "gRPC port" if name == "grpc_port" else "HTTP port"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        why = "is in use by another program"
+    else:
+        why = f"cannot be listened on ({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc})"
+    fix = f"pass a free one with {flag} (or {env})"
+    if name == "grpc_port":
+        fix += f", or {flag} 0 to turn gRPC off"
+    return InvalidInputError(f"{what} {port} on {host} {why}: {fix}")
+
+
 def _kind(f) -> str:
     annotation = str(f.type)
     for kind in ("tuple[int", "tuple[str", "bool", "float", "int"):
@@ -234,4 +254,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 
 
-__all__ = ["ENV_PREFIX", "ServerConfig", "add_arguments"]
+__all__ = ["ENV_PREFIX", "ServerConfig", "add_arguments", "port_error"]

@@ -43,7 +43,7 @@ from lcmserve.server.client import (
     StepEvent,
     encode_image,
 )
-from lcmserve.server.config import ServerConfig
+from lcmserve.server.config import ServerConfig, port_error
 from lcmserve.server.errors import classify, grpc_code_name
 from lcmserve.server.grpc_gate import CallGate, abort
 from lcmserve.server.grpc_stubs import lcmserve_pb2 as pb2
@@ -65,6 +65,8 @@ _DEADLINE_SLACK_S = 0.05
 _NO_DEADLINE_S = 1e7
 _OPTIONAL_FIELDS = ("num_images", "steps", "guidance_scale", "width", "height", "seed")
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ImageGeneration"].full_name  # "lcmserve.v1.ImageGeneration"
+# what GetModel answers of model_info(): the message's own fields (the backend is REST's alone)
+MODEL_INFO_FIELDS = frozenset(pb2.ModelInfo.DESCRIPTOR.fields_by_name)
 
 
 # 1. wire format <-> engine ---------------------------------------------------------------------
@@ -186,7 +188,7 @@ class ImageGenerationServicer(pb2_grpc.ImageGenerationServicer):
 
     def GetModel(self, request, context):  # noqa: N802
         with self._rpc("GetModel", context):
-            info = self.client.model_info()
+            info = {k: v for k, v in self.client.model_info().items() if k in MODEL_INFO_FIELDS}
             return pb2.ModelInfo(**{**info, "lora": info["lora"] or ""})  # proto3 strings have no null
 
     def _checked(self, message: Any) -> GenerationRequest:
@@ -307,10 +309,10 @@ def build_grpc_server(client: EngineClient, config: ServerConfig, metrics: Serve
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"gRPC cannot bind {address} ({exc}); is grpc_port={port} in use?") from exc
+    except RuntimeError as exc:  # grpcio raises on a port it cannot bind, older releases return 0
+        raise port_error("grpc_port", host, port, str(exc)) from None
     if bound == 0:
-        raise OSError(f"gRPC cannot bind {address}; is grpc_port={port} in use?")
+        raise port_error("grpc_port", host, port, "grpc could not bind it: in use, or not an address of this machine")
     logger.info("gRPC server bound to %s:%d (%d workers, incoming messages of at most %d bytes)",
                 host, bound, GRPC_WORKERS, config.grpc_max_message_bytes)
     return server

@@ -152,6 +152,13 @@ class ModelCard(BaseModel):
     native_size: int | None = Field(None, description="the model's native width and height in pixels")
     lora: str | None = Field(None, description="the LCM-LoRA fused into the model at load, as the server was "
                              "given it; null when none")
+    # how the server runs it (gRPC's ModelInfo has no fields for these)
+    backend: str | None = Field(None, description="the engine backend in use: torch, compiled, cuda-graph, onnx "
+                                "or tensorrt")
+    dtype: str | None = Field(None, description="the model's weights and compute dtype: float32, bfloat16 or float16")
+    attention: str | None = Field(None, description="sdpa (torch's attention) or small-head (lcmserve's CPU kernel)")
+    backend_reason: str | None = Field(None, description="why this backend, dtype and attention were picked "
+                                       "(backend auto); null when they were given")
 
 
 class ModelList(BaseModel):

@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lcmserve import __version__
 from lcmserve.errors import InvalidInputError
+from lcmserve.models.registry import prompt_guide
 from lcmserve.server import openai
 from lcmserve.server import protocol as p
 from lcmserve.server.client import MEDIA_TYPES, EngineClient, Generation, StepEvent, encode_image
@@ -149,10 +150,13 @@ async def playground() -> FileResponse:
 
 @operations.get("/playground/settings.js", include_in_schema=False)
 async def playground_settings(state: ServerState = Depends(server_state)) -> Response:
-    """What the page needs of this server, as a script that runs before the page's own."""
+    """What the page needs of this server, as a script that runs before the page's own: the limits, and for a
+    bundled model what its prompts look like (the rest of the model card is GET /v1/models, behind the key)."""
     model = state.client.sampler.model
+    guide = prompt_guide(state.client.model_name)
     settings = {"model": state.client.model_name, "max_images": state.config.max_images,
-                "guidance_scale": model.default_guidance_scale, "negative_prompt": model.guidance_mode == "cfg"}
+                "guidance_scale": model.default_guidance_scale, "negative_prompt": model.guidance_mode == "cfg",
+                "understands": guide.understands if guide else None, "examples": list(guide.examples) if guide else []}
     return Response(f"window.LCMSERVE_PLAYGROUND = {json.dumps(settings)};\n", media_type="text/javascript",
                     headers={"Cache-Control": "no-cache"})
 

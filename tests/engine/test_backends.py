@@ -38,7 +38,8 @@ def tiny_bf16():
 
 def test_factory_names_and_errors(tiny):
     assert isinstance(create_backend("torch", tiny), TorchBackend)
-    with pytest.raises(InvalidInputError, match="backend must be one of torch, compiled, cuda-graph, onnx, tensorrt; got 'tvm'"):
+    with pytest.raises(InvalidInputError,
+                       match="backend must be one of auto, torch, compiled, cuda-graph, onnx, tensorrt; got 'tvm'"):
         create_backend("tvm", tiny)
     if not torch.cuda.is_available():
         for name in ("cuda-graph", "tensorrt"):

@@ -190,7 +190,7 @@ def test_bad_attention_settings_are_clear_errors(tiny, monkeypatch):
     from lcmserve.engine.bench import BenchConfig
     from lcmserve.server.config import ServerConfig
 
-    with pytest.raises(InvalidInputError, match="attention must be one of sdpa, small-head; got 'flash'"):
+    with pytest.raises(InvalidInputError, match="attention must be one of auto, sdpa, small-head; got 'flash'"):
         create_backend("torch", tiny, attention="flash")
     with pytest.raises(InvalidInputError, match="attention: small-head .* onnx runs its own graph"):
         create_backend("onnx", tiny, attention="small-head")

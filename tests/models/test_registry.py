@@ -11,8 +11,10 @@ from lcmserve.models import load_model, registry
 @pytest.fixture
 def clean_registry(monkeypatch):
     """A registry of its own for the test, so that planted names do not leak into other tests."""
+    registry.load_plugins()  # into the shared registry first: a copy they filled would go with the test
     monkeypatch.setattr(registry, "_bundled", {kind: dict(names) for kind, names in registry._bundled.items()})
     monkeypatch.setattr(registry, "_data_sources", dict(registry._data_sources))
+    monkeypatch.setattr(registry, "_prompt_guides", dict(registry._prompt_guides))
 
 
 def test_a_registered_name_loads_its_folder_and_others_pass_through(clean_registry, lcm_sd_dir, tmp_path):
@@ -46,3 +48,16 @@ def test_data_sources_by_name(clean_registry):
     registry.register_data_source("fake-data", lambda seed, n: ("fake", seed, n))
     assert registry.data_source("fake-data")(3, 4) == ("fake", 3, 4)
     assert registry.data_source("no-such-data") is None and "fake-data" in registry.data_source_names()
+
+
+def test_a_bundled_model_describes_its_prompts(clean_registry):
+    """The playground's model card and example prompts come from the registry; the bundled shapes models fill it."""
+    from lcmserve.shapes.scenes import parse_caption
+
+    guide = registry.PromptGuide("captions of one thing", ("a thing",))
+    registry.register_prompt_guide("tiny-bundled-lcm", guide)
+    assert registry.prompt_guide("tiny-bundled-lcm") is guide and registry.prompt_guide("someone/some-lcm") is None
+    shapes = registry.prompt_guide("shapes-lcm")
+    assert shapes is not None and registry.prompt_guide("shapes-teacher") is shapes
+    for example in shapes.examples:  # the training template, which the judge reads back
+        parse_caption(example)

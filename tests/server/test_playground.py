@@ -3,11 +3,18 @@
 The browser is the system's Chromium and chromedriver (Debian: ``apt-get install chromium
 chromium-driver``; ``.ci/run`` installs them), driven by selenium; nothing is downloaded.
 Without them the tests skip and say so.
+
+``LCMSERVE_PLAYGROUND_MODEL=shapes-lcm`` serves another model (the bundled one draws real shapes),
+and ``LCMSERVE_SCREENSHOT=docs/playground.png`` saves the page at the end of the gallery test:
+
+    LCMSERVE_PLAYGROUND_MODEL=shapes-lcm LCMSERVE_SCREENSHOT=docs/playground.png \
+        .venv/bin/python -m pytest -q tests/server/test_playground.py -k gallery
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 
 import httpx
@@ -20,8 +27,9 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMEDRIVER = shutil.which("chromedriver")
 API_KEY = "play-key"
-MAX_PROMPT_CHARS = 40
+MAX_PROMPT_CHARS = 120  # longer than every example prompt of the bundled models
 WAIT_S = 60
+MODEL = os.environ.get("LCMSERVE_PLAYGROUND_MODEL", "preset:tiny-sd")
 
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
@@ -34,7 +42,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("playground") / "server.log"
-    flags = ("--model", "preset:tiny-sd", "--device", "cpu", "--api-key", API_KEY, "--max-images", "4",
+    flags = ("--model", MODEL, "--device", "cpu", "--backend", "torch", "--api-key", API_KEY, "--max-images", "4",
              "--max-prompt-chars", str(MAX_PROMPT_CHARS), "--warmup-steps", "1", "--max-queue-delay-ms", "5")
     with local_server(*flags, log_path=log) as url:
         yield url
@@ -81,10 +89,38 @@ def figures(browser) -> list:
     return browser.find_elements("css selector", "#grid figure")
 
 
+def gallery(browser) -> list[dict]:
+    """The gallery's entries, newest first: prompt, parameters and image of each."""
+    text = lambda entry, name: entry.find_element("class name", name).text  # noqa: E731
+    return [{"prompt": text(e, "prompt"), "params": text(e, "params"), "seed": int(e.get_attribute("data-seed")),
+             "src": e.find_element("tag name", "img").get_attribute("src")}
+            for e in browser.find_elements("css selector", "#gallery .entry")]
+
+
+def pixels(src: str):
+    """A data: URL's image as an int tensor [H, W, 3]."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+    return torch.from_numpy(np.asarray(image).astype("int16"))
+
+
+def run_and_wait(browser, button) -> None:
+    """Click a gallery button that starts a request, and wait for its entry."""
+    before = len(gallery(browser))
+    button.click()
+    wait_until(browser, lambda: len(gallery(browser)) == before + 1 and browser.find_element("id", "go").is_enabled(),
+               "the request to join the gallery")
+
+
 def test_generate_shows_the_images_of_the_request(server, browser):
     browser.get(server + "/")
     assert browser.title == "lcmserve playground"
-    assert browser.find_element("id", "model").text == "preset:tiny-sd"
+    assert browser.find_element("id", "model").text == MODEL
     assert browser.find_element("id", "n").get_attribute("max") == "4"  # the server's max_images
     fill(browser, prompt="a blue square", steps="2", guidance="3.5", seed="42", n="3", key=API_KEY)
     generate(browser)
@@ -105,10 +141,12 @@ def test_generate_shows_the_images_of_the_request(server, browser):
     assert [i.get_attribute("src") for i in images] == [
         "data:image/png;base64," + image["b64"] for image in by_hand["images"]]
     assert base64.b64decode(by_hand["images"][0]["b64"]).startswith(b"\x89PNG")
-    # a new request replaces the grid
+    # a new request replaces the grid; the gallery keeps both, newest first
     fill(browser, n="1", seed="7")
     generate(browser)
     assert [f.find_element("tag name", "figcaption").text for f in figures(browser)] == ["seed 7, 2 steps, w 3.5"]
+    assert [(e["prompt"], e["params"]) for e in gallery(browser)] == [
+        ("a blue square", f"seed {s}, 2 steps, w 3.5") for s in (7, 42, 43, 44)]
 
 
 def test_errors_are_shown_to_the_user(server, browser):
@@ -132,11 +170,83 @@ def test_errors_are_shown_to_the_user(server, browser):
     assert browser.execute_script("return arguments[0].validity.rangeOverflow", steps)
     assert steps.get_attribute("validationMessage")
     assert browser.find_element("id", "status").text == ""  # nothing was sent
+    assert gallery(browser) == []
     # 4. fixed, the same form succeeds and the error goes away
     fill(browser, steps="1")
     generate(browser)
     assert error.text == "" and not error.is_displayed()
-    assert len(figures(browser)) == 1
+    assert len(figures(browser)) == 1 and len(gallery(browser)) == 1
+    # 5. an error of a request run again from the gallery shows in the same place; the gallery stays
+    fill(browser, key="wrong")
+    browser.find_element("css selector", "#gallery button.vary").click()
+    wait_until(browser, lambda: error.text.startswith("401 unauthorized"), "the refused request's error")
+    assert len(gallery(browser)) == 1
+
+
+def test_the_gallery_runs_an_image_again_and_varies_its_seed(server, browser):
+    browser.get(server + "/")
+    examples = [b.text for b in browser.find_elements("css selector", "button.example")]
+    fill(browser, key=API_KEY, n="1", seed="11")
+    for i, example in enumerate(examples[1:]):  # a bundled model's examples fill the prompt when clicked
+        browser.find_element("xpath", f"//button[@class='example' and text()='{example}']").click()
+        assert browser.find_element("id", "prompt").get_attribute("value") == example
+        fill(browser, seed=str(11 + i))
+        generate(browser)
+    prompt = examples[0] if examples else "a green circle"
+    fill(browser, prompt=prompt, steps="3", seed="42", n="2")
+    generate(browser)
+    made = gallery(browser)
+    assert [(e["prompt"], e["seed"]) for e in made[:2]] == [(prompt, 42), (prompt, 43)]
+    assert len(made) == 2 + len(examples[1:])
+    # 1. click an image: the same request again, alone: the same seed and the same picture
+    run_and_wait(browser, browser.find_elements("css selector", "#gallery button.rerun")[1])
+    again = gallery(browser)[0]
+    assert {**again, "src": None} == {**made[1], "src": None}
+    # alone, not in a batch of two: the same picture within float rounding
+    assert (pixels(again["src"]) - pixels(made[1]["src"])).abs().max() <= 2
+    assert browser.find_element("id", "seed").get_attribute("value") == "43"  # the form shows what ran
+    # 2. vary its seed: the same prompt and parameters, a new seed
+    run_and_wait(browser, browser.find_elements("css selector", "#gallery button.vary")[0])
+    varied = gallery(browser)[0]
+    assert varied["prompt"] == prompt and varied["seed"] != 43
+    assert varied["params"] == f"seed {varied['seed']}, 3 steps, w {again['params'].rsplit('w ', 1)[1]}"
+    assert len(gallery(browser)) == len(made) + 2
+    screenshot(browser)
+
+
+def test_the_model_card_shows_the_model_and_its_backend(server, browser):
+    browser.get(server + "/")
+    card = browser.find_element("id", "card")
+    # GET /v1/models takes the key: the card says so, and fills once the key is typed
+    wait_until(browser, lambda: "API key" in browser.find_element("id", "card-status").text, "the card to ask")
+    fill(browser, key=API_KEY)
+    browser.find_element("id", "prompt").click()  # leaving the field sends its change
+    wait_until(browser, lambda: card.get_attribute("data-loaded") == "true", "the model card")
+    info = httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).json()
+    info = info["data"][0]
+    assert browser.find_element("id", "model").text == info["id"] == MODEL
+    assert browser.find_element("id", "card-size").text == f"{info['native_size']} x {info['native_size']} px"
+    assert browser.find_element("id", "card-backend").text == "torch, float32, sdpa attention"
+    assert float(browser.find_element("id", "card-guidance").text) == info["default_guidance_scale"]
+    assert browser.find_element("id", "card-mode").text.startswith("embedding")
+    if MODEL == "preset:tiny-sd":  # a model without a prompt guide: its id alone, no examples
+        assert browser.find_elements("id", "understands") == [] and browser.find_elements("id", "examples") == []
+    else:
+        assert "background" in browser.find_element("id", "understands").text
+
+
+def screenshot(browser) -> None:
+    """The whole page as a PNG at $LCMSERVE_SCREENSHOT, when it is set."""
+    path = os.environ.get("LCMSERVE_SCREENSHOT")
+    if not path:
+        return
+    width, height = browser.execute_script(
+        "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+    shot = browser.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}})
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(shot["data"]))
 
 
 def test_a_classifier_free_guidance_model_gets_a_negative_prompt_field(base_sd_dir, lora_sd_dir, browser, server,

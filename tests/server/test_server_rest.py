@@ -147,6 +147,9 @@ def test_operational_routes(http):
     card = models["data"][0]  # lcmserve's fields: what a request may ask of this model
     assert (card["guidance_mode"], card["default_guidance_scale"], card["native_size"]) == ("embedding", 8.0, 64)
     assert card["lora"] is None
+    # how it runs (REST only: gRPC's ModelInfo has no field for it); a reason only when backend auto picked it
+    assert (card["backend"], card["dtype"], card["attention"], card["backend_reason"]) == (
+        "torch", "float32", "sdpa", None)
     page = http.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     # the page's script and style come from this server (no CDN), the script posts to /generate/stream
@@ -554,6 +557,21 @@ def test_config_layers_and_errors():
         ServerConfig.load({"warmup_steps": "1,9"}, {})
     with pytest.raises(InvalidInputError, match="max_queue_rows"):
         ServerConfig(max_batch_size=8, max_queue_rows=4)
+
+
+def test_backend_auto_reports_what_it_picked_and_why(monkeypatch):
+    from lcmserve.engine import backends
+    from lcmserve.server.app import build_client
+    from lcmserve.server.metrics import ServerMetrics
+
+    picked = backends.BackendChoice("torch", "float32", "sdpa", "a machine of this test: the eager reference")
+    asked = []
+    monkeypatch.setattr(backends, "choose_before_load", lambda spec, **kw: asked.append((spec, kw)) or picked)
+    config = ServerConfig(model="preset:tiny-sd", device="cpu", backend="auto", dtype="auto", grpc_port=0)
+    info = build_client(config, ServerMetrics()).model_info()
+    assert asked == [("preset:tiny-sd", {"unet": None, "device": "cpu", "dtype": "auto", "attention": "sdpa"})]
+    assert (info["backend"], info["dtype"], info["attention"], info["backend_reason"]) == (
+        "torch", "float32", "sdpa", picked.reason)
 
 
 def test_serve_cli_flags_mirror_config(capsys):
