@@ -224,8 +224,8 @@ def _add_bench(sub) -> None:
                         "alike.")
     add_model_args(bn, DEFAULT_MODEL)
     bn.add_argument("--backends", default=DEFAULT_ROW,
-                    help=f"comma list of {DEFAULT_ROW} (what `lcmserve serve` runs: backend auto with the dtype and "
-                         f"attention it picks, its own copy of the weights) and " + ", ".join(BACKENDS)
+                    help=f"comma list of {DEFAULT_ROW} (what --backend auto picks for a server: backend, dtype and "
+                         f"attention, on its own copy of the weights) and " + ", ".join(BACKENDS)
                          + f" (default {DEFAULT_ROW}); --attention auto: the named ones run sdpa")
     bn.add_argument("--batch-sizes", type=int_list, default=[1, 8], help="comma list in [1, 32] (default 1,8)")
     bn.add_argument("--steps", type=int_list, default=[4], help="comma list in [1, 8] (default 4)")

@@ -7,8 +7,8 @@ backend), and records p50/p90/p99 latency, throughput, the backend's per-stage s
 process's peak RSS on a CPU, a high-water mark over the whole run). In the same run the
 same modules go through diffusers' ``LatentConsistencyModelPipeline`` (eager, same dtype unless
 ``baseline_dtype`` says otherwise) as the baseline; ``interleave`` times the backends' batches
-in turn. The row ``default`` runs what ``lcmserve serve`` runs by default: the backend, dtype and
-attention that ``auto`` picks (backends/auto.py), on its own copy of the same weights. Results:
+in turn. The row ``default`` runs what ``--backend auto`` picks for a server (backends/auto.py): the
+backend, dtype and attention, on its own copy of the same weights. Results:
 ``NAME.json``, ``NAME.md`` and ``NAME.png``; ``compare`` merges result files from several machines into
 one table and plot.
 """
@@ -51,7 +51,7 @@ from lcmserve.models.loading import DTYPES, cpu_has_bfloat16
 logger = logging.getLogger(__name__)
 
 BASELINE = "diffusers"
-DEFAULT_ROW = "default"  # what `lcmserve serve` runs: backend auto, with the dtype and attention it picks
+DEFAULT_ROW = "default"  # what `--backend auto` picks for a server: backend, dtype and attention
 MAX_BENCH_BATCH = 32
 _LIBRARIES = ("lcmserve", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
@@ -512,7 +512,7 @@ def _markdown(result: dict[str, Any]) -> str:
         + ("; backends interleaved batch by batch (peak memory is the whole set's)" if cfg.get("interleave") else "")
         + "\n\n"
         + markdown_table(result["rows"])
-        + next((f"\n`default` is `lcmserve serve`'s path, backend auto: {r['auto']['reason']}.\n"
+        + next((f"\n`default` is what `--backend auto` picks for a server: {r['auto']['reason']}.\n"
                 for r in result["rows"] if r.get("auto")), "")
         + _profile_markdown(result["rows"])
         + "".join(f"\n- {e['backend']} failed ({e['stage']}"
