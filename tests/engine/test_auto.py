@@ -170,4 +170,4 @@ def test_bench_default_row_runs_autos_pick_beside_diffusers(tmp_path, monkeypatc
     default = result["rows"][1]
     assert default["auto"]["backend"] == "torch" and default["dtype"] == "float32" and default["attention"] == "sdpa"
     markdown = (tmp_path / "d.md").read_text()
-    assert "| default = torch | 1 | 1 | 32x32 | float32 |" in markdown and "backend auto: anything else" in markdown
+    assert "| default = torch | 1 | 1 | 32x32 | float32 |" in markdown and "picks for a server: anything else" in markdown
