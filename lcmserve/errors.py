@@ -3,7 +3,7 @@
 Every failure a caller can see is one of these classes. Its ``type`` string is the same in
 HTTP bodies, gRPC details and the failure metric's label; the server maps each class once
 (invalid input -> 422 / INVALID_ARGUMENT, body too large -> 413, missing or wrong API key ->
-401 / UNAUTHENTICATED, overloaded -> 429 / RESOURCE_EXHAUSTED, deadline -> 504 /
+401 / UNAUTHENTICATED, not found -> 404 / NOT_FOUND, conflict -> 409 / ALREADY_EXISTS, overloaded -> 429 / RESOURCE_EXHAUSTED, deadline -> 504 /
 DEADLINE_EXCEEDED, draining -> 503 / UNAVAILABLE, engine fault -> 500 / INTERNAL).
 """
 
@@ -51,6 +51,20 @@ class AuthError(LCMServeError):
     """The API key is missing or wrong; ``param`` names where it is sent (header or metadata)."""
 
     type = "unauthorized"
+
+
+class NotFoundError(LCMServeError):
+    """The caller named something this server does not hold (an adapter that is not loaded).
+
+    Not an InvalidInputError: the value is well formed, the thing it names is absent (404, not 422)."""
+
+    type = "not_found"
+
+
+class ConflictError(LCMServeError):
+    """The caller asked to create something that exists already (an adapter name that is loaded)."""
+
+    type = "conflict"
 
 
 class OverloadedError(LCMServeError):

@@ -2,7 +2,8 @@
 
     1. bind config.host:port and check grpc_port before the model loads: a port in use is one line
        that names the flag to change, not a traceback after a long load
-    2. load the model, build the sampler, the engine client (metrics hooks) and the REST app
+    2. load the model and the adapters given with --adapter, build the sampler, the engine client
+       (metrics hooks) and the REST app
     3. serve uvicorn on the bound sockets and, unless grpc_port is 0, gRPC on config.host:grpc_port
     4. warm up in the background; /readyz turns 200 when done
     5. on SIGTERM/SIGINT: /readyz and new generation requests answer 503, queued and running
@@ -24,11 +25,12 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lcmserve.engine import backends
+from lcmserve.engine.adapters import AdapterSet
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Limits
 from lcmserve.engine.sampler import LCMSampler
 from lcmserve.models import load_model, load_preview_decoder
 from lcmserve.server.client import EngineClient
-from lcmserve.server.config import ServerConfig, port_error
+from lcmserve.server.config import ServerConfig, adapter_paths, port_error
 from lcmserve.server.errors import RequestTimeoutError, error_body
 from lcmserve.server.metrics import ServerMetrics
 from lcmserve.server.rest import create_app
@@ -86,7 +88,10 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
     if config.model.startswith("preset:"):
         logger.warning("model %s has random weights: its images are noise (use it to measure speed)", config.model)
     limits = Limits.for_native_size(model.native_size, max_images=config.max_images)
-    sampler = LCMSampler(model, limits=limits, max_batch_size=config.max_batch_size)
+    adapters = AdapterSet(model)  # empty unless --adapter: POST /v1/adapters may add some at run time
+    for name, path in adapter_paths(config.adapters).items():
+        adapters.load(name, path)
+    sampler = LCMSampler(model, limits=limits, max_batch_size=config.max_batch_size, adapters=adapters)
     if backend != "torch" or attention != "sdpa":
         sizes = tuple(sorted({min(2**i, config.max_batch_size) for i in range(11)}))
         native = (model.native_size, model.native_size)
@@ -97,7 +102,8 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
         sampler.backend.reason = choice.reason
     preview_decoder = load_preview_decoder(model, config.preview_vae) if config.preview_vae else None
     client = EngineClient(sampler, config.model, config.batcher_config,
-                          on_batch=metrics.on_batch, on_failure=metrics.on_failure, preview_decoder=preview_decoder)
+                          on_batch=metrics.on_batch, on_failure=metrics.on_failure, preview_decoder=preview_decoder,
+                          on_adapters=metrics.on_adapters, on_adapter_removed=metrics.forget_adapter)
     metrics.bind_client(client)
     metrics.set_model_info({**model.describe(), "lcmserve_model": config.model})
     return client

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, InvalidStateError
@@ -23,10 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lcmserve.engine.adapters import REMOVE_TIMEOUT_S, AdapterSet
 from lcmserve.engine.batcher import Batcher, BatcherConfig, BatchInfo, BucketKey, RowsResult
 from lcmserve.engine.kernels.attention import SmallHeadAttnProcessor
-from lcmserve.engine.request import MAX_STEPS, GenerationRequest, ResolvedRequest
+from lcmserve.engine.request import MAX_STEPS, GenerationRequest, ResolvedRequest, check_prompt
 from lcmserve.engine.sampler import LCMSampler
+from lcmserve.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
 
 logger = logging.getLogger(__name__)
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -107,8 +110,15 @@ class EngineClient:
     def __init__(self, sampler: LCMSampler, model_name: str, config: BatcherConfig | None = None,
                  on_batch: Callable[[BatchInfo], None] | None = None,
                  on_failure: Callable[[str], None] | None = None,
-                 preview_decoder: torch.nn.Module | None = None) -> None:
+                 preview_decoder: torch.nn.Module | None = None,
+                 on_adapters: Callable[[tuple[str, ...], int], None] | None = None,
+                 on_adapter_removed: Callable[[str], None] | None = None) -> None:
+        """``on_adapters(names, rows)`` hears of every finished request that used adapters, ``on_adapter_removed``
+        of every adapter unloaded (the metrics keep a label per loaded adapter only)."""
         self.sampler = sampler
+        self._on_adapters = on_adapters
+        self._on_adapter_removed = on_adapter_removed
+        self._loading = threading.Lock()  # one load at a time: a name is checked free and taken at once
         self.preview_decoder = preview_decoder
         self.model_name = model_name
         self._on_batch = on_batch
@@ -126,7 +136,8 @@ class EngineClient:
         return {"id": self.model_name, "guidance_mode": model.guidance_mode,
                 "default_guidance_scale": model.default_guidance_scale, "native_size": model.native_size,
                 "lora": model.lora, "backend": backend.name, "dtype": model.dtype_name,
-                "attention": attention_of(model), "backend_reason": getattr(backend, "reason", None)}
+                "attention": attention_of(model), "backend_reason": getattr(backend, "reason", None),
+                "adapters": self.adapter_names()}
 
     # lifecycle ------------------------------------------------------------------------
     def start(self, warmup_steps: tuple[int, ...] = (1,)) -> None:
@@ -168,8 +179,55 @@ class EngineClient:
         if self._on_batch is not None:
             self._on_batch(info)
 
+    # adapters (blocking: the async routes call them in a thread) ------------------------
+    @property
+    def adapters(self) -> AdapterSet | None:
+        return self.sampler.adapters
+
+    def adapter_names(self) -> list[str]:
+        return [] if self.adapters is None else self.adapters.names()
+
+    def describe_adapters(self) -> list[dict]:
+        return [] if self.adapters is None else self.adapters.describe()
+
+    def _not_loaded(self, name: str, param: str) -> NotFoundError:
+        loaded = ", ".join(self.adapter_names()) or "none"
+        return NotFoundError(f"{param}: no adapter named {name!r} is loaded; loaded: {loaded}", param=param)
+
+    def load_adapter(self, name: str, path: str, scale: float = 1.0) -> dict:
+        """Read a LoRA as ``name``; its description. A taken name is a conflict, a bad file invalid input."""
+        if self.adapters is None:
+            raise InvalidInputError("adapters: this server holds no adapters beside its model", param="name")
+        check_prompt(path, "path")  # a string the file system can take: no NUL, valid Unicode
+        with self._loading:
+            if name in self.adapters.names():
+                raise ConflictError(f"name: an adapter {name!r} is already loaded; remove it first (DELETE "
+                                    f"/v1/adapters/{name}) or choose another name", param="name")
+            return self.adapters.load(name, path, scale).describe()
+
+    def remove_adapter(self, name: str, timeout_s: float = REMOVE_TIMEOUT_S) -> None:
+        """Unload ``name`` once the batches using it have finished (at most ``timeout_s``, else 503 and it stays)."""
+        if self.adapters is None or name not in self.adapters.names():
+            raise self._not_loaded(name, "name")
+        try:
+            self.adapters.remove(name, timeout_s)
+        except InvalidInputError:  # removed by another call since the check
+            raise self._not_loaded(name, "name") from None
+        except TimeoutError as exc:
+            raise UnavailableError(f"{exc}; retry the removal once the requests using it are done") from None
+        if self._on_adapter_removed is not None:
+            self._on_adapter_removed(name)
+
+    def _check_adapter_names(self, request: GenerationRequest) -> None:
+        """404 for an adapter name that is not loaded (the engine would refuse it as invalid input)."""
+        loaded = set(self.adapter_names())
+        for name, _ in request.adapters:
+            if name not in loaded:
+                raise self._not_loaded(name, "adapters")
+
     # requests -------------------------------------------------------------------------
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        self._check_adapter_names(request)
         return self.sampler.resolve(request)
 
     @torch.inference_mode()
@@ -223,6 +281,8 @@ class EngineClient:
                 ))
             except InvalidStateError:  # cancelled by its caller while the batch ran: nobody waits for it
                 pass
+            if resolved.adapters and self._on_adapters is not None:
+                self._on_adapters(tuple(name for name, _ in resolved.adapters), len(rows_in))
 
         inner.add_done_callback(done)
         outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)

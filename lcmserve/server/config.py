@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from lcmserve.engine.adapters import NAME_PATTERN
 from lcmserve.engine.backends import check_backend_attention
 from lcmserve.engine.batcher import BatcherConfig
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS
@@ -44,6 +45,10 @@ class ServerConfig:
     lora: str | None = field(default=None, metadata=_doc(
         "LCM-LoRA adapter (folder, file, Hub id, or the bundled shapes-lcm-lora) fused at load"))
     lora_scale: float = field(default=1.0, metadata=_doc("weight of the fused LoRA, in [0, 10]"))
+    adapters: tuple[str, ...] = field(default=(), metadata=_doc(
+        "LoRA adapters held unfused beside the model, which a request chooses by name (its adapters field); "
+        "NAME=PATH, PATH a LoRA .safetensors file or its folder (as --lora takes); repeat --adapter, or give a "
+        "comma list; more can be loaded at run time (POST /v1/adapters)", alias="--adapter"))
     unet: str | None = field(default=None, metadata=_doc("an LCM UNet folder that replaces the pipeline's UNet"))
     vae: str | None = field(default=None, metadata=_doc(
         "a VAE that replaces the pipeline's: folder or Hub id of an AutoencoderKL or AutoencoderTiny (TAESD, a much "
@@ -79,8 +84,8 @@ class ServerConfig:
         "step counts run once before /readyz turns ready (comma list, each 1-8; empty: no warm-up)"))
     # 4. access ------------------------------------------------------------------------------
     api_key: str | None = field(default=None, repr=False, metadata=_doc(
-        "Bearer token required on the generation routes, GET /v1/models and every ImageGeneration RPC, checked "
-        "before the request is read (prefer LCMSERVE_API_KEY: flags show in ps)"))
+        "Bearer token required on the generation routes, GET /v1/models, the adapter routes and every "
+        "ImageGeneration RPC, checked before the request is read (prefer LCMSERVE_API_KEY: flags show in ps)"))
     auth_metrics: bool = field(default=False, metadata=_doc(
         "also require the API key on /metrics, /healthz and /readyz (open by default)"))
     cors_origins: tuple[str, ...] = field(default=(), metadata=_doc(
@@ -110,6 +115,7 @@ class ServerConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidInputError.out_of_range("model", self.model, "a diffusers folder, Hub id or preset:NAME")
         check_float("lora_scale", self.lora_scale, 0.0, 10.0)
+        adapter_paths(self.adapters)
         check_backend_attention(self.backend, self.attention)
         check_int("max_batch_size", self.max_batch_size, 1, 1024)
         check_float("max_queue_delay_ms", self.max_queue_delay_ms, 0.0, 60000.0)
@@ -179,6 +185,8 @@ class ServerConfig:
                 sources[f.name] = env_name
             if given.get(f.name) is not None:
                 raw = given[f.name]
+                if isinstance(raw, list):  # a repeatable flag: one entry per use
+                    raw = ",".join(raw)
                 values[f.name] = _parse(f, raw, flag) if isinstance(raw, str) else raw
                 sources[f.name] = flag
         try:
@@ -191,6 +199,21 @@ class ServerConfig:
 
     def with_overrides(self, **changes: Any) -> "ServerConfig":
         return replace(self, **changes)
+
+
+def adapter_paths(entries: tuple[str, ...]) -> dict[str, str]:
+    """NAME=PATH entries as name -> path, in the order given; a malformed or repeated entry is an error naming it."""
+    paths: dict[str, str] = {}
+    for entry in entries:
+        name, equals, path = entry.partition("=") if isinstance(entry, str) else ("", "", "")
+        name, path = name.strip(), path.strip()
+        if not equals or not NAME_PATTERN.fullmatch(name) or not path:
+            raise InvalidInputError.out_of_range(
+                "adapters", entry, "NAME=PATH, NAME of 1-64 letters, digits, '_', '.' or '-' (e.g. outline=./lora)")
+        if name in paths:
+            raise InvalidInputError.out_of_range("adapters", entry, f"a name not given before ({name!r} is)")
+        paths[name] = path
+    return paths
 
 
 def port_error(name: str, host: str, port: int, exc: OSError | str) -> InvalidInputError:
@@ -250,8 +273,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if _kind(f) == "bool":
             parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=help_text)
+        elif "alias" in f.metadata:  # repeatable under its singular name; the plural takes a comma list too
+            parser.add_argument(flag, f.metadata["alias"], dest=f.name, default=None, action="append",
+                                metavar=f.name.upper(), help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 
 
-__all__ = ["ENV_PREFIX", "ServerConfig", "add_arguments", "port_error"]
+__all__ = ["ENV_PREFIX", "ServerConfig", "adapter_paths", "add_arguments", "port_error"]

@@ -7,10 +7,12 @@ from typing import Any
 from lcmserve.errors import (
     AuthError,
     BodyTooLargeError,
+    ConflictError,
     DeadlineExceededError,
     EngineError,
     InvalidInputError,
     LCMServeError,
+    NotFoundError,
     OverloadedError,
     UnavailableError,
 )
@@ -29,6 +31,8 @@ _MAPPING: list[tuple[type[LCMServeError], int, str]] = [
     (RequestTimeoutError, 408, "DEADLINE_EXCEEDED"),  # HTTP only: gRPC has no read deadline of its own
     (InvalidInputError, 422, "INVALID_ARGUMENT"),
     (AuthError, 401, "UNAUTHENTICATED"),
+    (NotFoundError, 404, "NOT_FOUND"),
+    (ConflictError, 409, "ALREADY_EXISTS"),
     (OverloadedError, 429, "RESOURCE_EXHAUSTED"),
     (DeadlineExceededError, 504, "DEADLINE_EXCEEDED"),
     (UnavailableError, 503, "UNAVAILABLE"),

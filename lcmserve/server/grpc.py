@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lcmserve.engine.request import GenerationRequest
-from lcmserve.errors import AuthError, DeadlineExceededError, InvalidInputError, LCMServeError
+from lcmserve.errors import AuthError, DeadlineExceededError, InvalidInputError, LCMServeError, NotFoundError
 from lcmserve.server.client import (
     IMAGE_FORMATS,
     MEDIA_TYPES,
@@ -73,7 +73,14 @@ MODEL_INFO_FIELDS = frozenset(pb2.ModelInfo.DESCRIPTOR.fields_by_name)
 def to_generation_request(message: Any) -> GenerationRequest:
     """A GenerateRequest as a GenerationRequest; unset optional fields take its defaults."""
     fields = {name: getattr(message, name) for name in _OPTIONAL_FIELDS if message.HasField(name)}
-    return GenerationRequest(prompt=message.prompt, negative_prompt=message.negative_prompt, **fields)
+    return GenerationRequest(prompt=message.prompt, negative_prompt=message.negative_prompt,
+                             adapters=dict(message.adapters), **fields)
+
+
+def to_adapter_info(described: dict) -> Any:
+    """An adapter's description (``AdapterSet.describe``) as an AdapterInfo message."""
+    return pb2.AdapterInfo(name=described["name"], path=described["path"], scale=described["scale"],
+                           modules=described["modules"], ranks=described["ranks"])
 
 
 def check_output_format(value: str) -> str:
@@ -152,7 +159,7 @@ class _Call:
 
 # 2. the servicer -----------------------------------------------------------------------------------
 class ImageGenerationServicer(pb2_grpc.ImageGenerationServicer):
-    """Generate, GenerateStream and GetModel over an EngineClient.
+    """Generate, GenerateStream, GetModel and the adapter RPCs over an EngineClient.
 
     ``config`` gives the request limits REST checks too (the API key is checked before the
     servicer, by ``grpc_gate.CallGate``); ``metrics`` (optional)
@@ -191,6 +198,20 @@ class ImageGenerationServicer(pb2_grpc.ImageGenerationServicer):
             info = {k: v for k, v in self.client.model_info().items() if k in MODEL_INFO_FIELDS}
             return pb2.ModelInfo(**{**info, "lora": info["lora"] or ""})  # proto3 strings have no null
 
+    def ListAdapters(self, request, context):  # noqa: N802
+        with self._rpc("ListAdapters", context):
+            return pb2.AdapterList(adapters=[to_adapter_info(a) for a in self.client.describe_adapters()])
+
+    def LoadAdapter(self, request, context):  # noqa: N802
+        with self._rpc("LoadAdapter", context):
+            scale = request.scale if request.HasField("scale") else 1.0
+            return to_adapter_info(self.client.load_adapter(request.name, request.path, scale))
+
+    def RemoveAdapter(self, request, context):  # noqa: N802
+        with self._rpc("RemoveAdapter", context):
+            self.client.remove_adapter(request.name)
+            return pb2.RemoveAdapterResponse()
+
     def _checked(self, message: Any) -> GenerationRequest:
         """The call's request within the server's limits (the engine checks every field after)."""
         return check_limits(to_generation_request(message), self.config, self.client.sampler.model.native_size)
@@ -220,7 +241,7 @@ class ImageGenerationServicer(pb2_grpc.ImageGenerationServicer):
             if not isinstance(exc, LCMServeError):
                 logger.exception("%s failed with an unexpected error", endpoint)
             # the batcher counts what it refuses or fails; what never reached it is counted here
-            if not isinstance(exc, LCMServeError) or isinstance(exc, (InvalidInputError, AuthError)):
+            if not isinstance(exc, LCMServeError) or isinstance(exc, (InvalidInputError, NotFoundError, AuthError)):
                 self._count_failure(error.type)
             code = grpc_code_name(error)
             abort(context, error)
@@ -319,4 +340,4 @@ def build_grpc_server(client: EngineClient, config: ServerConfig, metrics: Serve
 
 
 __all__ = ["SERVICE_NAME", "ImageGenerationServicer", "ReadinessHealth", "build_grpc_server", "pb2", "pb2_grpc",
-           "to_generation_request", "to_progress"]
+           "to_adapter_info", "to_generation_request", "to_progress"]

@@ -30,7 +30,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lcmserve.engine.request import GenerationRequest
-from lcmserve.errors import AuthError, InvalidInputError, LCMServeError, UnavailableError
+from lcmserve.errors import AuthError, InvalidInputError, LCMServeError, NotFoundError, UnavailableError
 from lcmserve.server import protocol as p
 from lcmserve.server.client import PREVIEW_JPEG_QUALITY, EngineClient, Generation, StepEvent, encode_image
 from lcmserve.server.config import ServerConfig
@@ -45,6 +45,7 @@ CLIENT_CLOSED = 499
 # is handed to validation as a stand-in that fails naming its field, and is never converted.
 MAX_NUMBER_DIGITS = 64
 _ERRORS = {401: ("unauthorized", "Authorization: Bearer <key> missing or wrong"),
+           404: ("not_found", "an adapter the request names is not loaded"),
            413: ("invalid_request", "body over max_body_bytes"), 422: ("invalid_request", "a value is invalid"),
            429: ("overloaded", "queue full; see Retry-After"), 503: ("unavailable", "starting or draining"),
            504: ("deadline_exceeded", "timeout_s (or the server's request_timeout_s) passed in the queue")}
@@ -229,7 +230,7 @@ def _guard(handler):
         try:
             return await handler(*args, **kwargs)
         except LCMServeError as exc:
-            if isinstance(exc, InvalidInputError):  # the batcher counts the rest itself
+            if isinstance(exc, (InvalidInputError, NotFoundError)):  # the batcher counts the rest itself
                 state.metrics.on_failure(exc.type)
             return error_response(exc)
         except Exception as exc:

@@ -1,7 +1,8 @@
 """Prometheus metrics of the server, on a private registry (no process-global state).
 
 Names carry the ``lcmserve_`` namespace and their unit; labels are few and bounded
-(protocol, endpoint template, status code, stage, failure type), never a prompt or a seed.
+(protocol, endpoint template, status code, stage, failure type, the name of a loaded adapter,
+dropped when it is removed), never a prompt or a seed.
 The batcher feeds them through ``on_batch`` / ``on_failure``; REST (and gRPC) report each
 request through ``observe_request`` and ``track_in_flight``.
 """
@@ -52,6 +53,12 @@ class ServerMetrics:
             "lcmserve_failures", "Failed requests by error type (the taxonomy's type strings, and cancelled).",
             ["type"], registry=r)
         self.model = Info("lcmserve_model", "The served model.", registry=r)
+        self.adapter_requests = Counter(
+            "lcmserve_adapter_requests", "Requests served with a LoRA adapter, by adapter (loaded ones only).",
+            ["adapter"], registry=r)
+        self.adapter_rows = Counter(
+            "lcmserve_adapter_rows", "Rows (images) served with a LoRA adapter, by adapter (loaded ones only).",
+            ["adapter"], registry=r)
 
     # hooks of the batcher (worker thread; must be cheap) --------------------------------------
     def on_batch(self, info: BatchInfo) -> None:
@@ -68,6 +75,20 @@ class ServerMetrics:
 
     def on_failure(self, error_type: str) -> None:
         self.failures.labels(error_type).inc()
+
+    def on_adapters(self, names: tuple[str, ...], rows: int) -> None:
+        """One finished request that ran with ``names``, over ``rows`` images."""
+        for name in names:
+            self.adapter_requests.labels(name).inc()
+            self.adapter_rows.labels(name).inc(rows)
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop a removed adapter's series, so that the label stays bounded by the adapters loaded now."""
+        for counter in (self.adapter_requests, self.adapter_rows):
+            try:
+                counter.remove(name)
+            except KeyError:  # it served no request
+                pass
 
     # the adapters' side ---------------------------------------------------------------------------
     def observe_request(self, protocol: str, endpoint: str, status: str, seconds: float) -> None:

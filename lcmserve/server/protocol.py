@@ -9,12 +9,13 @@ range are checked in ``check_limits``, which gRPC shares, with errors that name 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lcmserve.engine.request import (
-    MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_STEPS, GenerationRequest, Limits, check_prompt,
+    MAX_ADAPTER_SCALE, MAX_ADAPTERS, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_STEPS, GenerationRequest, Limits,
+    check_prompt,
 )
 from lcmserve.errors import InvalidInputError
 from lcmserve.server.config import ServerConfig
@@ -43,6 +44,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+AdapterScale = Annotated[float, Field(ge=-MAX_ADAPTER_SCALE, le=MAX_ADAPTER_SCALE)]
+
+
+def _adapters_field():
+    return Field(None, max_length=MAX_ADAPTERS, description=(
+        f"LoRA adapters loaded beside the model (GET /v1/adapters), name -> scale in [{-MAX_ADAPTER_SCALE:g}, "
+        f"{MAX_ADAPTER_SCALE:g}], at most {MAX_ADAPTERS}; rows with different adapters share a batch. An "
+        "unknown name is a 404 that lists the loaded ones. null: none"), examples=[{"outline": 1.0}])
+
+
 # 1. POST /generate --------------------------------------------------------------------------
 class GenerateRequest(_Strict):
     """Images of one prompt; image i uses seed + i."""
@@ -58,6 +69,7 @@ class GenerateRequest(_Strict):
     negative_prompt: str = Field("", description=NEGATIVE_PROMPT_DOC)
     output_format: OutputFormat = Field("png", description="encoding of the returned images")
     timeout_s: float | None = _timeout_field()
+    adapters: dict[str, AdapterScale] | None = _adapters_field()
 
 
 class GenerateStreamRequest(GenerateRequest):
@@ -114,6 +126,7 @@ class OpenAIImageRequest(_Strict):
     stream: bool = Field(False, description="server-sent events: partial images, then the completed ones")
     partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description=(
         "with stream: JPEG previews per image from intermediate steps, evenly spread (at most steps - 1)"))
+    adapters: dict[str, AdapterScale] | None = _adapters_field()
 
 
 def partial_image_steps(steps: int, partial_images: int) -> frozenset[int]:
@@ -159,11 +172,38 @@ class ModelCard(BaseModel):
     attention: str | None = Field(None, description="sdpa (torch's attention) or small-head (lcmserve's CPU kernel)")
     backend_reason: str | None = Field(None, description="why this backend, dtype and attention were picked "
                                        "(backend auto); null when they were given")
+    adapters: list[str] | None = Field(None, description="the LoRA adapters loaded beside the model, which a "
+                                       "request may choose by name (details: GET /v1/adapters)")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# 3. /v1/adapters -----------------------------------------------------------------------------------
+class AdapterLoad(_Strict):
+    """A LoRA to hold beside the model under a name that requests choose it by."""
+
+    name: str = Field(..., description="1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+                      examples=["outline"])
+    path: str = Field(..., description="on the server: a LoRA .safetensors file, its folder, or a bundled LoRA's "
+                      "name (diffusers, peft or kohya layouts; UNet layers only)")
+    scale: float = Field(1.0, ge=-MAX_ADAPTER_SCALE, le=MAX_ADAPTER_SCALE,
+                         description="multiplies every request's scale for this adapter")
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    path: str = Field(..., description="as it was given")
+    scale: float
+    modules: int = Field(..., description="UNet layers it changes")
+    ranks: list[int] = Field(..., description="its LoRA ranks")
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
 
 
 class ErrorDetail(BaseModel):
@@ -176,7 +216,7 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-# 3. translation and the configured limits ------------------------------------------------------
+# 4. translation and the configured limits ------------------------------------------------------
 def check_text(text: str, param: str) -> str:
     """Text the tokenizer can take (the engine's one check: a string, no NUL, valid Unicode), before any
     limit of the server's is applied; gRPC's undecodable bytes are refused as they are parsed (grpc_gate.py)."""
@@ -241,7 +281,7 @@ def check_limits(request: GenerationRequest, config: ServerConfig, native: int, 
 def generate_to_engine(body: GenerateRequest, config: ServerConfig, native: int) -> GenerationRequest:
     request = GenerationRequest(prompt=body.prompt, num_images=body.num_images, steps=body.steps,
                                 guidance_scale=body.guidance_scale, width=body.width, height=body.height,
-                                seed=body.seed, negative_prompt=body.negative_prompt)
+                                seed=body.seed, negative_prompt=body.negative_prompt, adapters=body.adapters)
     return check_limits(request, config, native)
 
 
@@ -256,11 +296,11 @@ def openai_to_engine(body: OpenAIImageRequest, config: ServerConfig, model_name:
     width, height = parse_size(body.size, limits)
     request = GenerationRequest(prompt=body.prompt, num_images=body.n, steps=body.steps,
                                 guidance_scale=body.guidance_scale, width=width, height=height, seed=body.seed,
-                                negative_prompt=body.negative_prompt)
+                                negative_prompt=body.negative_prompt, adapters=body.adapters)
     return check_limits(request, config, native, images_param="n", size_param="size")
 
 __all__ = [
-    "ErrorBody", "GenerateRequest", "GenerateResponse", "GenerateStreamRequest", "ImageOut", "ModelCard", "ModelList",
+    "AdapterInfo", "AdapterList", "AdapterLoad", "ErrorBody", "GenerateRequest", "GenerateResponse", "GenerateStreamRequest", "ImageOut", "ModelCard", "ModelList",
     "OpenAIImage", "OpenAIImageRequest", "OpenAIImagesResponse", "Timings", "check_limits", "check_text", "check_timeout",
     "generate_to_engine", "openai_to_engine", "parse_size", "partial_image_steps",
 ]

@@ -48,6 +48,7 @@ from lcmserve.server.middleware import AuthGateMiddleware, BodyLimitMiddleware, 
 STATIC = Path(__file__).parent / "static"
 RAW_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "image/*": "*"}
 router = APIRouter(route_class=JSONBodyRoute)  # generation
+adapters = APIRouter(route_class=JSONBodyRoute, dependencies=[Depends(require_key)], tags=["adapters"])
 operations = APIRouter()
 
 
@@ -119,7 +120,44 @@ async def generate_stream(body: p.GenerateStreamRequest, state: ServerState = De
                          first=(("queued", {"step": 0, "total_steps": engine_request.steps}),))
 
 
-# 2. operations and the playground ----------------------------------------------------------------
+# 2. adapters: LoRAs held beside the model, loaded and removed at run time ------------------------
+_ADAPTER_ERRORS = {404: "not_found: no adapter of that name is loaded (the message lists those that are)",
+                   409: "conflict: an adapter of that name is loaded already",
+                   503: "unavailable: requests using the adapter still ran when the removal stopped waiting"}
+
+
+def _adapter_errors(*statuses: int) -> dict[int | str, dict]:
+    """The documented errors of an adapter route: 401 and ``statuses``, in the one error body."""
+    out: dict[int | str, dict] = {401: ERROR_RESPONSES[401]}
+    for status in statuses:
+        out[status] = ({"model": p.ErrorBody, "description": _ADAPTER_ERRORS[status]} if status in _ADAPTER_ERRORS
+                       else ERROR_RESPONSES[status])
+    return out
+
+
+@adapters.get("/v1/adapters", response_model=p.AdapterList, responses=_adapter_errors())
+async def list_adapters(state: ServerState = Depends(server_state)) -> p.AdapterList:
+    """The LoRA adapters a request may choose by name (its ``adapters`` field)."""
+    return p.AdapterList(data=[p.AdapterInfo(**a) for a in state.client.describe_adapters()])
+
+
+@adapters.post("/v1/adapters", status_code=201, response_model=p.AdapterInfo,
+               responses=_adapter_errors(409, 413, 422))
+async def load_adapter(body: p.AdapterLoad, state: ServerState = Depends(server_state)) -> p.AdapterInfo:
+    """Load a LoRA beside the model; requests may choose it once this returns. A file that is not a LoRA of
+    this model's UNet is a 422 naming ``path``; the server goes on serving meanwhile and after."""
+    return p.AdapterInfo(**await asyncio.to_thread(state.client.load_adapter, body.name, body.path, body.scale))
+
+
+@adapters.delete("/v1/adapters/{name}", status_code=204, response_class=Response,
+                 responses=_adapter_errors(404, 503))
+async def remove_adapter(name: str, state: ServerState = Depends(server_state)) -> Response:
+    """Unload an adapter: new requests can no longer choose it; waits for the running ones that use it."""
+    await asyncio.to_thread(state.client.remove_adapter, name)
+    return Response(status_code=204)
+
+
+# 3. operations and the playground ----------------------------------------------------------------
 @operations.get("/healthz", dependencies=[Depends(require_key_if_asked)], responses={401: ERROR_RESPONSES[401]})
 async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
@@ -161,11 +199,14 @@ async def playground_settings(state: ServerState = Depends(server_state)) -> Res
                     headers={"Cache-Control": "no-cache"})
 
 
-# 3. the app --------------------------------------------------------------------------------------
+# 4. the app --------------------------------------------------------------------------------------
+ROUTERS = (router, adapters, openai.router, operations)
+
+
 def _keyed_routes(config: ServerConfig) -> list:
     """The routes whose dependencies check the API key: AuthGateMiddleware checks it first, before the body."""
     checks = {require_key} | ({require_key_if_asked} if config.auth_metrics else set())
-    return [route for routes in (router, openai.router, operations) for route in routes.routes
+    return [route for routes in ROUTERS for route in routes.routes
             if any(d.dependency in checks for d in getattr(route, "dependencies", ()))]
 
 
@@ -175,7 +216,7 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
                   description="Latent Consistency Model text-to-image in 1-8 steps. Errors: "
                               '`{"error": {"type", "message", "param"}}`.')
     app.state.server = ServerState(client, config, metrics, created=int(time.time()))
-    for routes in (router, openai.router, operations):
+    for routes in ROUTERS:
         app.include_router(routes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # middleware, innermost first
@@ -184,11 +225,12 @@ def create_app(client: EngineClient, config: ServerConfig, metrics: ServerMetric
     app.add_middleware(AuthGateMiddleware, api_key=config.api_key, keyed_routes=_keyed_routes(config),
                        metrics=metrics)
     if config.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],
                            expose_headers=["Retry-After", "X-Seed", "X-Steps", "X-Total-S"])
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 
 
-__all__ = ["create_app", "operations", "router"]
+__all__ = ["ROUTERS", "adapters", "create_app", "operations", "router"]

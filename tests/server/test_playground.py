@@ -271,3 +271,28 @@ def test_a_classifier_free_guidance_model_gets_a_negative_prompt_field(base_sd_d
     assert (card["id"], card["lora"], card["guidance_mode"]) == (str(base_sd_dir), str(lora_sd_dir), "cfg")
     assert src == "data:image/png;base64," + with_negative["images"][0]["b64"]
     assert with_negative["images"][0]["b64"] != plain["images"][0]["b64"]
+
+
+def test_the_adapter_picker_sends_the_chosen_adapter(lcm_sd_dir, browser, tmp_path):
+    """A server with an adapter: the page offers it (from the model card) and sends it with its scale."""
+    from selenium.webdriver.support.ui import Select
+
+    from conftest import make_lora
+
+    lora = make_lora(lcm_sd_dir, tmp_path / "ink", seed=21)
+    flags = ("--model", str(lcm_sd_dir), "--adapter", f"ink={lora}", "--device", "cpu", "--warmup-steps", "",
+             "--max-queue-delay-ms", "5")
+    with local_server(*flags, log_path=tmp_path / "server.log") as url:
+        browser.get(url + "/")
+        wait_until(browser, lambda: browser.find_element("id", "adapter-field").is_displayed(), "the adapter picker")
+        Select(browser.find_element("id", "adapter")).select_by_value("ink")
+        fill(browser, prompt="a cat", steps="2", guidance="8", seed="5", n="1", **{"adapter-scale": "2"})
+        generate(browser)
+        assert browser.find_element("id", "error").text == ""
+        src = browser.find_element("css selector", "#grid img").get_attribute("src")
+        assert gallery(browser)[0]["params"].endswith(", ink 2")
+        ask = {"prompt": "a cat", "steps": 2, "guidance_scale": 8.0, "seed": 5}
+        styled = httpx.post(url + "/generate", timeout=60, json={**ask, "adapters": {"ink": 2.0}}).json()
+        plain = httpx.post(url + "/generate", timeout=60, json=ask).json()
+    assert src == "data:image/png;base64," + styled["images"][0]["b64"]
+    assert styled["images"][0]["b64"] != plain["images"][0]["b64"]

@@ -52,6 +52,21 @@ class ImageGenerationStub:
                 request_serializer=lcmserve__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=lcmserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/lcmserve.v1.ImageGeneration/ListAdapters',
+                request_serializer=lcmserve__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=lcmserve__pb2.AdapterList.FromString,
+                _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/lcmserve.v1.ImageGeneration/LoadAdapter',
+                request_serializer=lcmserve__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=lcmserve__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.RemoveAdapter = channel.unary_unary(
+                '/lcmserve.v1.ImageGeneration/RemoveAdapter',
+                request_serializer=lcmserve__pb2.RemoveAdapterRequest.SerializeToString,
+                response_deserializer=lcmserve__pb2.RemoveAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class ImageGenerationServicer:
@@ -80,6 +95,30 @@ class ImageGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAdapters(self, request, context):
+        """The LoRA adapters held beside the model, which a request chooses by name (REST: GET /v1/adapters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadAdapter(self, request, context):
+        """Load a LoRA beside the model under a name (REST: POST /v1/adapters). A taken name is
+        ALREADY_EXISTS; a file that is not a LoRA of this model's UNet is INVALID_ARGUMENT naming
+        `path`, and the server goes on serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAdapter(self, request, context):
+        """Unload an adapter once the requests using it are done (REST: DELETE /v1/adapters/{name}).
+        An unknown name is NOT_FOUND; UNAVAILABLE when its requests still ran after the wait.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +136,21 @@ def add_ImageGenerationServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=lcmserve__pb2.GetModelRequest.FromString,
                     response_serializer=lcmserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=lcmserve__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=lcmserve__pb2.AdapterList.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=lcmserve__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=lcmserve__pb2.AdapterInfo.SerializeToString,
+            ),
+            'RemoveAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAdapter,
+                    request_deserializer=lcmserve__pb2.RemoveAdapterRequest.FromString,
+                    response_serializer=lcmserve__pb2.RemoveAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +235,87 @@ class ImageGeneration:
             '/lcmserve.v1.ImageGeneration/GetModel',
             lcmserve__pb2.GetModelRequest.SerializeToString,
             lcmserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcmserve.v1.ImageGeneration/ListAdapters',
+            lcmserve__pb2.ListAdaptersRequest.SerializeToString,
+            lcmserve__pb2.AdapterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcmserve.v1.ImageGeneration/LoadAdapter',
+            lcmserve__pb2.LoadAdapterRequest.SerializeToString,
+            lcmserve__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcmserve.v1.ImageGeneration/RemoveAdapter',
+            lcmserve__pb2.RemoveAdapterRequest.SerializeToString,
+            lcmserve__pb2.RemoveAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

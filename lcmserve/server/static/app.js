@@ -53,8 +53,17 @@ async function loadCard() {
     + (card.lora ? " (LoRA " + card.lora + ")" : "");
   $("card-backend").title = card.backend_reason || "";
   $("card-status").textContent = card.backend_reason ? "Why this backend: " + card.backend_reason : "";
+  showAdapters(card.adapters || []);
   $("card").dataset.loaded = "true";
   return true;
+}
+
+function showAdapters(names) {
+  // the adapters a request may choose; a choice that is no longer loaded falls back to none
+  const picker = $("adapter"), chosen = picker.value;
+  picker.replaceChildren(new Option("none", ""), ...names.map((name) => new Option(name, name)));
+  picker.value = names.includes(chosen) ? chosen : "";
+  $("adapter-field").hidden = names.length === 0;
 }
 
 async function errorText(response) {
@@ -112,7 +121,8 @@ function galleryEntry(src, run) {
   prompt.textContent = run.prompt + (run.negative_prompt ? " (not: " + run.negative_prompt + ")" : "");
   const params = document.createElement("p");
   params.className = "params";
-  params.textContent = "seed " + run.seed + ", " + run.steps + " steps, w " + run.guidance_scale;
+  params.textContent = "seed " + run.seed + ", " + run.steps + " steps, w " + run.guidance_scale
+    + Object.entries(run.adapters || {}).map(([name, scale]) => ", " + name + " " + scale).join("");
   const vary = document.createElement("button");
   vary.type = "button";
   vary.className = "vary";
@@ -126,7 +136,7 @@ function addToGallery(data, body) {
   const entries = data.images.map((image) => galleryEntry(
     "data:image/" + data.output_format + ";base64," + image.b64,
     {prompt: body.prompt, negative_prompt: body.negative_prompt || "", seed: image.seed, steps: data.steps,
-     guidance_scale: data.guidance_scale}));
+     guidance_scale: data.guidance_scale, adapters: body.adapters || null}));
   $("gallery").prepend(...entries);
   while ($("gallery").children.length > GALLERY_MAX) $("gallery").lastElementChild.remove();
 }
@@ -138,6 +148,9 @@ function runAgain(run) {
   $("steps").value = run.steps;
   $("guidance").value = run.guidance_scale;
   $("seed").value = run.seed;
+  const [adapter, scale] = Object.entries(run.adapters || {})[0] || ["", 1];
+  $("adapter").value = adapter;
+  $("adapter-scale").value = scale;
   $("n").value = 1;
   $("form").requestSubmit();
 }
@@ -187,6 +200,7 @@ $("form").addEventListener("submit", async (event) => {
                 guidance_scale: Number($("guidance").value), num_images: Number($("n").value),
                 seed: seed === "" ? null : Number(seed)};
   if ($("negative") && $("negative").value) body.negative_prompt = $("negative").value;
+  if ($("adapter").value) body.adapters = {[$("adapter").value]: Number($("adapter-scale").value)};
   $("go").disabled = true; $("error").textContent = ""; $("status").textContent = "generating...";
   try {
     const data = await generate(body);
