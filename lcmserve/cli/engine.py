@@ -195,6 +195,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             iters=args.iters, threads=args.threads, cache_dir=args.cache_dir, out=args.out, name=args.name))
         print((Path(args.out) / f"{args.name}.md").read_text())
         return 0
+    if args.bench_command == "adapters":
+        from lcmserve.engine.bench_adapters import AdapterBenchConfig, run_adapter_bench
+
+        run_adapter_bench(AdapterBenchConfig(
+            model=args.model, adapters=args.adapters, rank=args.rank, steps=args.steps, iters=args.iters,
+            threads=args.threads, out=args.out, name=args.name))
+        print((Path(args.out) / f"{args.name}.md").read_text())
+        return 0
     cfg = BenchConfig(
         model=args.model, vae=args.vae, lora=args.lora, lora_scale=args.lora_scale, unet=args.unet,
         backends=tuple(names(args.backends)), batch_sizes=tuple(args.batch_sizes), steps=tuple(args.steps),
@@ -265,3 +273,13 @@ def _add_bench(sub) -> None:
     at.add_argument("--cache-dir", default=None, help="where the kernel is built (default $LCMSERVE_CACHE_DIR)")
     at.add_argument("--out", default="docs/results")
     at.add_argument("--name", default="attention-cpu")
+    ad = bsub.add_parser("adapters", help="rows over several LoRA adapters in one batch against one fused adapter "
+                         "and against one batch per adapter (JSON, markdown, plot)")
+    ad.add_argument("--model", default=DEFAULT_MODEL, help="model the random adapters are made for")
+    ad.add_argument("--adapters", type=int, default=4, help="how many adapters, 2 rows each (default 4)")
+    ad.add_argument("--rank", type=int, default=16, help="rank of every adapter (default 16)")
+    ad.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
+    ad.add_argument("--iters", type=int, default=10, help="timed rounds, each way once per round (default 10)")
+    ad.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ad.add_argument("--out", default="docs/results")
+    ad.add_argument("--name", default="bench-adapters-cpu")
