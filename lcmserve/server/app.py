@@ -140,7 +140,9 @@ class HeaderDeadlineH11(H11Protocol):
     """uvicorn's h11 protocol with a deadline on a request's headers: ``header_timeout_s`` from the
     connection's start, or from the end of the previous response on a kept-alive connection.
 
-    A client that misses it gets 408 and the connection closes. uvicorn's own timeout_keep_alive
+    A client that sent part of its headers and misses it gets 408 and the connection closes; one that
+    sent nothing (an idle or pre-opened connection) is closed without a response, since a client that
+    reuses such a socket would read an answer to a request it never made. uvicorn's own timeout_keep_alive
     closes a silent connection only: a byte now and then would keep it open forever. The body has
     its deadline in BodyLimitMiddleware, counted from the end of the headers.
     """
@@ -152,6 +154,7 @@ class HeaderDeadlineH11(H11Protocol):
         self._arm_header_deadline()
 
     def data_received(self, data: bytes) -> None:
+        self._bytes_waiting = True
         super().data_received(data)
         self._headers_arrived()
 
@@ -167,6 +170,7 @@ class HeaderDeadlineH11(H11Protocol):
     def _arm_header_deadline(self) -> None:
         self._cancel_header_deadline()
         self._waiting_after = self.cycle  # a new cycle means a new request's headers are in
+        self._bytes_waiting = False  # any byte of the next request yet
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
 
     def _cancel_header_deadline(self) -> None:
@@ -181,6 +185,9 @@ class HeaderDeadlineH11(H11Protocol):
     def _header_timeout(self) -> None:
         self._header_timer = None
         if self.transport.is_closing() or self.cycle is not self._waiting_after:
+            return
+        if not self._bytes_waiting:
+            self.transport.close()
             return
         # h11 has no request to answer yet, so the response is written as bytes
         error = RequestTimeoutError(f"the request headers did not arrive within read_timeout_s={self.header_timeout_s}")

@@ -72,6 +72,13 @@ def wait_until(browser, predicate, what: str):
     return WebDriverWait(browser, WAIT_S, poll_frequency=0.1).until(lambda _: predicate(), message=what)
 
 
+def open_page(browser, url: str) -> None:
+    """Load the playground and wait until its page is there (a first navigation can return before it is)."""
+    browser.get(url)
+    wait_until(browser, lambda: browser.title == "lcmserve playground"
+               and browser.execute_script("return document.readyState") == "complete", "the playground to load")
+
+
 def fill(browser, **values: str) -> None:
     """Type each value into the input of that id, replacing what was there."""
     for field, value in values.items():
@@ -118,7 +125,7 @@ def run_and_wait(browser, button) -> None:
 
 
 def test_generate_shows_the_images_of_the_request(server, browser):
-    browser.get(server + "/")
+    open_page(browser, server + "/")
     assert browser.title == "lcmserve playground"
     assert browser.find_element("id", "model").text == MODEL
     assert browser.find_element("id", "n").get_attribute("max") == "4"  # the server's max_images
@@ -150,7 +157,7 @@ def test_generate_shows_the_images_of_the_request(server, browser):
 
 
 def test_errors_are_shown_to_the_user(server, browser):
-    browser.get(server + "/")
+    open_page(browser, server + "/")
     error = browser.find_element("id", "error")
     # 1. a wrong API key: the server's 401, type and message
     fill(browser, prompt="a red circle", steps="1", key="wrong")
@@ -184,7 +191,7 @@ def test_errors_are_shown_to_the_user(server, browser):
 
 
 def test_the_gallery_runs_an_image_again_and_varies_its_seed(server, browser):
-    browser.get(server + "/")
+    open_page(browser, server + "/")
     examples = [b.text for b in browser.find_elements("css selector", "button.example")]
     fill(browser, key=API_KEY, n="1", seed="11")
     for i, example in enumerate(examples[1:]):  # a bundled model's examples fill the prompt when clicked
@@ -215,7 +222,7 @@ def test_the_gallery_runs_an_image_again_and_varies_its_seed(server, browser):
 
 
 def test_the_model_card_shows_the_model_and_its_backend(server, browser):
-    browser.get(server + "/")
+    open_page(browser, server + "/")
     card = browser.find_element("id", "card")
     # GET /v1/models takes the key: the card says so, and fills once the key is typed
     wait_until(browser, lambda: "API key" in browser.find_element("id", "card-status").text, "the card to ask")
@@ -252,13 +259,13 @@ def screenshot(browser) -> None:
 def test_a_classifier_free_guidance_model_gets_a_negative_prompt_field(base_sd_dir, lora_sd_dir, browser, server,
                                                                         tmp_path):
     """A base model with an LCM-LoRA takes a negative prompt: the page offers the field and sends it."""
-    browser.get(server + "/")
+    open_page(browser, server + "/")
     assert browser.find_elements("id", "negative") == []  # a distilled LCM has no negative branch
     assert browser.find_element("id", "guidance").get_attribute("value") == "8"
     flags = ("--model", str(base_sd_dir), "--lora", str(lora_sd_dir), "--device", "cpu", "--warmup-steps", "",
              "--max-queue-delay-ms", "5")
     with local_server(*flags, log_path=tmp_path / "server.log") as url:
-        browser.get(url + "/")
+        open_page(browser, url + "/")
         assert browser.find_element("id", "guidance").get_attribute("value") == "1"  # an LCM-LoRA's default
         fill(browser, prompt="a cat", negative="a dog", steps="2", guidance="4", seed="5", n="1")
         generate(browser)
@@ -283,7 +290,7 @@ def test_the_adapter_picker_sends_the_chosen_adapter(lcm_sd_dir, browser, tmp_pa
     flags = ("--model", str(lcm_sd_dir), "--adapter", f"ink={lora}", "--device", "cpu", "--warmup-steps", "",
              "--max-queue-delay-ms", "5")
     with local_server(*flags, log_path=tmp_path / "server.log") as url:
-        browser.get(url + "/")
+        open_page(browser, url + "/")
         wait_until(browser, lambda: browser.find_element("id", "adapter-field").is_displayed(), "the adapter picker")
         Select(browser.find_element("id", "adapter")).select_by_value("ink")
         fill(browser, prompt="a cat", steps="2", guidance="8", seed="5", n="1", **{"adapter-scale": "2"})
