@@ -17,7 +17,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(
         model=args.model, samplers=names(args.sampler), steps=args.steps,
-        guidance=args.guidance, num_images=args.num_images, split=args.split, seed=args.seed,
+        guidance=args.guidance, num_images=args.num_images, suites=names(args.suite), seed=args.seed,
         batch_size=args.batch_size, out=args.output, clip_dir=args.clip, classifier=args.classifier,
         device=args.device, lora=args.lora,
     )
@@ -37,17 +37,18 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
 
 def _add_eval(sub) -> None:
     from lcmserve.eval.sampling import SAMPLERS
-    from lcmserve.shapes.scenes import SPLITS
+    from lcmserve.eval.suites import SUITES
 
-    ev = sub.add_parser("eval", help="FID, CLIP score and attribute accuracy on held-out shapes prompts")
+    ev = sub.add_parser("eval", help="FID, CLIP score and accuracy on what shapes prompts state, per prompt suite")
     ev.add_argument("model", help="shapes-teacher, shapes-lcm, or a diffusers folder of the shapes domain")
     ev.add_argument("--sampler", default="lcm", help=f"comma list of {', '.join(SAMPLERS)} (default lcm)")
     ev.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma list of step counts")
     ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default 8; 1 with --lora)")
     ev.add_argument("--lora", default=None, help="an LCM-LoRA fused into the model (a base model, e.g. "
                     "shapes-teacher + shapes-lcm-lora) for the lcm sampler")
-    ev.add_argument("--num-images", type=int, default=1000, help="prompts per row (default 1000)")
-    ev.add_argument("--split", choices=SPLITS, default="heldout", help="prompt split (default heldout)")
+    ev.add_argument("--num-images", type=int, default=1000, help="prompts per suite (default 1000; wild has 400)")
+    ev.add_argument("--suite", default="heldout", help=f"comma list of prompt suites: {', '.join(SUITES)} "
+                    "(default heldout; docs/shapes.md)")
     ev.add_argument("--seed", type=int, default=1000, help="first prompt/image seed")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--clip", default=None, help="domain CLIP folder (default: the bundled one)")

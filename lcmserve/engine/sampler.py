@@ -144,7 +144,9 @@ class LCMSampler:
 
     # 2. tokens and noise ------------------------------------------------------------------------
     def count_tokens(self, prompt: str) -> int:
-        return len(self.model.tokenizers[0](prompt).input_ids)
+        # verbose=False: counting is not encoding, so transformers' "will result in indexing errors" does not
+        # apply; an over-long prompt gets tokenize()'s warning, which names the limit.
+        return len(self.model.tokenizers[0](prompt, verbose=False).input_ids)
 
     def tokenize(self, prompts: Sequence[str], param: str = "prompt") -> tuple[tuple[torch.Tensor, ...], list[bool]]:
         """Token ids per text encoder, padded to its limit; over-long prompts are cut with a warning."""
@@ -158,12 +160,12 @@ class LCMSampler:
             )
         limit = self.model.max_prompt_tokens
         truncated = []
-        lengths = [len(row) for row in self.model.tokenizers[0](list(prompts)).input_ids]
+        lengths = [len(row) for row in self.model.tokenizers[0](list(prompts), verbose=False).input_ids]
         for prompt, n in zip(prompts, lengths):
             truncated.append(n > limit)
             if n > limit:
                 logger.warning(
-                    "%s: %d tokens is over the text encoder's limit of %d; the end was cut off: %.80r",
+                    "%s: %d tokens is over this model's limit of %d tokens; the end was cut off: %.80r",
                     param, n, limit, prompt,
                 )
         return tuple(ids), truncated

@@ -59,26 +59,28 @@ def merge(specs: list[str], steps: list[int] | None = None,
             if row["sampler"] != "real renders" and ((steps and row["steps"] not in steps)
                                                      or (samplers and row["sampler"] not in samplers)):
                 continue
-            rows.append({"label": label, **row, "guidance": cfg["guidance"], "num_images": cfg["num_images"],
+            suite = row.get("suite", cfg.get("split", "heldout"))  # runs before suites named their split
+            rows.append({"label": label, "suite": suite, "num_images": cfg["num_images"], **row,
+                         "guidance": cfg["guidance"],
                          "device": result["machine"].get("device", result["machine"].get("processor", "?"))})
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ["run", "sampler", "steps", "guidance", "N", "FID", "CLIP score", "accuracy", "shape", "colour", "size",
+    head = ["run", "suite", "sampler", "steps", "guidance", "N", "FID", "CLIP score", "accuracy", "shape", "colour", "size",
             "layout", "background"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     floors_seen = set()
     for r in rows:
         if r["sampler"] == "real renders":
-            if r["num_images"] in floors_seen:
+            if (r["suite"], r["num_images"]) in floors_seen:
                 continue
-            floors_seen.add(r["num_images"])
+            floors_seen.add((r["suite"], r["num_images"]))
         lines.append("| " + " | ".join([
-            r["label"] if r["sampler"] != "real renders" else "real renders (floor)",
+            r["label"] if r["sampler"] != "real renders" else "real renders (floor)", r["suite"],
             r["sampler"] if r["sampler"] != "real renders" else "-", str(r["steps"] or "-"), f"{r['guidance']:g}",
             str(r["num_images"]), f"{r['fid']:.1f}", f"{r['clip_score']:.2f}", f"{r['accuracy']:.3f}",
-            *(f"{r[k]:.3f}" for k in ("shape", "colour", "size", "layout", "background")),
+            *("-" if r.get(k) is None else f"{r[k]:.3f}" for k in ("shape", "colour", "size", "layout", "background")),
         ]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -60,3 +60,21 @@ def attribute_accuracy(predicted: list, targets: list) -> dict[str, float]:
         "accuracy": exact / n, "layout": layout / n, "background": background / n,
         "shape": shape / n_objects, "colour": colour / n_objects, "size": size / n_objects,
     }
+
+
+def spec_accuracy(predicted: list, specs: list) -> dict[str, float | None]:
+    """Accuracy on what prompts state: ``Spec.judge`` per image, averaged.
+
+    ``accuracy``: every stated attribute, the object count and a stated background right. Per part
+    (count, shape, colour, size, layout = the cells, background): the mean over the prompts that
+    state it (None when none does).
+    """
+    if len(predicted) != len(specs) or not specs:
+        raise ValueError(f"need equally many predictions and specs; got {len(predicted)} and {len(specs)}")
+    verdicts = [spec.judge(read) for read, spec in zip(predicted, specs)]
+    out: dict[str, float | None] = {"accuracy": sum(v["exact"] for v in verdicts) / len(verdicts)}
+    for name, key in (("count", "count"), ("shape", "shape"), ("colour", "colour"), ("size", "size"),
+                      ("layout", "cell"), ("background", "background")):
+        stated = [v[key] for v in verdicts if v[key] is not None]
+        out[name] = sum(stated) / len(stated) if stated else None
+    return out

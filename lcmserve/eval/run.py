@@ -1,10 +1,10 @@
-"""`lcmserve eval`: sample held-out prompts with each sampler and step count, then score them.
+"""`lcmserve eval`: sample each prompt suite with each sampler and step count, then score them.
 
-Rows: one per (sampler, steps). Columns: FID against real renders (domain-CLIP image
-features), CLIP score (100 x cosine, as in the LCM paper), exact attribute accuracy and its
-parts, seconds per image. A real-vs-real row (renders of the prompts' own scenes against the
-reference renders) gives the floor any model can reach. Writes eval.json, eval.md, a PNG
-grid of samples per row and plots.
+Rows: one per (suite, sampler, steps). Columns: FID against real renders (domain-CLIP image
+features), CLIP score (100 x cosine, as in the LCM paper), accuracy on what the prompts state
+and its parts, seconds per image. A real-vs-real row per suite (renders of scenes the prompts
+describe against the reference renders) gives the floor any model can reach. Writes eval.json,
+eval.md, a PNG grid of samples per row and plots.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from lcmserve import __version__
 from lcmserve.errors import InvalidInputError
-from lcmserve.eval.judge import ShapesJudge, scene_key
-from lcmserve.eval.metrics import attribute_accuracy, clip_score, frechet_distance
+from lcmserve.eval.judge import ShapesJudge
+from lcmserve.eval.metrics import clip_score, frechet_distance, spec_accuracy
 from lcmserve.eval.sampling import SAMPLERS, sample
 from lcmserve.models.model import DEFAULT_GUIDANCE
 from lcmserve.models.registry import bundled_names, resolve_bundled
 from lcmserve.shapes.data import to_tensor
-from lcmserve.shapes.scenes import SPLITS, caption_for_index, render, scene_for_index
+from lcmserve.eval.suites import SUITES, Prompt, suite_prompts, suite_split
+from lcmserve.shapes.scenes import render, scene_for_index
 from lcmserve.shapes.train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ class EvalConfig:
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     guidance: float | None = None  # None: 8, or 1 with a LoRA (an LCM-LoRA's default: no guidance)
     lora: str | None = None  # an LCM-LoRA fused into ``model`` (a base model) for the lcm sampler
-    num_images: int = 1000
-    split: str = "heldout"
+    num_images: int = 1000  # per suite (the wild suite has 400)
+    suites: list[str] = field(default_factory=lambda: ["heldout"])
     seed: int = 1000  # prompts are scenes seed..; image i uses seed + i
     batch_size: int = 64
     out: str = "out/eval"
@@ -72,8 +73,9 @@ class EvalConfig:
             raise InvalidInputError.out_of_range("guidance", self.guidance, "a finite number in [0, 50]")
         if not 2 <= self.num_images <= 100_000:
             raise InvalidInputError.out_of_range("num_images", self.num_images, "an integer in [2, 100000]")
-        if self.split not in SPLITS:
-            raise InvalidInputError.out_of_range("split", self.split, "one of " + ", ".join(SPLITS))
+        bad = [s for s in self.suites if s not in SUITES]
+        if bad or not self.suites:
+            raise InvalidInputError.out_of_range("suite", ",".join(self.suites), "a list of " + ", ".join(SUITES))
         if self.batch_size < 1:
             raise InvalidInputError.out_of_range("batch_size", self.batch_size, "an integer >= 1")
 
@@ -87,33 +89,29 @@ def resolve_model(spec: str) -> str:
     return folder
 
 
-def prompts(cfg: EvalConfig):
-    pairs = [caption_for_index(i, cfg.split, cfg.seed) for i in range(cfg.num_images)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
 def real_images(scenes) -> torch.Tensor:
     return to_tensor([render(s) for s in scenes])
 
 
-def score(judge, images: torch.Tensor, captions, targets, reference_features) -> dict[str, float]:
+def score(judge, images: torch.Tensor, prompts: list[Prompt], reference_features) -> dict[str, float]:
     feats = judge.image_features(images).numpy()
     row = {"fid": frechet_distance(feats, reference_features)}
-    row["clip_score"] = clip_score(judge.image_embeds(images), judge.text_embeds(list(captions)))
-    row.update(attribute_accuracy(judge.read(images), targets))
+    row["clip_score"] = clip_score(judge.image_embeds(images), judge.text_embeds([p.text for p in prompts]))
+    row.update(spec_accuracy(judge.read(images), [p.spec for p in prompts]))
     return row
 
 
-def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
+def save_grid(images: torch.Tensor, path: Path, cols: int = 8, scale: int = 2) -> None:
+    """All of ``images`` in rows of ``cols``, enlarged ``scale`` times (nearest)."""
     from PIL import Image
 
-    n = min(len(images), cols)
-    arr = (images[:n].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    arr = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     h, w = arr.shape[1:3]
-    grid = Image.new("RGB", (w * n, h))
-    for i in range(n):
-        grid.paste(Image.fromarray(arr[i]), (i * w, 0))
-    grid.resize((w * n * 2, h * 2), Image.Resampling.NEAREST).save(path)
+    cols = min(cols, len(arr))
+    grid = Image.new("RGB", (w * cols, h * -(-len(arr) // cols)), (255, 255, 255))
+    for i in range(len(arr)):
+        grid.paste(Image.fromarray(arr[i]), ((i % cols) * w, (i // cols) * h))
+    grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -122,29 +120,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     judge = ShapesJudge(cfg.clip_dir, cfg.classifier)
-    scenes, captions = prompts(cfg)
-    targets = [scene_key(s) for s in scenes]
-    seeds = [cfg.seed + i for i in range(cfg.num_images)]
-    # The reference set: renders of other scenes of the same split (disjoint from the prompts).
-    reference = real_images([scene_for_index(i, cfg.split, cfg.seed + 1) for i in range(cfg.num_images)])
-    ref_feats = judge.image_features(reference).numpy()
-    real = real_images(scenes)
-    rows = [{"sampler": "real renders", "steps": 0, **score(judge, real, captions, targets, ref_feats),
-             "s_per_image": 0.0}]
-    save_grid(real, out / "grid-real.png", cfg.grid_images)
-    total = len(cfg.samplers) * len(cfg.steps) * cfg.num_images
+    suites = {name: suite_prompts(name, cfg.num_images, cfg.seed) for name in cfg.suites}
+    total = len(cfg.samplers) * len(cfg.steps) * sum(len(p) for p in suites.values())
+    rows = []
     with tqdm(total=total, desc="eval", unit="img") as bar:
-        for sampler in cfg.samplers:
-            for steps in cfg.steps:
-                started = time.perf_counter()
-                images = sample(model, sampler, steps, cfg.guidance, captions, seeds, cfg.batch_size, bar.update,
-                                device=device, lora=cfg.lora)
-                elapsed = time.perf_counter() - started
-                row = {"sampler": sampler, "steps": steps, **score(judge, images, captions, targets, ref_feats),
-                       "s_per_image": elapsed / cfg.num_images}
-                rows.append(row)
-                save_grid(images, out / f"grid-{sampler}-{steps}.png", cfg.grid_images)
-                logger.info("%s", row)
+        for suite, prompts in suites.items():
+            rows += _eval_suite(cfg, model, device, judge, suite, prompts, out, bar)
     result = {
         "config": asdict(cfg), "model_path": model, "rows": rows, "date": date.today().isoformat(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -155,6 +136,31 @@ def run_eval(cfg: EvalConfig) -> dict:
     (out / "eval.md").write_text(markdown_table(result))
     plot(result, out / "eval.png")
     return result
+
+
+def _eval_suite(cfg: EvalConfig, model: str, device, judge, suite: str, prompts: list[Prompt], out: Path,
+                bar) -> list[dict]:
+    """The real-render floor and one row per (sampler, steps) for one suite's prompts."""
+    n = len(prompts)
+    # The reference set: renders of other scenes of the suite's split (disjoint from the prompts).
+    reference = real_images([scene_for_index(i, suite_split(suite), cfg.seed + 1) for i in range(n)])
+    ref_feats = judge.image_features(reference).numpy()
+    real = real_images([p.scene for p in prompts])
+    rows = [{"suite": suite, "sampler": "real renders", "steps": 0, "num_images": n,
+             **score(judge, real, prompts, ref_feats), "s_per_image": 0.0}]
+    save_grid(real[: cfg.grid_images], out / f"grid-{suite}-real.png")
+    captions, seeds = [p.text for p in prompts], [cfg.seed + i for i in range(n)]
+    for sampler in cfg.samplers:
+        for steps in cfg.steps:
+            started = time.perf_counter()
+            images = sample(model, sampler, steps, cfg.guidance, captions, seeds, cfg.batch_size, bar.update,
+                            device=device, lora=cfg.lora)
+            elapsed = time.perf_counter() - started
+            rows.append({"suite": suite, "sampler": sampler, "steps": steps, "num_images": n,
+                         **score(judge, images, prompts, ref_feats), "s_per_image": elapsed / n})
+            save_grid(images[: cfg.grid_images], out / f"grid-{suite}-{sampler}-{steps}.png")
+            logger.info("%s", rows[-1])
+    return rows
 
 
 def _device_name(device: torch.device) -> str:
@@ -173,23 +179,28 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def markdown_table(result: dict) -> str:
     cfg = result["config"]
     lora = f" + LoRA `{cfg['lora']}`" if cfg.get("lora") else ""
     lines = [
-        f"Model `{cfg['model']}`{lora}, guidance {cfg['guidance']}, {cfg['num_images']} {cfg['split']} prompts, "
+        f"Model `{cfg['model']}`{lora}, guidance {cfg['guidance']}, suites {', '.join(cfg['suites'])}, "
         f"{result['date']}, sampled on {result['machine'].get('device', result['machine']['processor'])}, "
-        f"torch {result['versions']['torch']}.",
+        f"torch {result['versions']['torch']}. Accuracy counts only what each prompt states ('-': no prompt "
+        "states it).",
         "",
-        "| sampler | steps | FID | CLIP score | accuracy | shape | colour | size | layout | background | s/image |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| suite | N | sampler | steps | FID | CLIP score | accuracy | count | shape | colour | size | layout | "
+        "background | s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        lines.append(
-            f"| {r['sampler']} | {r['steps'] or '-'} | {r['fid']:.1f} | {r['clip_score']:.2f} | {r['accuracy']:.3f} | "
-            f"{r['shape']:.3f} | {r['colour']:.3f} | {r['size']:.3f} | {r['layout']:.3f} | {r['background']:.3f} | "
-            f"{r['s_per_image']:.3f} |"
-        )
+        parts = " | ".join(_cell(r.get(k)) for k in ("count", "shape", "colour", "size", "layout", "background"))
+        lines.append(f"| {r.get('suite', '-')} | {r.get('num_images', cfg['num_images'])} | {r['sampler']} | "
+                     f"{r['steps'] or '-'} | {r['fid']:.1f} | {r['clip_score']:.2f} | {r['accuracy']:.3f} | {parts} | "
+                     f"{r['s_per_image']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -200,19 +211,22 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    floor = result["rows"][0]
+    rows = result["rows"]
     for ax, key, label in zip(axes, ("fid", "clip_score", "accuracy"), ("FID (lower is better)", "CLIP score",
-                                                                         "attribute accuracy")):
-        for sampler in dict.fromkeys(r["sampler"] for r in result["rows"][1:]):
-            rows = [r for r in result["rows"] if r["sampler"] == sampler]
-            ax.plot([r["steps"] for r in rows], [r[key] for r in rows], marker="o", label=sampler)
-        ax.axhline(floor[key], color="gray", linestyle="--", label="real renders")
+                                                                         "accuracy on stated attributes")):
+        for suite in dict.fromkeys(r.get("suite", "-") for r in rows):
+            mine = [r for r in rows if r.get("suite", "-") == suite]
+            for sampler in dict.fromkeys(r["sampler"] for r in mine if r["steps"]):
+                series = [r for r in mine if r["sampler"] == sampler]
+                ax.plot([r["steps"] for r in series], [r[key] for r in series], marker="o", label=f"{suite} {sampler}")
+            floor = [r for r in mine if not r["steps"]]
+            if floor and len(result["config"]["suites"]) == 1:
+                ax.axhline(floor[0][key], color="gray", linestyle="--", label="real renders")
         ax.set_xscale("log", base=2)
-        steps = sorted({r["steps"] for r in result["rows"][1:]})
+        steps = sorted({r["steps"] for r in rows if r["steps"]})
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.set_xlabel("steps")
         ax.set_title(label)
-    axes[0].legend()
+    axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

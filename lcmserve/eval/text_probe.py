@@ -101,7 +101,7 @@ def caption_states(model: str | Path, split: str, n: int, seed: int, layer: int 
     states = []
     with torch.no_grad():
         for a in range(0, n, 512):
-            ids = tokenizer([c for _, c in pairs[a : a + 512]], padding="max_length", max_length=M.MAX_TOKENS,
+            ids = tokenizer([c for _, c in pairs[a : a + 512]], padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids
             out = encoder(ids, output_hidden_states=layer != -1)
             states.append(out.last_hidden_state if layer == -1 else out.hidden_states[layer])

@@ -77,7 +77,8 @@ def assemble_teacher(clip_run: str | Path, vae_run: str | Path, teacher_run: str
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(model_dir(vae_run), dtype=torch.float32),
         text_encoder=text_encoder.eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(model_dir(clip_run, "tokenizer")),
+        tokenizer=CLIPTokenizer.from_pretrained(own.parent / "tokenizer" if (own.parent / "tokenizer").is_dir()
+                                                else model_dir(clip_run, "tokenizer")),
         unet=UNet2DConditionModel.from_pretrained(model_dir(teacher_run, "unet"), dtype=torch.float32),
         scheduler=DDIMScheduler(**scheduler_config(), timestep_spacing="trailing"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -10,7 +10,8 @@ import torch
 
 from lcmserve.distill.data import MapSource, resize_square
 from lcmserve.shapes.models import BACKGROUND_CLASSES, COLOUR_CLASSES, N_CELLS, SHAPE_CLASSES, SIZE_CLASSES
-from lcmserve.shapes.scenes import CELLS, Scene, caption, render, sample_scene
+from lcmserve.shapes.language import describe
+from lcmserve.shapes.scenes import CELLS, Scene, render, sample_scene
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -36,10 +37,10 @@ def scene_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
 
 
 def batch_for_step(seed: int, stage: str, step: int, batch_size: int, splits: tuple[str, ...] = ("train",)):
-    """Scenes, captions and images of one training step; a pure function of its arguments."""
+    """Scenes, captions (of the caption language) and images of one training step; a pure function of its arguments."""
     rng = random.Random(f"{seed}:{stage}:{step}")
     scenes = [sample_scene(rng, rng.choice(splits)) for _ in range(batch_size)]
-    captions = [caption(s, rng) for s in scenes]
+    captions = [describe(s, rng)[0] for s in scenes]
     return scenes, captions, to_tensor([render(s) for s in scenes])
 
 

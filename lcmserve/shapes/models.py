@@ -14,9 +14,12 @@ import torch
 from torch import nn
 
 from lcmserve.models.tokenizer import write_clip_tokenizer
+from lcmserve.shapes.language import language_words
 from lcmserve.shapes.scenes import BACKGROUNDS, CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, vocabulary
 
-MAX_TOKENS = 32  # the longest caption is 28 tokens with start and end (tests/test_tokenizer.py)
+# Every caption of the language fits with room to spare (tests/models/test_tokenizer.py); words the
+# tokenizer does not know split into letters, so a prompt with a few of them still fits.
+MAX_TOKENS = 77  # as CLIP and Stable Diffusion
 LATENT_SIZE = 16
 TEXT_DIM = 128
 
@@ -25,7 +28,52 @@ def write_tokenizer(folder: str | Path):
     """The domain tokenizer: every caption word is one token."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(vocabulary(), folder, model_max_length=MAX_TOKENS))
+    words = sorted(set(vocabulary()) | set(language_words()))
+    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(words, folder, model_max_length=MAX_TOKENS))
+
+
+def carry_text_embeddings(model, old_tokenizer, new_tokenizer, aliases: dict[str, str] | None = None) -> None:
+    """Move a trained text tower (``CLIPTextModel`` or ``CLIPModel``) onto a new tokenizer, in place.
+
+    A token both vocabularies hold keeps its embedding. A new word starts from its alias's embedding
+    (a synonym the old vocabulary knows: huge -> large) or else from the mean of the pieces the old
+    tokenizer split it into, which is what the model read for it before. Positions beyond the old
+    maximum start from the last trained one. The config's vocab_size and max_position_embeddings follow.
+    """
+    aliases = aliases or {}
+    from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+
+    # found by type: where the embeddings sit differs between CLIPModel, CLIPTextModel and transformers 4 / 5
+    embeddings = next(m for m in model.modules() if isinstance(m, CLIPTextEmbeddings))
+    config = getattr(model.config, "text_config", model.config)
+    old = embeddings.token_embedding.weight.detach()
+    old_vocab, new_vocab = old_tokenizer.get_vocab(), new_tokenizer.get_vocab()
+    rows = []
+    for token, _ in sorted(new_vocab.items(), key=lambda kv: kv[1]):
+        if token in old_vocab:
+            rows.append(old[old_vocab[token]])
+            continue
+        word = aliases.get(token.removesuffix("</w>"), token.removesuffix("</w>"))
+        ids = old_tokenizer(word, add_special_tokens=False).input_ids
+        rows.append(old[ids].mean(0) if ids else old.mean(0))
+    token_embedding = nn.Embedding(len(rows), old.shape[1])
+    token_embedding.weight.data.copy_(torch.stack(rows))
+    positions = embeddings.position_embedding.weight.detach()
+    n = new_tokenizer.model_max_length
+    position_embedding = nn.Embedding(n, positions.shape[1])
+    position_embedding.weight.data.copy_(torch.cat([positions[:n], positions[-1:].expand(max(0, n - len(positions)), -1)]))
+    embeddings.token_embedding, embeddings.position_embedding = token_embedding, position_embedding
+    embeddings.position_ids = torch.arange(n).expand((1, -1))
+    config.vocab_size, config.max_position_embeddings = len(rows), n
+
+
+def retokenize(model, old_tokenizer, new_tokenizer) -> None:
+    """``carry_text_embeddings`` with the language's aliases, when the tokenizers differ at all."""
+    from lcmserve.shapes.language import ALIASES
+
+    if (old_tokenizer.get_vocab() != new_tokenizer.get_vocab()
+            or old_tokenizer.model_max_length != new_tokenizer.model_max_length):
+        carry_text_embeddings(model, old_tokenizer, new_tokenizer, ALIASES)
 
 
 def clip_config(tokenizer):

@@ -69,12 +69,12 @@ def teacher_step_speed(variant: str, batch_size: int, device: torch.device, seco
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=0.75, foreach=device.type == "cuda")
     scheduler = DDPMScheduler.from_config(M.scheduler_config())
     unet_fn = torch.compile(unet) if "compile" in variant else unet
-    vocab = text_encoder.config.vocab_size
+    vocab, length = text_encoder.config.vocab_size, text_encoder.config.max_position_embeddings
     shape = (batch_size, unet.config.in_channels, M.LATENT_SIZE, M.LATENT_SIZE)
 
     def step() -> None:
         latents, noise = torch.randn(shape, device=device), torch.randn(shape, device=device)
-        ids = torch.randint(0, vocab, (batch_size, M.MAX_TOKENS), device=device)
+        ids = torch.randint(0, vocab, (batch_size, length), device=device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device)
         loss = teacher_loss(unet_fn, text_encoder, scheduler, latents, ids, noise, t, bf16="bf16" in variant,
                             train_text_encoder=train_text_encoder, snr_gamma=snr_gamma)

@@ -59,8 +59,8 @@ class StageConfig:
     checkpoint_every: int = 250
     warmup_steps: int = 100
     bf16: bool = False  # autocast; pays off only on CPUs with native bf16 (AVX-512 BF16 / AMX) or GPUs
-    clip_dir: str | None = None  # teacher: the trained domain CLIP (text encoder + tokenizer)
-    vae_dir: str | None = None  # teacher: the trained VAE
+    clip_dir: str | None = None  # teacher: the trained domain CLIP (text encoder + tokenizer); clip: start from it
+    vae_dir: str | None = None  # teacher: the trained VAE; vae: start from this one
     caption_dropout: float = 0.1  # teacher: empty captions, for classifier-free guidance
     ema_decay: float = 0.999  # teacher
     latent_cache: int = 20000  # teacher: scenes pre-encoded by the VAE once (0: render and encode every step)
@@ -71,6 +71,8 @@ class StageConfig:
     train_text_encoder: bool = False  # teacher: train the text encoder with the UNet (it starts from the CLIP's)
     snr_gamma: float = 0.0  # teacher: Min-SNR loss weighting min(SNR, gamma) / SNR (0: plain epsilon MSE)
     compile: bool = False  # teacher: torch.compile the UNet (a GPU speed-up; the first steps compile)
+    decoder_only: bool = False  # vae: train the decoder alone, so the latent space (and every model on it) stays
+    fg_weight: float = 10.0  # vae: weight of object pixels in the reconstruction loss
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,6 +106,10 @@ class StageConfig:
         check_snr_gamma(self.snr_gamma)
         if not 0 < self.ema_decay < 1:
             raise InvalidInputError.out_of_range("ema_decay", self.ema_decay, "in (0, 1)")
+        if not (math.isfinite(self.fg_weight) and self.fg_weight >= 1):
+            raise InvalidInputError.out_of_range("fg_weight", self.fg_weight, "a finite number >= 1")
+        if self.stage in ("vae", "clip"):
+            self._check_init()
         if self.stage == "teacher":
             from lcmserve.shapes.bundle import resolve_run
 
@@ -116,6 +122,22 @@ class StageConfig:
                         f"{key}: the teacher needs a trained {key[:-4]} folder (train it first with "
                         f"`lcmserve shapes train {key[:-4]}`); got {path!r}", param=key,
                     )
+
+
+    def _check_init(self) -> None:
+        """vae and clip: ``vae_dir`` / ``clip_dir`` name the weights to start from (or ``shipped``)."""
+        from lcmserve.shapes.bundle import resolve_run
+
+        key = f"{self.stage}_dir"
+        if getattr(self, key):
+            setattr(self, key, str(resolve_run(getattr(self, key), self.stage)))
+            if not Path(getattr(self, key)).is_dir():
+                raise InvalidInputError(f"{key}: no such folder {getattr(self, key)!r}", param=key)
+        elif self.decoder_only:
+            raise InvalidInputError("decoder_only: fine-tuning the decoder needs a trained VAE to start from "
+                                    "(--vae RUN or --vae shipped)", param="decoder_only")
+        if self.decoder_only and self.stage != "vae":
+            raise InvalidInputError("decoder_only: only the vae stage has a decoder", param="decoder_only")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -268,12 +290,19 @@ def run_loop(cfg: StageConfig, modules: dict[str, torch.nn.Module], params, step
 
 # -- stage 1: the domain CLIP --------------------------------------------------------------
 def train_clip(cfg: StageConfig, device: torch.device, started: float) -> Path:
-    from transformers import CLIPModel
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from lcmserve.shapes.bundle import model_dir
 
     out = Path(cfg.out)
     tokenizer = M.write_tokenizer(out / "tokenizer")
     torch.manual_seed(cfg.seed)
-    model = CLIPModel(M.clip_config(tokenizer)).to(device).train()
+    if cfg.clip_dir:  # continue a trained CLIP on today's vocabulary
+        model = CLIPModel.from_pretrained(model_dir(cfg.clip_dir), dtype=torch.float32)
+        M.retokenize(model, CLIPTokenizer.from_pretrained(model_dir(cfg.clip_dir, "tokenizer")), tokenizer)
+    else:
+        model = CLIPModel(M.clip_config(tokenizer))
+    model = model.to(device).train()
 
     def step_fn(step: int) -> torch.Tensor:
         _, captions, images = batch_for_step(cfg.seed, "clip", step, cfg.batch_size)
@@ -292,37 +321,48 @@ def train_clip(cfg: StageConfig, device: torch.device, started: float) -> Path:
 def train_vae(cfg: StageConfig, device: torch.device, started: float) -> Path:
     from diffusers import AutoencoderKL
 
+    from lcmserve.shapes.bundle import model_dir
+
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(**M.vae_config()).to(device).train()
+    if cfg.vae_dir:
+        vae = AutoencoderKL.from_pretrained(model_dir(cfg.vae_dir), dtype=torch.float32)
+    else:
+        vae = AutoencoderKL(**M.vae_config())
+    vae = vae.to(device).train()
+    if cfg.decoder_only:
+        vae.encoder.requires_grad_(False).eval()
+        vae.quant_conv.requires_grad_(False)
     kl_weight = float(cfg.extra.get("kl_weight", 1e-6))
     # Objects cover 2-10% of the pixels: unweighted, the loss is all background and the VAE
     # learns to drop small objects and wash out colours. Object pixels weigh fg_weight times more.
-    fg_weight = float(cfg.extra.get("fg_weight", 10.0))
 
     def step_fn(step: int) -> torch.Tensor:
         scenes, _, images = batch_for_step(cfg.seed, "vae", step, cfg.batch_size)
         x = images * 2 - 1
         background = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32) / 255
         mask = ((images - background[:, :, None, None]).abs().sum(1, keepdim=True) > 0.1).float()
-        weight = 1 + (fg_weight - 1) * mask
+        weight = 1 + (cfg.fg_weight - 1) * mask
         x, weight = x.to(device), weight.to(device)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        with _autocast(cfg, device):
+        with _autocast(cfg, device), torch.set_grad_enabled(not cfg.decoder_only):
             posterior = vae.encode(x).latent_dist
             eps = torch.randn(posterior.mean.shape, generator=gen).to(device)
-            recon = vae.decode(posterior.mean + posterior.std * eps).sample.float()
+            z = posterior.mean + posterior.std * eps
+        with _autocast(cfg, device):
+            recon = vae.decode(z).sample.float()
         err = recon - x
         rec = ((err.abs() + err**2) * weight).sum() / (weight.sum() * 3)
-        return rec + kl_weight * posterior.kl().mean().float()
+        return rec if cfg.decoder_only else rec + kl_weight * posterior.kl().mean().float()
 
-    run_loop(cfg, {"vae": vae}, list(vae.parameters()), step_fn, device=device, started=started)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    run_loop(cfg, {"vae": vae}, params, step_fn, device=device, started=started)
     vae.eval()
-    # Scale latents to unit variance, as Rombach et al. (2022) do for SD's VAE.
-    with torch.no_grad():
-        _, _, images = batch_for_step(cfg.seed, "vae-scale", 0, 512)
-        latents = vae.encode((images * 2 - 1).to(device)).latent_dist.mean
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    if not cfg.decoder_only:  # a new encoder: scale its latents to unit variance, as Rombach et al. (2022) do
+        with torch.no_grad():
+            _, _, images = batch_for_step(cfg.seed, "vae-scale", 0, 512)
+            latents = vae.encode((images * 2 - 1).to(device)).latent_dist.mean
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(out / "model")
     return out
 
@@ -403,7 +443,7 @@ class TeacherSteps(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         import random
 
-        from lcmserve.shapes.scenes import caption
+        from lcmserve.shapes.language import describe
 
         cfg, b = self.cfg, self.cfg.batch_size
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -414,7 +454,7 @@ class TeacherSteps(torch.utils.data.Dataset):
         else:
             rng = random.Random(f"{cfg.seed}:teacher:{step}")
             idx = [rng.randrange(len(self.scenes)) for _ in range(b)]
-            captions = [caption(self.scenes[i], rng) for i in idx]
+            captions = [describe(self.scenes[i], rng)[0] for i in idx]
             item["idx"] = torch.tensor(idx)
         item["eps"] = torch.randn((b, *self.latent_shape), generator=gen)
         # caption dropout: the unconditional model for classifier-free guidance
@@ -457,14 +497,13 @@ class _StepStream:
 def train_teacher(cfg: StageConfig, device: torch.device, started: float) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
-    from transformers import CLIPTokenizer
 
     from lcmserve.shapes.bundle import model_dir
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir(cfg.clip_dir, "tokenizer"))
-    text_encoder = teacher_text_encoder(cfg).to(device)
+    text_encoder, tokenizer = teacher_text_encoder(cfg, out / "tokenizer")
+    text_encoder = text_encoder.to(device)
     text_encoder.train(cfg.train_text_encoder).requires_grad_(cfg.train_text_encoder)
     vae_dir = model_dir(cfg.vae_dir)
     vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).to(device).eval().requires_grad_(False)
@@ -532,18 +571,27 @@ def teacher_loss(unet, text_encoder, noise_scheduler, latents: torch.Tensor, ids
     return (per_row * snr.clamp(max=snr_gamma) / snr).mean()
 
 
-def teacher_text_encoder(cfg: StageConfig):
-    """The text encoder the teacher learns with: the pipeline's own when continuing a teacher
-    pipeline (``init_unet`` is a pipeline folder with a text_encoder/), else the domain CLIP's text
-    tower. Frozen, a contrastive CLIP text tower blurs which attribute belongs to which object
-    (docs/shapes.md); ``train_text_encoder`` trains it with the UNet."""
-    from transformers import CLIPTextModel
+def teacher_text_encoder(cfg: StageConfig, tokenizer_dir: Path):
+    """The text encoder the teacher learns with, on the tokenizer of today's caption language.
 
-    from lcmserve.shapes.bundle import clip_text_encoder
+    It is the pipeline's own when continuing a teacher pipeline (``init_unet`` is a pipeline folder
+    with a text_encoder/), else the domain CLIP's text tower. Frozen, a contrastive CLIP text tower
+    blurs which attribute belongs to which object (docs/shapes.md); ``train_text_encoder`` trains it
+    with the UNet. One trained on an older vocabulary carries its embeddings over token by token.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
 
+    from lcmserve.shapes.bundle import clip_text_encoder, model_dir
+
+    tokenizer = M.write_tokenizer(tokenizer_dir)
     if cfg.init_unet and (Path(cfg.init_unet) / "text_encoder" / "config.json").is_file():
-        return CLIPTextModel.from_pretrained(Path(cfg.init_unet) / "text_encoder", dtype=torch.float32)
-    return clip_text_encoder(cfg.clip_dir)
+        text_encoder = CLIPTextModel.from_pretrained(Path(cfg.init_unet) / "text_encoder", dtype=torch.float32)
+        old = CLIPTokenizer.from_pretrained(Path(cfg.init_unet) / "tokenizer")
+    else:
+        text_encoder = clip_text_encoder(cfg.clip_dir)
+        old = CLIPTokenizer.from_pretrained(model_dir(cfg.clip_dir, "tokenizer"))
+    M.retokenize(text_encoder, old, tokenizer)
+    return text_encoder, tokenizer
 
 
 # -- stage 4: the judge ---------------------------------------------------------------------

@@ -34,7 +34,7 @@ def test_steps_plot_merges_runs_with_labels_and_one_floor_per_n(tmp_path):
     assert ("shapes-lcm", "lcm", 4) in labels  # unlabelled runs take the model folder's name
     table = (tmp_path / "out" / "cmp.md").read_text()
     assert table.count("real renders (floor)") == 2  # N=100 and N=500
-    assert "| teacher | ddim | 50 | 8 | 100 | 2.0 |" in table
+    assert "| teacher | heldout | ddim | 50 | 8 | 100 | 2.0 |" in table
     assert (tmp_path / "out" / "cmp.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "out" / "cmp.json").read_text())["x"] == "steps"
 
@@ -43,7 +43,7 @@ def test_label_plot_of_an_ablation(tmp_path, capsys):
     runs = [_result(tmp_path / f"k{k}", f"/r/lcd-k{k}", [_row("lcm", s, 10 + k / s) for s in (1, 4)]) for k in (1, 20)]
     code = main(["eval-compare", f"{runs[0]}=k=1", f"{runs[1]}=k=20", "--x", "label", "-o", str(tmp_path / "a"),
                  "--name", "k"])
-    assert code == 0 and "| k=20 | lcm | 4 |" in capsys.readouterr().out
+    assert code == 0 and "| k=20 | heldout | lcm | 4 |" in capsys.readouterr().out
     assert (tmp_path / "a" / "k.png").is_file()
 
 

@@ -268,7 +268,7 @@ def test_teacher_can_train_its_text_encoder_and_the_bundle_ships_it(tmp_path, cl
     # Continuing that teacher starts from its own text encoder, not from the CLIP's.
     cont = T.StageConfig("teacher", str(tmp_path / "c"), clip_dir=str(clip), vae_dir=str(vae),
                          init_unet=str(out / "shapes-teacher"))
-    start = T.teacher_text_encoder(cont).state_dict()
+    start = T.teacher_text_encoder(cont, tmp_path / "c" / "tokenizer")[0].state_dict()
     torch.testing.assert_close({k.removeprefix("text_model."): v for k, v in start.items()}[key], shipped[key])
 
 
@@ -292,3 +292,56 @@ def test_latent_cache_key_follows_the_weights_not_the_config_bookkeeping(tmp_pat
     with torch.no_grad():
         next(vae.parameters()).add_(1e-3)
     assert fingerprint_module(vae) != key
+
+
+def test_vae_decoder_fine_tune_keeps_the_latent_space(tmp_path, clip_and_vae):
+    from diffusers import AutoencoderKL
+
+    _, vae = clip_and_vae
+    with pytest.raises(InvalidInputError, match="decoder_only"):
+        T.StageConfig("vae", str(tmp_path / "x"), decoder_only=True)  # nothing to start from
+    with pytest.raises(InvalidInputError, match="fg_weight"):
+        T.StageConfig("vae", str(tmp_path / "x"), fg_weight=0.5)
+    tuned = T.train(tiny("vae", tmp_path / "dec", vae_dir=str(vae), decoder_only=True, lr=1e-2, fg_weight=3))
+    before = AutoencoderKL.from_pretrained(vae / "model")
+    after = AutoencoderKL.from_pretrained(tuned / "model")
+    b, a = before.state_dict(), after.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(a[k], b[k]) for k in b if k.startswith("decoder."))
+    assert after.config.scaling_factor == before.config.scaling_factor
+
+
+def test_a_trained_text_tower_moves_onto_a_new_vocabulary(tmp_path):
+    """Old tokens keep their embeddings (so an old caption reads the same), new words start from an alias."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from transformers import CLIPTokenizer
+
+    from lcmserve.models.tokenizer import write_clip_tokenizer
+    from lcmserve.shapes.models import carry_text_embeddings
+
+    old = CLIPTokenizer.from_pretrained(write_clip_tokenizer(["a", "big", "red", "circle"], tmp_path / "o",
+                                                             model_max_length=8))
+    new = CLIPTokenizer.from_pretrained(write_clip_tokenizer(["a", "big", "huge", "red", "circle", "dots"],
+                                                             tmp_path / "n", model_max_length=12))
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(old), hidden_size=16, intermediate_size=32,
+                                         num_attention_heads=2, num_hidden_layers=1, max_position_embeddings=8,
+                                         bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
+                                         pad_token_id=old.pad_token_id)).eval()
+    text = "a big red circle"
+    old_emb = model.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        before = model(old(text, padding="max_length", max_length=8, return_tensors="pt").input_ids)[0]
+        carry_text_embeddings(model, old, new, {"huge": "big"})
+        after = model(new(text, padding="max_length", max_length=12, return_tensors="pt").input_ids)[0]
+    torch.testing.assert_close(after[:, :8], before)
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == len(new) and model.config.vocab_size == len(new)
+    assert model.config.max_position_embeddings == 12
+    torch.testing.assert_close(emb[new.convert_tokens_to_ids("huge</w>")], emb[new.convert_tokens_to_ids("big</w>")])
+    pieces = old("dots", add_special_tokens=False).input_ids  # no alias: the mean of what the old tokenizer read
+    assert len(pieces) > 1
+    torch.testing.assert_close(emb[new.convert_tokens_to_ids("dots</w>")], old_emb[pieces].mean(0))
+    model.save_pretrained(tmp_path / "m")
+    assert CLIPTextModel.from_pretrained(tmp_path / "m").config.vocab_size == len(new)
