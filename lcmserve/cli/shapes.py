@@ -1,4 +1,4 @@
-"""The bundled shapes domain: ``shapes render | train | train-speed | bundle | probe-text``."""
+"""The bundled shapes domain: ``shapes render | train | train-speed | bundle | probe-text | check-vae``."""
 
 from __future__ import annotations
 
@@ -73,9 +73,27 @@ def cmd_shapes_probe_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shapes_check_vae(args: argparse.Namespace) -> int:
+    from lcmserve.eval.reconstruct import check_vae
+    from lcmserve.shapes.bundle import model_dir, resolve_run
+
+    if not 8 <= args.num <= 100_000:
+        raise InvalidInputError.out_of_range("num", args.num, "an integer in [8, 100000]")
+    vae = model_dir(resolve_run(args.vae, "vae"))
+    if not (vae / "config.json").is_file():
+        raise InvalidInputError(f"vae: {args.vae!r} is not a VAE folder or vae run folder", param="vae")
+    report = check_vae(vae, args.num, out=args.output)
+    r = report.reconstructions
+    print(f"{report.num_images} held-out reconstructions read exactly right: {r['accuracy']:.3f} (shape "
+          f"{r['shape']:.3f}, colour {r['colour']:.3f}, size {r['size']:.3f}); renders: "
+          f"{report.renders['accuracy']:.3f}; mean abs pixel error {report.mean_abs_error:.4f}; {args.output}/")
+    return 0
+
+
 def cmd_shapes_render(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from lcmserve.shapes.language import caption_for
     from lcmserve.shapes.scenes import caption_for_index, render
 
     if args.num < 1:
@@ -86,11 +104,16 @@ def cmd_shapes_render(args: argparse.Namespace) -> int:
     grid = Image.new("RGB", (64 * cols, 64 * (-(-args.num // cols))))
     captions = []
     for i in range(args.num):
-        scene, text = caption_for_index(i, args.split, args.seed)
+        if args.captions == "language":
+            scene, text, spec = caption_for(i, args.split, args.seed)
+            row = {"caption": text, "states": spec.to_dict()}
+        else:
+            scene, text = caption_for_index(i, args.split, args.seed)
+            row = {"caption": text}
         image = render(scene)
         image.save(out / f"{i:05d}.png")
         grid.paste(image, ((i % cols) * 64, (i // cols) * 64))
-        captions.append({"file": f"{i:05d}.png", "caption": text})
+        captions.append({"file": f"{i:05d}.png", **row})
     grid.save(out / "grid.png")
     (out / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
     print(f"wrote {args.num} scenes of split {args.split} to {out}/")
@@ -126,6 +149,12 @@ def _add_shapes(sub) -> None:
     _add_train_speed(ssub)
     _add_bundle(ssub)
     _add_probe_text(ssub)
+    ck = ssub.add_parser("check-vae", help="how well the judge reads a VAE's reconstructions of held-out scenes")
+    ck.add_argument("vae", nargs="?", default="shipped", help="a VAE folder or vae run folder, or `shipped`")
+    ck.add_argument("-n", "--num", type=int, default=400, help="held-out scenes (default 400)")
+    ck.add_argument("-o", "--output", default="out/vae-check", help="vae-check.json/.md and a grid of renders "
+                    "above their reconstructions")
+    ck.set_defaults(func=cmd_shapes_check_vae)
 
 
 def _add_train(ssub) -> None:
@@ -214,5 +243,7 @@ def _add_render(ssub) -> None:
     rd.add_argument("--split", choices=SPLITS, default="train")
     rd.add_argument("-n", "--num", type=int, default=64, help="number of scenes")
     rd.add_argument("--seed", type=int, default=0)
+    rd.add_argument("--captions", choices=("template", "language"), default="template",
+                    help="the full template captions, or captions of the caption language with what each states")
     rd.add_argument("-o", "--output", default="out/shapes")
     rd.set_defaults(func=cmd_shapes_render)

@@ -64,6 +64,8 @@ class DistillConfig:
     w_max: float = _f(14.0, "highest guidance scale w sampled")
     lora_w: float = _f(7.0, "lora: the fixed w the adapter learns (serve it with guidance scale 1)")
     time_cond_proj_dim: int = _f(256, "lcd: width of the student's guidance embedding")
+    init_student: str = _f("", "lcd: start the student from this LCM (a pipeline folder with unet/, or a unet "
+                           "folder) of the teacher's architecture instead of the teacher's UNet")
     ema_decay: float = _f(0.95, "EMA rate of the target network (lcd, lcf); lora: 0 uses the online adapter")
     loss: str = _f("l2", "distance: l2 or huber", choices=LOSSES)
     huber_c: float = _f(1e-3, "Huber constant c of sqrt(d^2 + c^2) - c")
@@ -125,6 +127,9 @@ class DistillConfig:
             raise InvalidInputError.out_of_range("max_minutes", self.max_minutes, "a finite number >= 0 (0: off)")
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise InvalidInputError.out_of_range("max_grad_norm", self.max_grad_norm, "a finite number > 0")
+        if self.init_student and self.mode != "lcd":
+            raise InvalidInputError(f"init_student: only mode lcd starts from another LCM; got mode {self.mode}",
+                                    param="init_student")
         if not self.lr:
             self.lr = DEFAULT_LR[self.mode]
         if self.cache and self.data == "shapes" and not self.num_samples:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,26 @@ def lcd_student(teacher_unet, time_cond_proj_dim: int):
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
     assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(next(teacher_unet.parameters()).device).train().requires_grad_(True)
+
+
+def lcd_student_from(teacher_unet, folder: str | Path):
+    """The student as an earlier LCM of the same architecture left it (to follow a teacher that moved on)."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    folder = folder / "unet" if (folder / "unet").is_dir() else folder
+    if not (folder / "config.json").is_file():
+        raise InvalidInputError(f"init_student: no UNet in {str(folder)!r} (a pipeline folder with unet/ or a unet "
+                                "folder)", param="init_student")
+    student = UNet2DConditionModel.from_pretrained(folder, dtype=torch.float32)
+    if student.config.get("time_cond_proj_dim") is None:
+        raise InvalidInputError(f"init_student: {str(folder)!r} has no guidance embedding; it is not an LCM",
+                                param="init_student")
+    ours = {k: tuple(v.shape) for k, v in teacher_unet.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in student.state_dict().items() if k != "time_embedding.cond_proj.weight"}
+    if ours != theirs:
+        raise InvalidInputError(f"init_student: {str(folder)!r} is not of the teacher's architecture", param="init_student")
     return student.to(next(teacher_unet.parameters()).device).train().requires_grad_(True)
 
 

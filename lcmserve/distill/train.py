@@ -36,6 +36,7 @@ from lcmserve.distill.lcd import (
     ema_target,
     lcd_loss,
     lcd_student,
+    lcd_student_from,
     lora_student,
     update_ema,
 )
@@ -51,7 +52,7 @@ SAMPLES = "samples"
 _TRAJECTORY = ("mode", "teacher", "data", "resolution", "batch_size", "lr", "lr_warmup_steps", "weight_decay",
                "max_grad_norm", "skipping_step", "solver", "w_min", "w_max", "lora_w", "time_cond_proj_dim",
                "ema_decay", "loss", "huber_c", "seed", "lora_rank", "lora_alpha", "lora_targets", "num_samples",
-               "overfit_batches")
+               "overfit_batches", "init_student")
 
 
 @dataclass
@@ -281,7 +282,9 @@ def distill(cfg: DistillConfig, on_step=None) -> DistillResult:
 
 def _student(cfg: DistillConfig, teacher: Teacher, device: torch.device):
     """The student (online, float32) and its EMA target (None without one)."""
-    if cfg.mode == "lcd":
+    if cfg.mode == "lcd" and cfg.init_student:
+        student = lcd_student_from(teacher.unet, cfg.init_student)
+    elif cfg.mode == "lcd":
         student = lcd_student(teacher.unet, cfg.time_cond_proj_dim)
     elif cfg.mode == "lora":
         student = lora_student(teacher.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)

@@ -262,3 +262,27 @@ def test_sdxl_teacher_distils_into_an_sdxl_lcm(tmp_path, base_sdxl_dir):
     assert len(result.losses) == 1 and result.losses[0] > 0
     model = load_model(str(tmp_path / "run"), device="cpu")
     assert model.family == "sdxl" and model.guidance_mode == "embedding"
+
+
+def test_lcd_student_can_start_from_an_earlier_lcm(tmp_path, tiny):
+    """--init-student: the student is that LCM's UNet, guidance embedding included (to follow a retrained teacher)."""
+    from lcmserve.distill.lcd import lcd_student_from
+
+    teacher, student = tiny[0], tiny[1]
+    student.save_pretrained(tmp_path / "lcm" / "unet")
+    again = lcd_student_from(teacher, tmp_path / "lcm")
+    assert again.training and all(p.requires_grad for p in again.parameters())
+    for (name, a), b in zip(again.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(a, b), name
+    teacher.save_pretrained(tmp_path / "base")
+    with pytest.raises(InvalidInputError, match="init_student.*guidance embedding"):
+        lcd_student_from(teacher, tmp_path / "base")
+    with pytest.raises(InvalidInputError, match="init_student.*no UNet"):
+        lcd_student_from(teacher, tmp_path / "nothing")
+    other = build_preset_pipeline("tiny-sd", lcm=True, seed=1).unet
+    if {k: v.shape for k, v in other.state_dict().items()} != {k: v.shape for k, v in student.state_dict().items()}:
+        other.save_pretrained(tmp_path / "other")
+        with pytest.raises(InvalidInputError, match="architecture"):
+            lcd_student_from(teacher, tmp_path / "other")
+    with pytest.raises(InvalidInputError, match="init_student"):
+        small(tmp_path, teacher="t", mode="lora", init_student=str(tmp_path / "lcm"))

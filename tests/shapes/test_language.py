@@ -105,3 +105,24 @@ def test_describe_a_given_scene():
     texts = {describe(scene, random.Random(i))[0].lower() for i in range(200)}
     assert any("triangle" in t for t in texts) and any("green" in t for t in texts)
     assert not any(w in t for t in texts for w in ("circle", "square", "diamond", "red", "blue", "white"))
+
+
+def test_render_writes_language_captions_with_what_they_state(tmp_path, capsys):
+    import json
+
+    from lcmserve.cli import main
+
+    assert main(["shapes", "render", "--captions", "language", "-n", "5", "-o", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == [caption_for(i, "train", 0)[1] for i in range(5)]
+    assert all(Spec.from_dict(r["states"]) == caption_for(i, "train", 0)[2] for i, r in enumerate(rows))
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_check_vae_refuses_what_is_not_a_vae(tmp_path, capsys):
+    from lcmserve.cli import main
+
+    assert main(["shapes", "check-vae", str(tmp_path)]) == 2
+    assert "vae:" in capsys.readouterr().err
+    assert main(["shapes", "check-vae", "-n", "3"]) == 2
+    assert "num" in capsys.readouterr().err
