@@ -135,7 +135,7 @@ class EngineClient:
         model, backend = self.sampler.model, self.sampler.backend
         return {"id": self.model_name, "guidance_mode": model.guidance_mode,
                 "default_guidance_scale": model.default_guidance_scale, "native_size": model.native_size,
-                "lora": model.lora, "backend": backend.name, "dtype": model.dtype_name,
+                "max_prompt_tokens": model.max_prompt_tokens, "lora": model.lora, "backend": backend.name, "dtype": model.dtype_name,
                 "attention": attention_of(model), "backend_reason": getattr(backend, "reason", None),
                 "adapters": self.adapter_names()}
 
@@ -206,7 +206,8 @@ class EngineClient:
             return self.adapters.load(name, path, scale).describe()
 
     def remove_adapter(self, name: str, timeout_s: float = REMOVE_TIMEOUT_S) -> None:
-        """Unload ``name`` once the batches using it have finished (at most ``timeout_s``, else 503 and it stays)."""
+        """Unload ``name`` once the requests using it, queued or running, have ended (at most ``timeout_s``, else 503
+        and it stays); new requests that name it get 404 from the start of the wait."""
         if self.adapters is None or name not in self.adapters.names():
             raise self._not_loaded(name, "name")
         try:
@@ -224,6 +225,21 @@ class EngineClient:
         for name, _ in request.adapters:
             if name not in loaded:
                 raise self._not_loaded(name, "adapters")
+
+    def _hold_adapters(self, request: ResolvedRequest) -> tuple:
+        """Hold the request's adapters until it ends, so that a removal waits for it even while it is queued."""
+        if not request.adapters or self.adapters is None:
+            return ()
+        try:
+            return self.adapters.hold([name for name, _ in request.adapters])
+        except InvalidInputError:  # a removal started since the request's names were checked
+            loaded = self.adapter_names()
+            missing = next((name for name, _ in request.adapters if name not in loaded), request.adapters[0][0])
+            raise self._not_loaded(missing, "adapters") from None
+
+    def _release_adapters(self, held: tuple) -> None:
+        if held:
+            self.adapters.release(held)
 
     # requests -------------------------------------------------------------------------
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
@@ -254,6 +270,7 @@ class EngineClient:
         """
         started = time.monotonic()
         resolved = self.resolve(request)
+        held = self._hold_adapters(resolved)
         key = BucketKey(self.model_name, resolved.steps, resolved.width, resolved.height)
         rows_in = resolved.rows()
         hook = None
@@ -266,23 +283,31 @@ class EngineClient:
                     previews=self.decode_previews(x0_rows)
                     if previews and (preview_steps is None or i + 1 in preview_steps) else None,
                 ))
-        inner = self.batcher.submit(key, rows_in, deadline=deadline, is_cancelled=is_cancelled, on_step=hook)
+        try:
+            inner = self.batcher.submit(key, rows_in, deadline=deadline, is_cancelled=is_cancelled, on_step=hook)
+        except BaseException:
+            self._release_adapters(held)
+            raise
         outer: Future = Future()
 
         def done(f: Future) -> None:
-            if _copy_failure(outer, f):
-                return
-            rows: RowsResult = f.result()
             try:
-                outer.set_result(Generation(
-                    request=resolved, images=list(rows.images), seeds=[r.seed for r in rows_in],
-                    queue_wait_s=rows.queue_wait_s, engine_s=rows.engine_s, batch_sizes=rows.batch_sizes,
-                    total_s=time.monotonic() - started,
-                ))
-            except InvalidStateError:  # cancelled by its caller while the batch ran: nobody waits for it
-                pass
-            if resolved.adapters and self._on_adapters is not None:
-                self._on_adapters(tuple(name for name, _ in resolved.adapters), len(rows_in))
+                if _copy_failure(outer, f):
+                    return
+                rows: RowsResult = f.result()
+                try:
+                    outer.set_result(Generation(
+                        request=resolved, images=list(rows.images), seeds=[r.seed for r in rows_in],
+                        queue_wait_s=rows.queue_wait_s, engine_s=rows.engine_s, batch_sizes=rows.batch_sizes,
+                        total_s=time.monotonic() - started,
+                    ))
+                except InvalidStateError:  # cancelled by its caller while the batch ran: nobody waits for it
+                    pass
+                if resolved.adapters and self._on_adapters is not None:
+                    self._on_adapters(tuple(name for name, _ in resolved.adapters), len(rows_in))
+            finally:
+                # last, so that a removal waiting for these adapters drops their metric series after this count
+                self._release_adapters(held)
 
         inner.add_done_callback(done)
         outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)

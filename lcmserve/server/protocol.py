@@ -163,6 +163,8 @@ class ModelCard(BaseModel):
         "with an LCM-LoRA, classifier-free guidance above w = 1, negative_prompt accepted"))
     default_guidance_scale: float | None = Field(None, description="the w of a request that gives none")
     native_size: int | None = Field(None, description="the model's native width and height in pixels")
+    max_prompt_tokens: int | None = Field(None, description="tokens the text encoder reads, start and end "
+                                          "included; a longer prompt is cut (prompt_truncated in the answer)")
     lora: str | None = Field(None, description="the LCM-LoRA fused into the model at load, as the server was "
                              "given it; null when none")
     # how the server runs it (gRPC's ModelInfo has no fields for these)

@@ -285,8 +285,8 @@ def test_api_key_guards_every_image_generation_rpc_but_not_health(main):
             stub.GetModel(pb2.GetModelRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         info = stub.GetModel(pb2.GetModelRequest(), timeout=5, metadata=good)
-        assert (info.id, info.guidance_mode, info.default_guidance_scale, info.native_size, info.lora) == (
-            "tiny", "embedding", 8.0, 64, "")
+        assert (info.id, info.guidance_mode, info.default_guidance_scale, info.native_size, info.lora,
+                info.max_prompt_tokens) == ("tiny", "embedding", 8.0, 64, "", 77)
     assert ("grpc", "Generate", "UNAUTHENTICATED") in metrics.statuses()
     assert ("grpc", "GetModel", "UNAUTHENTICATED") in metrics.statuses()
     assert ("grpc", "GetModel", "OK") in metrics.statuses()

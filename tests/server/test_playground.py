@@ -233,6 +233,7 @@ def test_the_model_card_shows_the_model_and_its_backend(server, browser):
     info = info["data"][0]
     assert browser.find_element("id", "model").text == info["id"] == MODEL
     assert browser.find_element("id", "card-size").text == f"{info['native_size']} x {info['native_size']} px"
+    assert browser.find_element("id", "card-tokens").text.startswith(f"up to {info['max_prompt_tokens']} tokens")
     assert browser.find_element("id", "card-backend").text == "torch, float32, sdpa attention"
     assert float(browser.find_element("id", "card-guidance").text) == info["default_guidance_scale"]
     assert browser.find_element("id", "card-mode").text.startswith("embedding")

@@ -146,6 +146,7 @@ def test_operational_routes(http):
     assert models["object"] == "list" and models["data"][0]["id"] == "preset:tiny-sd"
     card = models["data"][0]  # lcmserve's fields: what a request may ask of this model
     assert (card["guidance_mode"], card["default_guidance_scale"], card["native_size"]) == ("embedding", 8.0, 64)
+    assert card["max_prompt_tokens"] == 77
     assert card["lora"] is None
     # how it runs (REST only: gRPC's ModelInfo has no field for it); a reason only when backend auto picked it
     assert (card["backend"], card["dtype"], card["attention"], card["backend_reason"]) == (

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0elcmserve.proto\x12\x0blcmserve.v1\"\x11\n\x0fGetModelRequest\"q\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rguidance_mode\x18\x02 \x01(\t\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x03 \x01(\x01\x12\x13\n\x0bnative_size\x18\x04 \x01(\x05\x12\x0c\n\x04lora\x18\x05 \x01(\t\"\xb4\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nnum_images\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05width\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x15\n\routput_format\x18\x08 \x01(\t\x12\x15\n\x08previews\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x17\n\x0fnegative_prompt\x18\n \x01(\t\x12<\n\x08\x61\x64\x61pters\x18\x0b \x03(\x0b\x32*.lcmserve.v1.GenerateRequest.AdaptersEntry\x1a/\n\rAdaptersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_num_imagesB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x08\n\x06_widthB\t\n\x07_heightB\x07\n\x05_seedB\x0b\n\t_previews\"\x15\n\x13ListAdaptersRequest\"X\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0f\n\x07modules\x18\x04 \x01(\x05\x12\r\n\x05ranks\x18\x05 \x03(\x05\"9\n\x0b\x41\x64\x61pterList\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.lcmserve.v1.AdapterInfo\"N\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\x05scale\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_scale\"$\n\x14RemoveAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15RemoveAdapterResponse\"7\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\"B\n\x07Timings\x12\x14\n\x0cqueue_wait_s\x18\x01 \x01(\x01\x12\x10\n\x08\x65ngine_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\xcc\x01\n\x10GenerateResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.lcmserve.v1.Image\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\t\x12\x18\n\x10prompt_truncated\x18\x07 \x01(\x08\x12%\n\x07timings\x18\x08 \x01(\x0b\x32\x14.lcmserve.v1.Timings\"\xea\x01\n\x08Progress\x12*\n\x05stage\x18\x01 \x01(\x0e\x32\x1b.lcmserve.v1.Progress.Stage\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\x13\n\x0b\x66irst_image\x18\x04 \x01(\x05\x12$\n\x08previews\x18\x05 \x03(\x0b\x32\x12.lcmserve.v1.Image\x12\x12\n\nnum_images\x18\x06 \x01(\x05\"@\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_QUEUED\x10\x01\x12\x0e\n\nSTAGE_STEP\x10\x02\"t\n\rGenerateEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.lcmserve.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.lcmserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent2\xd8\x03\n\x0fImageGeneration\x12G\n\x08Generate\x12\x1c.lcmserve.v1.GenerateRequest\x1a\x1d.lcmserve.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.lcmserve.v1.GenerateRequest\x1a\x1a.lcmserve.v1.GenerateEvent0\x01\x12@\n\x08GetModel\x12\x1c.lcmserve.v1.GetModelRequest\x1a\x16.lcmserve.v1.ModelInfo\x12J\n\x0cListAdapters\x12 .lcmserve.v1.ListAdaptersRequest\x1a\x18.lcmserve.v1.AdapterList\x12H\n\x0bLoadAdapter\x12\x1f.lcmserve.v1.LoadAdapterRequest\x1a\x18.lcmserve.v1.AdapterInfo\x12V\n\rRemoveAdapter\x12!.lcmserve.v1.RemoveAdapterRequest\x1a\".lcmserve.v1.RemoveAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0elcmserve.proto\x12\x0blcmserve.v1\"\x11\n\x0fGetModelRequest\"\x8c\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rguidance_mode\x18\x02 \x01(\t\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x03 \x01(\x01\x12\x13\n\x0bnative_size\x18\x04 \x01(\x05\x12\x0c\n\x04lora\x18\x05 \x01(\t\x12\x19\n\x11max_prompt_tokens\x18\x06 \x01(\x05\"\xb4\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nnum_images\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05width\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x15\n\routput_format\x18\x08 \x01(\t\x12\x15\n\x08previews\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x17\n\x0fnegative_prompt\x18\n \x01(\t\x12<\n\x08\x61\x64\x61pters\x18\x0b \x03(\x0b\x32*.lcmserve.v1.GenerateRequest.AdaptersEntry\x1a/\n\rAdaptersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_num_imagesB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x08\n\x06_widthB\t\n\x07_heightB\x07\n\x05_seedB\x0b\n\t_previews\"\x15\n\x13ListAdaptersRequest\"X\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0f\n\x07modules\x18\x04 \x01(\x05\x12\r\n\x05ranks\x18\x05 \x03(\x05\"9\n\x0b\x41\x64\x61pterList\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.lcmserve.v1.AdapterInfo\"N\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\x05scale\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_scale\"$\n\x14RemoveAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15RemoveAdapterResponse\"7\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x12\n\nmedia_type\x18\x03 \x01(\t\"B\n\x07Timings\x12\x14\n\x0cqueue_wait_s\x18\x01 \x01(\x01\x12\x10\n\x08\x65ngine_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\xcc\x01\n\x10GenerateResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.lcmserve.v1.Image\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\t\x12\x18\n\x10prompt_truncated\x18\x07 \x01(\x08\x12%\n\x07timings\x18\x08 \x01(\x0b\x32\x14.lcmserve.v1.Timings\"\xea\x01\n\x08Progress\x12*\n\x05stage\x18\x01 \x01(\x0e\x32\x1b.lcmserve.v1.Progress.Stage\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\x13\n\x0b\x66irst_image\x18\x04 \x01(\x05\x12$\n\x08previews\x18\x05 \x03(\x0b\x32\x12.lcmserve.v1.Image\x12\x12\n\nnum_images\x18\x06 \x01(\x05\"@\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_QUEUED\x10\x01\x12\x0e\n\nSTAGE_STEP\x10\x02\"t\n\rGenerateEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.lcmserve.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.lcmserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent2\xd8\x03\n\x0fImageGeneration\x12G\n\x08Generate\x12\x1c.lcmserve.v1.GenerateRequest\x1a\x1d.lcmserve.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.lcmserve.v1.GenerateRequest\x1a\x1a.lcmserve.v1.GenerateEvent0\x01\x12@\n\x08GetModel\x12\x1c.lcmserve.v1.GetModelRequest\x1a\x16.lcmserve.v1.ModelInfo\x12J\n\x0cListAdapters\x12 .lcmserve.v1.ListAdaptersRequest\x1a\x18.lcmserve.v1.AdapterList\x12H\n\x0bLoadAdapter\x12\x1f.lcmserve.v1.LoadAdapterRequest\x1a\x18.lcmserve.v1.AdapterInfo\x12V\n\rRemoveAdapter\x12!.lcmserve.v1.RemoveAdapterRequest\x1a\".lcmserve.v1.RemoveAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,36 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_ADAPTERSENTRY']._serialized_options = b'8\001'
   _globals['_GETMODELREQUEST']._serialized_start=31
   _globals['_GETMODELREQUEST']._serialized_end=48
-  _globals['_MODELINFO']._serialized_start=50
-  _globals['_MODELINFO']._serialized_end=163
-  _globals['_GENERATEREQUEST']._serialized_start=166
-  _globals['_GENERATEREQUEST']._serialized_end=602
-  _globals['_GENERATEREQUEST_ADAPTERSENTRY']._serialized_start=468
-  _globals['_GENERATEREQUEST_ADAPTERSENTRY']._serialized_end=515
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=604
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=625
-  _globals['_ADAPTERINFO']._serialized_start=627
-  _globals['_ADAPTERINFO']._serialized_end=715
-  _globals['_ADAPTERLIST']._serialized_start=717
-  _globals['_ADAPTERLIST']._serialized_end=774
-  _globals['_LOADADAPTERREQUEST']._serialized_start=776
-  _globals['_LOADADAPTERREQUEST']._serialized_end=854
-  _globals['_REMOVEADAPTERREQUEST']._serialized_start=856
-  _globals['_REMOVEADAPTERREQUEST']._serialized_end=892
-  _globals['_REMOVEADAPTERRESPONSE']._serialized_start=894
-  _globals['_REMOVEADAPTERRESPONSE']._serialized_end=917
-  _globals['_IMAGE']._serialized_start=919
-  _globals['_IMAGE']._serialized_end=974
-  _globals['_TIMINGS']._serialized_start=976
-  _globals['_TIMINGS']._serialized_end=1042
-  _globals['_GENERATERESPONSE']._serialized_start=1045
-  _globals['_GENERATERESPONSE']._serialized_end=1249
-  _globals['_PROGRESS']._serialized_start=1252
-  _globals['_PROGRESS']._serialized_end=1486
-  _globals['_PROGRESS_STAGE']._serialized_start=1422
-  _globals['_PROGRESS_STAGE']._serialized_end=1486
-  _globals['_GENERATEEVENT']._serialized_start=1488
-  _globals['_GENERATEEVENT']._serialized_end=1604
-  _globals['_IMAGEGENERATION']._serialized_start=1607
-  _globals['_IMAGEGENERATION']._serialized_end=2079
+  _globals['_MODELINFO']._serialized_start=51
+  _globals['_MODELINFO']._serialized_end=191
+  _globals['_GENERATEREQUEST']._serialized_start=194
+  _globals['_GENERATEREQUEST']._serialized_end=630
+  _globals['_GENERATEREQUEST_ADAPTERSENTRY']._serialized_start=496
+  _globals['_GENERATEREQUEST_ADAPTERSENTRY']._serialized_end=543
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=632
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=653
+  _globals['_ADAPTERINFO']._serialized_start=655
+  _globals['_ADAPTERINFO']._serialized_end=743
+  _globals['_ADAPTERLIST']._serialized_start=745
+  _globals['_ADAPTERLIST']._serialized_end=802
+  _globals['_LOADADAPTERREQUEST']._serialized_start=804
+  _globals['_LOADADAPTERREQUEST']._serialized_end=882
+  _globals['_REMOVEADAPTERREQUEST']._serialized_start=884
+  _globals['_REMOVEADAPTERREQUEST']._serialized_end=920
+  _globals['_REMOVEADAPTERRESPONSE']._serialized_start=922
+  _globals['_REMOVEADAPTERRESPONSE']._serialized_end=945
+  _globals['_IMAGE']._serialized_start=947
+  _globals['_IMAGE']._serialized_end=1002
+  _globals['_TIMINGS']._serialized_start=1004
+  _globals['_TIMINGS']._serialized_end=1070
+  _globals['_GENERATERESPONSE']._serialized_start=1073
+  _globals['_GENERATERESPONSE']._serialized_end=1277
+  _globals['_PROGRESS']._serialized_start=1280
+  _globals['_PROGRESS']._serialized_end=1514
+  _globals['_PROGRESS_STAGE']._serialized_start=1450
+  _globals['_PROGRESS_STAGE']._serialized_end=1514
+  _globals['_GENERATEEVENT']._serialized_start=1516
+  _globals['_GENERATEEVENT']._serialized_end=1632
+  _globals['_IMAGEGENERATION']._serialized_start=1635
+  _globals['_IMAGEGENERATION']._serialized_end=2107
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,7 @@ async function loadCard() {
   }
   const card = (await response.json()).data[0];
   $("card-size").textContent = card.native_size + " x " + card.native_size + " px";
+  $("card-tokens").textContent = "up to " + card.max_prompt_tokens + " tokens (a longer prompt is cut)";
   $("card-guidance").textContent = String(card.default_guidance_scale);
   $("card-mode").textContent = card.guidance_mode === "cfg"
     ? "cfg (classifier-free guidance; negative prompts work)" : card.guidance_mode + " (distilled; no negative prompt)";
