@@ -113,8 +113,8 @@ def test_help_lists_every_command_under_its_group(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"generate", "info", "export", "bench", "serve", "loadtest", "distill", "shapes", "eval",
-                             "eval-compare"}
+    assert set(commands) == {"generate", "info", "export", "bench", "serve", "loadtest", "loadtest-lora", "distill",
+                             "shapes", "eval", "eval-compare"}
     for name in commands:
         assert f"\n    {name} " in out, name
     positions = [out.index(f"\n  {title}\n") for title, _ in GROUPS]

@@ -1,7 +1,7 @@
 """The ``lcmserve`` command line, one module of this package per group of commands:
 
   run a model      generate, info, export, bench        (cli/engine.py)
-  serve it         serve, loadtest                      (cli/serve.py)
+  serve it         serve, loadtest, loadtest-lora       (cli/serve.py)
   make an LCM      distill                              (cli/distill.py)
   shapes domain    shapes ..., eval, eval-compare       (cli/shapes.py, cli/eval.py)
 

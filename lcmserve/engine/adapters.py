@@ -59,7 +59,9 @@ class Adapter:
     scale: float = 1.0
     """Multiplies every row's scale for this adapter (as ``--lora-scale`` does for a fused LoRA)."""
     pins: int = field(default=0, repr=False)
-    """How many running batches use it; ``remove`` waits for zero."""
+    """How many holders use it (requests admitted but not finished, running batches); ``remove`` waits for zero."""
+    removing: bool = field(default=False, repr=False)
+    """Being removed: new requests can no longer choose it, those that hold it still run with it."""
 
     def describe(self) -> dict:
         ranks = sorted({int(f.down.shape[0]) for f in self.factors.values()})
@@ -209,8 +211,10 @@ def low_rank_delta(module: torch.nn.Module, x: torch.Tensor, down: torch.Tensor,
 class AdapterSet:
     """Adapters held beside one model's UNet, applied per row for the duration of a batch.
 
-    ``load``/``remove`` may run on another thread than the batches (a server's admin call); a removed
-    adapter stays usable by the batch that holds it and is dropped when that batch ends."""
+    ``load``/``remove`` may run on another thread than the batches (a server's admin call). A server
+    ``hold``s a request's adapters from its admission until it ends, so that a removal waits for the
+    requests still queued as well as for the running batch: an adapter being removed is refused to new
+    requests at once, stays usable by the requests that hold it, and is dropped when the last one ends."""
 
     def __init__(self, model: LCMModel) -> None:
         self.model = model
@@ -229,8 +233,7 @@ class AdapterSet:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise InvalidInputError.out_of_range("scale", scale, "a finite number")
         with self._changed:
-            if name in self._adapters:
-                raise InvalidInputError(f"name: an adapter {name!r} is already loaded; remove it first", param="name")
+            self._check_free(name)
         source = resolve_bundled(str(path), kind="lora", param="path")
         if not Path(source).expanduser().exists():
             raise ModelLoadError(f"path: adapter {name!r}: {str(path)!r} does not exist", param="path")
@@ -242,40 +245,79 @@ class AdapterSet:
                                  param="path") from exc
         adapter = Adapter(name, str(path), factors, float(scale))
         with self._changed:
-            if name in self._adapters:  # a concurrent load of the same name won
-                raise InvalidInputError(f"name: an adapter {name!r} is already loaded; remove it first", param="name")
+            self._check_free(name)  # a concurrent load of the same name may have won
             self._adapters[name] = adapter
         return adapter
 
+    def _check_free(self, name: str) -> None:
+        adapter = self._adapters.get(name)
+        if adapter is not None and adapter.removing:
+            raise InvalidInputError(f"name: the adapter {name!r} is being removed, once the requests that use it "
+                                    "end; load it again after that, or choose another name", param="name")
+        if adapter is not None:
+            raise InvalidInputError(f"name: an adapter {name!r} is already loaded; remove it first", param="name")
+
     def remove(self, name: str, timeout_s: float = REMOVE_TIMEOUT_S) -> None:
-        """Unload ``name``: new rows can no longer ask for it; waits until the batches using it have finished."""
+        """Unload ``name``: new requests can no longer choose it at once; waits until those that hold it (queued
+        or running) and the batches using it have ended, then drops it."""
         with self._changed:
-            adapter = self._adapters.pop(name, None)
-            if adapter is None:
+            adapter = self._adapters.get(name)
+            if adapter is None or adapter.removing:
                 raise self.unknown(name)
+            adapter.removing = True
             if not self._changed.wait_for(lambda: adapter.pins == 0, timeout=timeout_s):
-                self._adapters.setdefault(name, adapter)
+                adapter.removing = False
                 raise TimeoutError(f"adapter {name!r} was still in use after {timeout_s} s; it stays loaded")
+            del self._adapters[name]
+
+    def removing(self, name: str) -> bool:
+        """Whether ``name`` is being removed: refused to new requests, still held by some."""
+        with self._changed:
+            adapter = self._adapters.get(name)
+            return adapter is not None and adapter.removing
+
+    def _loaded(self) -> list[str]:
+        return sorted(name for name, adapter in self._adapters.items() if not adapter.removing)
 
     def names(self) -> list[str]:
+        """The adapters new requests may choose (not those being removed)."""
         with self._changed:
-            return sorted(self._adapters)
+            return self._loaded()
 
     def describe(self) -> list[dict]:
         with self._changed:
-            return [self._adapters[name].describe() for name in sorted(self._adapters)]
+            return [self._adapters[name].describe() for name in self._loaded()]
 
-    # -- checks ----------------------------------------------------------------------------------
+    # -- checks and holds ------------------------------------------------------------------------
     def unknown(self, name: str) -> InvalidInputError:
-        loaded = ", ".join(sorted(self._adapters)) or "none"
+        loaded = ", ".join(self._loaded()) or "none"
         return InvalidInputError(f"adapters: no adapter named {name!r} is loaded; loaded: {loaded}", param="adapters")
 
     def check(self, names) -> None:
-        """Raise InvalidInputError naming the first of ``names`` that is not loaded, and listing those that are."""
+        """Raise InvalidInputError naming the first of ``names`` that cannot run, and listing those that are loaded.
+
+        One being removed can still run: the rows that reach the engine with it were admitted before (``hold``)."""
         with self._changed:
             for name in names:
                 if name not in self._adapters:
                     raise self.unknown(name)
+
+    def hold(self, names) -> tuple[Adapter, ...]:
+        """Keep ``names`` from being dropped until ``release``: a request holds its adapters from admission to its
+        end. InvalidInputError for a name not loaded or being removed, as for a new request."""
+        with self._changed:
+            for name in names:
+                adapter = self._adapters.get(name)
+                if adapter is None or adapter.removing:
+                    raise self.unknown(name)
+            held = tuple(self._adapters[name] for name in names)
+            for adapter in held:
+                adapter.pins += 1
+        return held
+
+    def release(self, held: Sequence[Adapter]) -> None:
+        """End a ``hold``; a removal waiting for these adapters goes on once nothing holds them."""
+        self._unpin(held)
 
     # -- running ---------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -200,6 +200,9 @@ class EngineClient:
             raise InvalidInputError("adapters: this server holds no adapters beside its model", param="name")
         check_prompt(path, "path")  # a string the file system can take: no NUL, valid Unicode
         with self._loading:
+            if self.adapters.removing(name):
+                raise ConflictError(f"name: the adapter {name!r} is being removed, once the requests that use it "
+                                    "end; load it again after that, or choose another name", param="name")
             if name in self.adapters.names():
                 raise ConflictError(f"name: an adapter {name!r} is already loaded; remove it first (DELETE "
                                     f"/v1/adapters/{name}) or choose another name", param="name")

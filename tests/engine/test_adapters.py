@@ -203,3 +203,34 @@ def test_load_remove_and_remove_waits_for_the_batch(lcm_sd_dir, styles_lcm):
         assert [a.name for a in plan.adapters] == ["ink"]
     remover.join(5)
     assert not remover.is_alive()
+
+
+def test_a_removal_waits_for_the_requests_that_hold_the_adapter_while_they_are_queued(lcm_sd_dir, styles_lcm):
+    adapters = AdapterSet(load_model(str(lcm_sd_dir), device="cpu", dtype="float32"))
+    adapters.load("ink", str(styles_lcm["ink"]))
+    held = adapters.hold(["ink"])  # a request admitted, its rows still queued
+    remover = threading.Thread(target=adapters.remove, args=("ink",))
+    remover.start()
+    remover.join(0.3)
+    # New requests are refused at once; the held one still runs with it when its batch comes.
+    assert remover.is_alive() and adapters.names() == [] and adapters.describe() == []
+    with pytest.raises(InvalidInputError, match="no adapter named 'ink' is loaded; loaded: none"):
+        adapters.hold(["ink"])
+    with pytest.raises(InvalidInputError, match="being removed"):
+        adapters.load("ink", str(styles_lcm["ink"]))
+    adapters.check(["ink"])
+    with adapters.applied([(("ink", 1.0),)]) as plan:
+        assert [a.name for a in plan.adapters] == ["ink"]
+    assert remover.is_alive()
+    adapters.release(held)
+    remover.join(5)
+    assert not remover.is_alive()
+    with pytest.raises(InvalidInputError, match="no adapter named 'ink'"):
+        adapters.check(["ink"])
+    adapters.load("ink", str(styles_lcm["ink"]))
+    assert adapters.names() == ["ink"]
+    held = adapters.hold(["ink"])
+    with pytest.raises(TimeoutError, match="stays loaded"):
+        adapters.remove("ink", timeout_s=0.1)
+    assert adapters.names() == ["ink"]
+    adapters.release(held)
