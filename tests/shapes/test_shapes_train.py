@@ -345,3 +345,16 @@ def test_a_trained_text_tower_moves_onto_a_new_vocabulary(tmp_path):
     torch.testing.assert_close(emb[new.convert_tokens_to_ids("dots</w>")], old_emb[pieces].mean(0))
     model.save_pretrained(tmp_path / "m")
     assert CLIPTextModel.from_pretrained(tmp_path / "m").config.vocab_size == len(new)
+
+
+def test_a_continued_clip_trains_its_text_tower_on_the_new_vocabulary_and_keeps_its_image_tower(tmp_path,
+                                                                                                  clip_and_vae):
+    from transformers import CLIPModel
+
+    clip, _ = clip_and_vae
+    again = T.train(tiny("clip", tmp_path / "clip2", clip_dir=str(clip), lr=1e-2))
+    before, after = (CLIPModel.from_pretrained(run / "model").state_dict() for run in (clip, again))
+    vision = [k for k in before if k.startswith(("vision_model.", "visual_projection."))]
+    text = [k for k in before if k.startswith("text_model.encoder.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # the FID features stay
+    assert not all(torch.equal(before[k], after[k]) for k in text)
