@@ -24,7 +24,7 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
         latent_cache=args.latent_cache, init_unet=args.init_unet, warmup_steps=args.warmup_steps,
         device=args.device, num_workers=args.num_workers, max_minutes=args.max_minutes,
         train_text_encoder=args.train_text_encoder, snr_gamma=args.snr_gamma, ema_decay=args.ema_decay,
-        compile=args.compile, decoder_only=args.decoder_only, fg_weight=args.fg_weight,
+        compile=args.compile, decoder_only=args.decoder_only, fg_weight=args.fg_weight, ring_weight=args.ring_weight,
     )
     print(f"trained {cfg.stage}: {train(cfg)}")
     return 0
@@ -176,6 +176,8 @@ def _add_train(ssub) -> None:
     tr.add_argument("--decoder-only", action="store_true",
                     help="vae: train the decoder alone (the latent space, and every model trained on it, stays)")
     tr.add_argument("--fg-weight", type=float, default=10.0, help="vae: weight of object pixels in the loss")
+    tr.add_argument("--ring-weight", type=float, default=1.0,
+                    help="vae: weight of background pixels within 3 px of an object (halos, specks) in the loss")
     tr.add_argument("--latent-cache", type=int, default=20000,
                     help="teacher: training scenes VAE-encoded once up front (0: render and encode every step)")
     tr.add_argument("--init-unet", default=None,

@@ -73,6 +73,7 @@ class StageConfig:
     compile: bool = False  # teacher: torch.compile the UNet (a GPU speed-up; the first steps compile)
     decoder_only: bool = False  # vae: train the decoder alone, so the latent space (and every model on it) stays
     fg_weight: float = 10.0  # vae: weight of object pixels in the reconstruction loss
+    ring_weight: float = 1.0  # vae: weight of background pixels within 3 px of an object (where halos and specks sit)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,8 +107,9 @@ class StageConfig:
         check_snr_gamma(self.snr_gamma)
         if not 0 < self.ema_decay < 1:
             raise InvalidInputError.out_of_range("ema_decay", self.ema_decay, "in (0, 1)")
-        if not (math.isfinite(self.fg_weight) and self.fg_weight >= 1):
-            raise InvalidInputError.out_of_range("fg_weight", self.fg_weight, "a finite number >= 1")
+        for key in ("fg_weight", "ring_weight"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 1):
+                raise InvalidInputError.out_of_range(key, getattr(self, key), "a finite number >= 1")
         if self.stage in ("vae", "clip"):
             self._check_init()
         if self.stage == "teacher":
@@ -347,7 +349,8 @@ def train_vae(cfg: StageConfig, device: torch.device, started: float) -> Path:
         x = images * 2 - 1
         background = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32) / 255
         mask = ((images - background[:, :, None, None]).abs().sum(1, keepdim=True) > 0.1).float()
-        weight = 1 + (cfg.fg_weight - 1) * mask
+        ring = F.max_pool2d(mask, 7, stride=1, padding=3) - mask
+        weight = 1 + (cfg.fg_weight - 1) * mask + (cfg.ring_weight - 1) * ring
         x, weight = x.to(device), weight.to(device)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         with _autocast(cfg, device), torch.set_grad_enabled(not cfg.decoder_only):

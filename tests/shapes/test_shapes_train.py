@@ -302,7 +302,10 @@ def test_vae_decoder_fine_tune_keeps_the_latent_space(tmp_path, clip_and_vae):
         T.StageConfig("vae", str(tmp_path / "x"), decoder_only=True)  # nothing to start from
     with pytest.raises(InvalidInputError, match="fg_weight"):
         T.StageConfig("vae", str(tmp_path / "x"), fg_weight=0.5)
-    tuned = T.train(tiny("vae", tmp_path / "dec", vae_dir=str(vae), decoder_only=True, lr=1e-2, fg_weight=3))
+    with pytest.raises(InvalidInputError, match="ring_weight"):
+        T.StageConfig("vae", str(tmp_path / "x"), ring_weight=0)
+    tuned = T.train(tiny("vae", tmp_path / "dec", vae_dir=str(vae), decoder_only=True, lr=1e-2, fg_weight=3,
+                         ring_weight=4))
     before = AutoencoderKL.from_pretrained(vae / "model")
     after = AutoencoderKL.from_pretrained(tuned / "model")
     b, a = before.state_dict(), after.state_dict()
