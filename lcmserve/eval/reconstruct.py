@@ -9,7 +9,6 @@ stands for), and written with a grid of renders above their reconstructions.
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -65,7 +64,9 @@ def check_vae(vae_dir: str | Path, num_images: int = 400, seed: int = 5000, out:
 
 def write_report(report: ReconstructionReport, images: torch.Tensor, recon: torch.Tensor, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+    from lcmserve.engine.bench import _cpu_name
+
+    meta = {"date": date.today().isoformat(), "machine": _cpu_name(),
             "torch": torch.__version__, "lcmserve": __version__}
     (out / "vae-check.json").write_text(json.dumps({**report.__dict__, **meta}, indent=2) + "\n")
     # Renders on the odd rows, their reconstructions on the even ones, 8 per row, 4x enlarged.
@@ -73,7 +74,8 @@ def write_report(report: ReconstructionReport, images: torch.Tensor, recon: torc
     save_grid(torch.cat(rows), out / "vae-check.png", cols=8, scale=4)
     r, p = report.reconstructions, report.renders
     lines = [f"# VAE reconstructions: {report.vae}", "",
-             f"{report.num_images} held-out scenes; {meta['date']}, torch {meta['torch']}, lcmserve {meta['lcmserve']}.",
+             f"{report.num_images} held-out scenes (the posterior mean decoded); {meta['date']}, on {meta['machine']}, "
+             f"torch {meta['torch']}, lcmserve {meta['lcmserve']}.",
              "", "| images | exact | shape | colour | size | layout | background |", "|---|---|---|---|---|---|---|"]
     for name, acc in (("renders", p), ("reconstructions", r)):
         lines.append(f"| {name} | {acc['accuracy']:.3f} | {acc['shape']:.3f} | {acc['colour']:.3f} | "
