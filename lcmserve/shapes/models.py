@@ -65,6 +65,13 @@ def carry_text_embeddings(model, old_tokenizer, new_tokenizer, aliases: dict[str
     embeddings.token_embedding, embeddings.position_embedding = token_embedding, position_embedding
     embeddings.position_ids = torch.arange(n).expand((1, -1))
     config.vocab_size, config.max_position_embeddings = len(rows), n
+    # The special tokens have new ids: the pooled output is read at the end token, found by its id (a stale id
+    # pools the start token of every caption, the same vector for all).
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, key, getattr(new_tokenizer, key))
+    for module in model.modules():
+        if hasattr(module, "eos_token_id") and isinstance(module.eos_token_id, int):
+            module.eos_token_id = new_tokenizer.eos_token_id
 
 
 def retokenize(model, old_tokenizer, new_tokenizer) -> None:

@@ -339,6 +339,12 @@ def test_a_trained_text_tower_moves_onto_a_new_vocabulary(tmp_path):
         carry_text_embeddings(model, old, new, {"huge": "big"})
         after = model(new(text, padding="max_length", max_length=12, return_tensors="pt").input_ids)[0]
     torch.testing.assert_close(after[:, :8], before)
+    # the pooled output is still read at the end token, whose id changed
+    assert model.config.eos_token_id == new.eos_token_id != old.eos_token_id
+    with torch.no_grad():
+        out = model(new(text, padding="max_length", max_length=12, return_tensors="pt").input_ids)
+        ids = new(text, return_tensors="pt").input_ids
+        torch.testing.assert_close(out.pooler_output[0], out.last_hidden_state[0, ids.shape[1] - 1])
     emb = model.get_input_embeddings().weight
     assert emb.shape[0] == len(new) and model.config.vocab_size == len(new)
     assert model.config.max_position_embeddings == 12
