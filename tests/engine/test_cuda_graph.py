@@ -180,7 +180,7 @@ def test_captured_cfg_and_compiled_on_gpu(compile_, channels_last):
 
 
 def test_compiled_backend_compiles_at_start_up_and_matches_eager(tiny):
-    """torch.compile over the bucketed program: compiled once per bucket at warm-up, then no retrace."""
+    """torch.compile over the bucketed program (packages off): compiled once per bucket at warm-up, then no retrace."""
     from torch._dynamo.utils import counters
 
     from lcmserve.engine.backends import create_backend
@@ -188,7 +188,7 @@ def test_compiled_backend_compiles_at_start_up_and_matches_eager(tiny):
     before = counters["frames"]["ok"]
     # Kernel profiling makes the C++ wrapper name each call it makes in the profiler (checked below).
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
-        backend = create_backend("compiled", tiny, buckets=BucketSet((4,), (2,), ((32, 32),)))
+        backend = create_backend("compiled", tiny, buckets=BucketSet((4,), (2,), ((32, 32),)), packages=False)
     assert backend.builds == 1 and backend.name == "compiled"
     compiled_frames = counters["frames"]["ok"]
     assert compiled_frames - before >= 3  # the text encoder, the UNet and the VAE decode, at warm-up
@@ -239,8 +239,8 @@ def test_compiled_backends_of_two_models_keep_to_their_own_weights(tiny):
     buckets = BucketSet((1,), (2,), ((32, 32),))
     rows = ROWS[:1]
     try:
-        first = create_backend("compiled", tiny, buckets=buckets)
-        second = create_backend("compiled", other, buckets=buckets)
+        first = create_backend("compiled", tiny, buckets=buckets, packages=False)
+        second = create_backend("compiled", other, buckets=buckets, packages=False)
         for model, backend in ((tiny, first), (other, second), (tiny, first)):
             expected = LCMSampler(model).run_rows(rows, 2, 32, 32).images
             got = LCMSampler(model, backend=backend).run_rows(rows, 2, 32, 32).images

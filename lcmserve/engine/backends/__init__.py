@@ -55,6 +55,7 @@ def create_backend(
     threads: int | None = None,
     progress: bool = False,
     attention: str = "sdpa",
+    packages: bool = True,
 ) -> Backend:
     """The named backend over ``model``.
 
@@ -65,6 +66,8 @@ def create_backend(
     ``build`` apply to onnx (``build=False``: use cached graphs only), ``threads`` to its
     CPU provider (None: ONNX Runtime's default). ``attention="small-head"`` routes the UNet's attention
     through our CPU kernel (engine/kernels/attention.py) for the torch-executed backends on a CPU.
+    ``packages`` (compiled, on a CPU): keep each bucket's networks as AOTInductor packages under ``cache_dir``,
+    loaded at the next start instead of compiled (False: torch.compile at every start).
 
     ``name="auto"`` takes the backend (and with ``attention="auto"`` the attention) that backends/auto.py's
     rule picks for this machine and the model as loaded (its dtype counts as given: to let the rule pick
@@ -86,7 +89,7 @@ def create_backend(
     if name == "torch":
         return TorchBackend(model)
     if name == "compiled":
-        return CompiledBackend(model, buckets, progress, cache_dir=cache_dir)
+        return CompiledBackend(model, buckets, progress, cache_dir=cache_dir, packages=packages)
     if name == "cuda-graph":
         return CudaGraphBackend(model, CudaGraphConfig(buckets=buckets or BucketSet(), compile=compile,
                                                         compile_mode=compile_mode, channels_last=channels_last),

@@ -3,9 +3,11 @@
 The CPU's fast path. Inductor fuses the element-wise work between the convolutions and matrix
 products (group norm + SiLU, residual adds, the LCM step math) into generated C++ loops and,
 with frozen weights, prepacks them for oneDNN. Its kernels are specialised to shapes, so they
-are compiled per bucket at start-up (inductor's on-disk cache, in lcmserve's cache folder unless
-``$TORCHINDUCTOR_CACHE_DIR`` says otherwise, makes a restart faster: cache.use_inductor_cache) and a
-batch pads to the next bucket, as with CUDA graphs. On a CPU the
+are compiled per bucket at start-up and a batch pads to the next bucket, as with CUDA graphs. On a
+CPU each network's program per bucket shape is an AOTInductor package kept in lcmserve's cache
+(aoti.py), so that a restart loads it instead of compiling; elsewhere, and for a network that does
+not export, torch.compile compiles at every start (inductor's on-disk cache keeps only part of that
+work: cache.use_inductor_cache). On a CPU the
 text encoder is compiled too, inductor calls its kernels from C++ (``inductor_cpu_settings``),
 and group norms over large maps take our statistics kernel (engine/kernels/group_norm.py). On a
 GPU, ``cuda-graph`` with ``compile=True`` puts graphs on top of the same compiled networks and
@@ -19,11 +21,13 @@ import os
 
 import torch
 
+from lcmserve.engine.backends.aoti import PackageStats, packaged_networks
 from lcmserve.engine.backends.base import Backend, BackendOutput, DenoiseBatch
 from lcmserve.engine.backends.buckets import BucketSet
 from lcmserve.engine.backends.static import BucketPrograms, check_cpu_dtype
 from lcmserve.engine.backends.torch import Networks, TorchBackend, module_networks
 from lcmserve.engine.cache import use_inductor_cache
+from lcmserve.engine.kernels.group_norm import use_group_norm_kernel
 from lcmserve.engine.loop import StepCallback
 from lcmserve.errors import InvalidInputError
 from lcmserve.models.model import LCMModel
@@ -84,14 +88,8 @@ def compiled_networks(model: LCMModel, buckets: BucketSet, mode: str = COMPILE_M
                       cache_dir: str | os.PathLike | None = None) -> Networks:
     """The model's networks through ``torch.compile`` (compiled lazily, on each shape's first call; inductor's
     caches under ``cache_dir``, see ``use_inductor_cache``)."""
-    use_inductor_cache(cache_dir)
+    how = prepare_compile(model, buckets, mode, cache_dir)
     vae = model.vae
-    # Dynamo keeps one compiled variant per input shape of a function, up to recompile_limit (8 by
-    # default); past that it silently runs eagerly. Every bucket shape needs its own variant.
-    shapes = len(buckets.batch_sizes) * len(buckets.resolutions)
-    dynamo_config = torch._dynamo.config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes + 1)
-    how = compile_options(model.device.type, mode)
     unet = torch.compile(model.unet, dynamic=False, **how)
     decode = torch.compile(lambda z: vae.decode(z, return_dict=False)[0], dynamic=False, **how)
     # On a CPU the text encoder is a noticeable share of a small batch; on a GPU it runs inside the
@@ -102,24 +100,51 @@ def compiled_networks(model: LCMModel, buckets: BucketSet, mode: str = COMPILE_M
     return module_networks(model, encoders, unet, decode)
 
 
+def prepare_compile(model: LCMModel, buckets: BucketSet, mode: str = COMPILE_MODE,
+                    cache_dir: str | os.PathLike | None = None) -> dict:
+    """Inductor's caches and dynamo's recompile limit set for the buckets; returns the ``torch.compile`` keywords."""
+    use_inductor_cache(cache_dir)
+    # Dynamo keeps one compiled variant per input shape of a function, up to recompile_limit (8 by
+    # default); past that it silently runs eagerly. Every bucket shape needs its own variant.
+    shapes = len(buckets.batch_sizes) * len(buckets.resolutions)
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes + 1)
+    return compile_options(model.device.type, mode)
+
+
+def cpu_packaged_networks(model: LCMModel, buckets: BucketSet, freeze: bool = True,
+                          cache_dir: str | os.PathLike | None = None, stats: PackageStats | None = None) -> Networks:
+    """On a CPU, the networks as AOTInductor packages (aoti.py) built with the same inductor settings as
+    torch.compile's; a network that does not export falls back to torch.compile with the backend's options."""
+    how = prepare_compile(model, buckets, cache_dir=cache_dir)
+    return packaged_networks(model, lambda module: torch.compile(module, dynamic=False, **how),
+                             inductor_cpu_settings(freeze), cache_dir, stats)
+
+
 class CompiledBackend(Backend):
-    """torch.compile over the bucketed static-shape program (``static.BucketPrograms``), nothing captured."""
+    """torch.compile over the bucketed static-shape program (``static.BucketPrograms``), nothing captured.
+
+    ``packages`` (on a CPU): keep each network's per-shape program as an AOTInductor package in the cache
+    (``CACHE/aoti``), loaded at the next start instead of compiled; False: torch.compile at every start.
+    ``package_stats`` counts what warm-up loaded, built or compiled instead."""
 
     name = "compiled"
 
     def __init__(self, model: LCMModel, buckets: BucketSet | None = None, progress: bool = False,
                  freeze: bool = True, group_norm_kernel: bool = True,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+                 cache_dir: str | os.PathLike | None = None, packages: bool = True) -> None:
         check_cpu_dtype(model)
         buckets = buckets or BucketSet()
         if group_norm_kernel and model.device.type == "cpu":
-            # inductor's group norm is slow on the channels-last maps it gives oneDNN (engine/kernels/group_norm.py);
-            # imported here because importing it registers the kernel's operator with torch
-            from lcmserve.engine.kernels.group_norm import use_group_norm_kernel
-
+            # inductor's group norm is slow on the channels-last maps it gives oneDNN (engine/kernels/group_norm.py)
             use_group_norm_kernel(model.unet, model.vae, cache_dir=cache_dir)
         self.model = model
-        eager = TorchBackend(model, compiled_networks(model, buckets, cache_dir=cache_dir))
+        self.package_stats = PackageStats()
+        if packages and model.device.type == "cpu":
+            networks = cpu_packaged_networks(model, buckets, freeze, cache_dir, self.package_stats)
+        else:
+            networks = compiled_networks(model, buckets, cache_dir=cache_dir)
+        eager = TorchBackend(model, networks)
         self.programs = BucketPrograms(eager, buckets, name=self.name, warm_runs=WARM_RUNS,
                                        build_context=lambda: compile_context(model, freeze))
         self.programs.warmup(progress)

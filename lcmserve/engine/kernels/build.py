@@ -79,7 +79,7 @@ def check_torch(kernel: KernelSource) -> None:
             param=kernel.param)
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     """The CPU's feature flags (what -march=native compiles for), hashed."""
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -89,7 +89,7 @@ def _cpu_flags() -> str:
     return hashlib.sha256((line or platform.processor()).encode()).hexdigest()[:16]
 
 
-def _version(compiler: str) -> str:
+def compiler_version(compiler: str) -> str:
     out = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     return out.splitlines()[0] if out else "unknown"
 
@@ -97,9 +97,10 @@ def _version(compiler: str) -> str:
 def kernel_spec(kernel: KernelSource, cc: str, cxx: str) -> dict[str, str | list[str]]:
     """Everything that shapes the built library: sources, compilers, flags, CPU, torch."""
     return {"source_sha256": file_sha256(kernel.source), "op_source_sha256": file_sha256(kernel.op_source),
-            "compiler": cc, "compiler_version": _version(cc), "cxx": cxx, "cxx_version": _version(cxx),
+            "compiler": cc, "compiler_version": compiler_version(cc),
+            "cxx": cxx, "cxx_version": compiler_version(cxx),
             "flags": list(FLAGS), "op_flags": list(OP_FLAGS), "machine": platform.machine(),
-            "cpu_flags": _cpu_flags(), "torch": torch.__version__}
+            "cpu_flags": cpu_flags(), "torch": torch.__version__}
 
 
 def build_library(kernel: KernelSource, cache_dir: str | os.PathLike | None = None) -> Path:

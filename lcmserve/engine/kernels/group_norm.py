@@ -10,15 +10,18 @@ SiLU that follows into one element-wise loop.
 
 Where: ``use_group_norm_kernel`` gives a module's ``nn.GroupNorm`` layers a subclass that takes
 this path only while torch.compile traces it (not eagerly, not under torch.export or the ONNX
-exporter), for 4-D float32/bfloat16 CPU inputs of at least ``MIN_PIXELS`` pixels. Smaller maps
-stay with inductor: on the shapes UNet's 16x16 and smaller maps the kernel gains nothing (with the
-op called through Python it lost; as a C++ op it is a wash). The compiled backend installs it on
+exporter, except inside ``for_inductor_export()``, for a graph that AOTInductor compiles), for 4-D
+float32/bfloat16 CPU inputs of at least ``MIN_PIXELS`` pixels. Smaller maps stay with inductor:
+on the shapes UNet's 16x16 and smaller maps the kernel gains nothing (with the op called through
+Python it lost; as a C++ op it is a wash). The compiled backend installs it on
 the UNet and the VAE on a CPU. The op's CPU kernel is registered from C++ (``group_norm_op.cpp``,
 see ``build.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 from pathlib import Path
@@ -65,12 +68,28 @@ def group_norm_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Te
     return torch.ops.lcmserve.group_norm_stats(x, groups, eps)
 
 
+# Set while torch.export traces a graph that AOTInductor compiles (backends/aoti.py): there the op is
+# as welcome as under torch.compile, while other exporters (ONNX) must keep seeing torch's group norm.
+_inductor_export = contextvars.ContextVar("lcmserve_group_norm_inductor_export", default=False)
+
+
+@contextlib.contextmanager
+def for_inductor_export():
+    """Let ``KernelGroupNorm`` take the kernel under torch.export, for a graph that inductor compiles."""
+    token = _inductor_export.set(True)
+    try:
+        yield
+    finally:
+        _inductor_export.reset(token)
+
+
 class KernelGroupNorm(torch.nn.GroupNorm):
     """``nn.GroupNorm`` whose statistics come from ``group_norm_stats`` while torch.compile traces it."""
 
     def takes(self, x: torch.Tensor) -> bool:
         return (
-            torch.compiler.is_compiling() and not torch.compiler.is_exporting() and is_loaded(KERNEL)
+            torch.compiler.is_compiling() and (not torch.compiler.is_exporting() or _inductor_export.get())
+            and is_loaded(KERNEL)
             and x.ndim == 4 and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
             and x.shape[2] * x.shape[3] >= MIN_PIXELS
             and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
