@@ -182,6 +182,9 @@ def _background_phrase(bg: str, rng: random.Random, before: bool) -> str:
     return rng.choice(_BACKGROUNDS_BEFORE if before else _BACKGROUNDS_AFTER).format(rng.choice(BACKGROUND_WORDS[bg]))
 
 
+NOISE_MARKS = ("(", ")", "-", ":", ";", "\"", "'", "/", "...", "*")
+
+
 def _noise_word(rng: random.Random) -> str:
     """A made-up word: teaches the model that words it does not know carry nothing."""
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
@@ -216,9 +219,11 @@ def _surface(text: str, rng: random.Random) -> str:
     """Requests, filler, punctuation and case around the description."""
     if rng.random() < 0.45:
         text = f"{rng.choice(REQUESTS)} {text}"
-    if rng.random() < 0.08:
+    if rng.random() < 0.35:  # words and marks the model does not know, anywhere: they must not change the scene
         words = text.split(" ")
-        words.insert(rng.randrange(len(words) + 1), _noise_word(rng))
+        for _ in range(rng.randint(1, 3)):
+            noise = _noise_word(rng) if rng.random() < 0.7 else rng.choice(NOISE_MARKS)
+            words.insert(rng.randrange(len(words) + 1), noise)
         text = " ".join(words)
     text += rng.choice(("", "", "", ".", "!", "?", ", please", " please"))
     case = rng.random()
