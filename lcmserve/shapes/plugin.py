@@ -12,6 +12,7 @@ from functools import partial
 from lcmserve.models.registry import PromptGuide, register_bundled, register_data_source, register_prompt_guide
 from lcmserve.shapes import bundle
 from lcmserve.shapes.data import open_distill_source
+from lcmserve.shapes.language import ObjectSpec, Spec
 from lcmserve.shapes.scenes import BACKGROUNDS, COLOURS, SHAPES
 
 # The caption template the models were trained on (scenes.caption); words outside it draw poorly.
@@ -32,6 +33,31 @@ PROMPT_GUIDE = PromptGuide(
         "a large blue circle at the top left and a large yellow square at the bottom right on a black background",
     ),
 )
+
+
+def _one(background=None, **obj) -> Spec:
+    return Spec((ObjectSpec(**obj),), background)
+
+
+# Every example prompt shown anywhere (README, guides, playground, OpenAPI) with what it states:
+# tests/shapes/test_examples.py generates each with the bundled model and judges it.
+EXAMPLES = {
+    "a large red circle at the top left on a white background":
+        _one("white", shape="circle", colour="red", size="large", cell="top left"),
+    "a large blue square in the center on a black background":
+        _one("black", shape="square", colour="blue", size="large", cell="center"),
+    "a big yellow triangle at the bottom right against a gray background":
+        _one("gray", shape="triangle", colour="yellow", size="large", cell="bottom right"),
+    "a small purple circle in the middle on a white background":
+        _one("white", shape="circle", colour="purple", size="small", cell="center"),
+    "a large purple diamond on the right against a white background":
+        _one("white", shape="diamond", colour="purple", size="large", cell="right"),
+    "a large blue circle at the top left and a large yellow square at the bottom right on a black background":
+        Spec((ObjectSpec("circle", "blue", "large", "top left"), ObjectSpec("square", "yellow", "large", "bottom right")),
+             "black"),
+    "a small blue square at the bottom right on a black background":
+        _one("black", shape="square", colour="blue", size="small", cell="bottom right"),
+}
 
 
 def register() -> None:

@@ -52,12 +52,11 @@ def test_data_sources_by_name(clean_registry):
 
 def test_a_bundled_model_describes_its_prompts(clean_registry):
     """The playground's model card and example prompts come from the registry; the bundled shapes models fill it."""
-    from lcmserve.shapes.scenes import parse_caption
+    from lcmserve.shapes.plugin import EXAMPLES
 
     guide = registry.PromptGuide("captions of one thing", ("a thing",))
     registry.register_prompt_guide("tiny-bundled-lcm", guide)
     assert registry.prompt_guide("tiny-bundled-lcm") is guide and registry.prompt_guide("someone/some-lcm") is None
     shapes = registry.prompt_guide("shapes-lcm")
     assert shapes is not None and registry.prompt_guide("shapes-teacher") is shapes
-    for example in shapes.examples:  # the training template, which the judge reads back
-        parse_caption(example)
+    assert set(shapes.examples) <= set(EXAMPLES)  # each with what it states (tests/shapes/test_examples.py)

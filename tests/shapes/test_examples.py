@@ -1,0 +1,66 @@
+"""Every example prompt a newcomer meets (README, the guides, the playground, the OpenAPI schema) is one the
+bundled model draws right: each is generated and judged on what it states."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lcmserve.shapes.plugin import EXAMPLES, PROMPT_GUIDE
+
+ROOT = Path(__file__).resolve().parents[2]
+SEEDS = range(4)
+CLI = re.compile(r'lcmserve generate "([^"]+)"(?![^\n]*--model (?:PATH|TEACHER|OUT|runs))')
+JSON_PROMPT = re.compile(r'"prompt": "([^"]+)"')
+PYTHON = re.compile(r'(?:GenerationRequest\(|prompt=)"([^"]+)"')
+
+
+def shown_prompts() -> dict[str, str]:
+    """prompt -> where a newcomer sees it."""
+    found = {}
+    for doc in ("README.md", "docs/serving.md", "docs/models.md", "docs/distill.md"):
+        text = (ROOT / doc).read_text()
+        for pattern in (CLI, JSON_PROMPT, PYTHON):
+            for prompt in pattern.findall(text):
+                found.setdefault(prompt, doc)
+    html = (ROOT / "lcmserve/server/static/index.html").read_text()
+    for prompt in re.findall(r'id="prompt" placeholder="([^"]+)" value="([^"]+)"', html)[0]:
+        found.setdefault(prompt, "playground")
+    for prompt in PROMPT_GUIDE.examples:
+        found.setdefault(prompt, "playground examples")
+    from lcmserve.server.protocol import GenerateRequest
+
+    for prompt in GenerateRequest.model_json_schema()["properties"]["prompt"]["examples"]:
+        found.setdefault(prompt, "OpenAPI")
+    return found
+
+
+def test_every_shown_prompt_has_a_spec():
+    """A new example needs its spec beside it in shapes/plugin.py (what it states, for the judge)."""
+    shown = shown_prompts()
+    # The bundled domain's examples only: the SD examples ("a photo of a cat") name another model.
+    missing = {p: where for p, where in shown.items() if p not in EXAMPLES and "cat" not in p}
+    assert not missing, f"add these to lcmserve/shapes/plugin.py EXAMPLES: {missing}"
+    assert len(shown) >= 6
+
+
+@pytest.fixture(scope="module")
+def drawn():
+    from lcmserve.engine.request import Row
+    from lcmserve.engine.sampler import LCMSampler
+    from lcmserve.eval.judge import ShapesJudge
+    from lcmserve.models import load_model
+
+    sampler = LCMSampler(load_model("shapes-lcm", device="cpu"))
+    prompts = sorted(EXAMPLES)
+    w = sampler.model.default_guidance_scale
+    rows = [Row(p, seed, w) for p in prompts for seed in SEEDS]
+    images = sampler.run_rows(rows, 4, 64, 64).images
+    reads = ShapesJudge().read(images)
+    return {p: reads[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, p in enumerate(prompts)}
+
+
+@pytest.mark.parametrize("prompt", sorted(EXAMPLES))
+def test_the_bundled_model_draws_each_example_right(prompt, drawn):
+    right = [EXAMPLES[prompt].judge(read)["exact"] for read in drawn[prompt]]
+    assert sum(right) >= len(SEEDS) - 1, (prompt, drawn[prompt])
