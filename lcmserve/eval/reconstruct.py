@@ -19,9 +19,8 @@ from tqdm import tqdm
 from lcmserve import __version__
 from lcmserve.eval.judge import ShapesJudge, scene_key
 from lcmserve.eval.metrics import attribute_accuracy
-from lcmserve.eval.run import save_grid
-from lcmserve.shapes.data import to_tensor
-from lcmserve.shapes.scenes import render, scene_for_index
+from lcmserve.eval.run import real_images, save_grid
+from lcmserve.shapes.scenes import scene_for_index
 
 
 @dataclass
@@ -37,7 +36,7 @@ class ReconstructionReport:
 def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """images in [0, 1] -> decode(encode(x).mean) in [0, 1]."""
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in tqdm(range(0, len(images), batch_size), desc="vae", leave=False):
         x = images[i : i + batch_size] * 2 - 1
         out.append(((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1))
     return torch.cat(out)
@@ -50,8 +49,8 @@ def check_vae(vae_dir: str | Path, num_images: int = 400, seed: int = 5000, out:
 
     vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).eval()
     scenes = [scene_for_index(i, "heldout", seed) for i in range(num_images)]
-    images = to_tensor([render(s) for s in tqdm(scenes, desc="render", leave=False)])
-    recon = torch.cat([reconstruct(vae, images[i : i + 64]) for i in tqdm(range(0, num_images, 64), desc="vae")])
+    images = real_images(scenes)
+    recon = reconstruct(vae, images)
     judge = ShapesJudge()
     targets = [scene_key(s) for s in scenes]
     report = ReconstructionReport(str(vae_dir), num_images, attribute_accuracy(judge.read(recon), targets),

@@ -20,8 +20,9 @@ sees, writes the "wild" evaluation prompts (lcmserve/eval/wild.py).
 from __future__ import annotations
 
 import random
+import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import permutations
 
 from lcmserve.shapes.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES, SIZES, Scene, caption, scene_for_index
@@ -264,24 +265,13 @@ def caption_for(index: int, split: str = "train", seed: int = 0) -> tuple[Scene,
     return scene, text, spec
 
 
-@dataclass
-class _Words:
-    words: set[str] = field(default_factory=set)
-
-    def add(self, *texts: str) -> None:
-        for text in texts:
-            self.words.update(w for w in text.replace("-", " ").replace(":", " ").replace(",", " ").split()
-                              if w.isalpha() and "{" not in w)
-
-
 def language_words() -> list[str]:
     """Every word the language can write (the domain tokenizer gives each one token)."""
-    w = _Words()
+    texts = [*MIDDLE_WORDS, *PLURAL.values(), *GENERIC_NOUNS, *COUNT_WORDS, *REQUESTS, *_JOINERS,
+             *_BACKGROUNDS_AFTER, *_BACKGROUNDS_BEFORE, *SHAPES, *SIZES, *BACKGROUNDS, *CELLS,
+             *(n + "s" for ns in SHAPE_NOUNS.values() for n in ns if n not in PLURAL),
+             "at in on the corner side edge very of image an one a single that is which there please background"]
     for table in (SHAPE_NOUNS, SIZE_WORDS, COLOUR_WORDS, BACKGROUND_WORDS, ROW_WORDS, COLUMN_WORDS):
         for words in table.values():
-            w.add(*words)
-    w.add(*PLURAL.values(), *(n + "s" for ns in SHAPE_NOUNS.values() for n in ns if n not in PLURAL), *GENERIC_NOUNS)
-    w.add(*COUNT_WORDS, *REQUESTS, *_JOINERS, *_BACKGROUNDS_AFTER, *_BACKGROUNDS_BEFORE)
-    w.add(*MIDDLE_WORDS, "at in on the corner side edge very of image an one a single that is which there please background",
-          *SHAPES, *SIZES, *BACKGROUNDS, *CELLS)
-    return sorted(w.words)
+            texts.extend(words)
+    return sorted({w for t in texts for w in re.findall(r"[a-z]+", t.replace("{}", " "))})
