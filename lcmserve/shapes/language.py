@@ -32,27 +32,43 @@ ATTRIBUTES = ("shape", "colour", "size", "cell")
 SHAPE_NOUNS = {"circle": ("circle", "disk", "disc", "dot"), "square": ("square", "box"),
                "triangle": ("triangle",), "diamond": ("diamond", "rhombus")}
 PLURAL = {"box": "boxes", "rhombus": "rhombuses", "shape": "shapes", "object": "objects"}
-GENERIC_NOUNS = ("shape", "object")
+GENERIC_NOUNS = ("shape", "object", "thing", "item", "figure")
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
 COLOUR_WORDS = {c: (c,) for c in COLOURS} | {"purple": ("purple", "violet")}
 BACKGROUND_WORDS = {"black": ("black", "dark"), "white": ("white",), "gray": ("gray", "grey")}
 ROW_WORDS = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
 COLUMN_WORDS = {"left": ("left",), "right": ("right",)}
 MIDDLE_WORDS = ("middle", "center", "centre")
-COUNT_WORDS = ("two", "2", "a pair of", "")  # "" : a bare plural ("red circles") means two here
+COUNT_WORDS = ("two", "2", "a pair of", "a couple of", "twin", "")  # "": a bare plural ("red circles") means two
+ONE_WORDS = ("one", "a single", "just one", "only one", "exactly one", "a lone", "one single")
 REQUESTS = ("please draw", "draw", "draw me", "an image of", "a picture of", "a drawing of", "show me", "i want",
             "i would like", "can you draw", "could you draw", "make", "generate", "render", "paint", "give me",
-            "a scene with", "an image with", "there is", "just")
-_JOINERS = (" and ", " and ", " and ", ", ", ", and ", " with ", " plus ", "; ")
+            "a scene with", "an image with", "there is", "just", "create", "sketch", "i need", "can i get",
+            "could you make", "make me", "an illustration of", "a picture showing", "an image showing",
+            "an image containing", "a picture containing", "how about", "i'd love", "i'd like", "depict", "produce",
+            "quick one:", "picture this:", "let's see", "i'm looking for", "we need", "show", "imagine")
+# closing words people add; they carry nothing about the scene
+ENDINGS = ("", "", "", ".", "!", "?", ", please", " please", " thanks", ", thank you", " pls", " plz", " :)", " now")
+PLACED = ("placed", "located", "sitting", "positioned", "set", "lying", "that sits", "standing")
+AREAS = (" area", " region", " part", " of the image", " of the picture", " of the canvas", " of the frame",
+         " of the scene")
+_JOINERS = (" and ", " and ", " and ", ", ", ", and ", " with ", " plus ", "; ", " as well as ", " together with ",
+            ", also ", " and also ", " & ", ", then ", " and next to it ")
 _BACKGROUNDS_AFTER = ("on a {} background", "against a {} background", "with a {} background", "on {}",
-                      "{} background", "background: {}", "the background is {}", "on a {} backdrop")
-_BACKGROUNDS_BEFORE = ("{} background", "on a {} background", "on {}", "background {}")
+                      "{} background", "background: {}", "the background is {}", "on a {} backdrop",
+                      "on plain {}", "on a plain {} background", "background colour {}", "background color {}",
+                      "the background should be {}", "set against {}", "everything on {}", "on a {} canvas",
+                      "{} backdrop", "the backdrop is {}", "with everything else {}")
+_BACKGROUNDS_BEFORE = ("{} background", "on a {} background", "on {}", "background {}", "on plain {}",
+                       "background colour {}", "{} backdrop", "everything on {}")
 
 
 # A new word's first embedding when a trained text encoder moves onto this vocabulary: a word it already knew.
 ALIASES = {w: group[0] for table in (SHAPE_NOUNS, SIZE_WORDS, COLOUR_WORDS, BACKGROUND_WORDS, ROW_WORDS)
            for group in table.values() for w in group[1:]} | {"centre": "center", "shape": "circle"}
 ALIASES |= {PLURAL.get(w, w + "s"): ALIASES.get(w, w) for nouns in SHAPE_NOUNS.values() for w in nouns}
+ALIASES |= {"thing": "shape", "item": "shape", "figure": "shape", "things": "shapes", "items": "shapes",
+            "figures": "shapes", "colored": "coloured", "plz": "pls", "towards": "to"}
 
 
 @dataclass(frozen=True)
@@ -127,10 +143,15 @@ def _cell_words(cell: str, rng: random.Random) -> str:
     return rng.choice((word, word, f"{word} {middle}", f"{word} edge"))
 
 
-def _position(cell: str, rng: random.Random, bare: bool = True) -> str:
+def _position(cell: str, rng: random.Random, bare: bool = True, placed: bool = True) -> str:
     words = _cell_words(cell, rng)
-    return rng.choice((f"at the {words}", f"in the {words}", f"on the {words}", f"at the {words}")
-                      + ((words,) if bare else ()))
+    if rng.random() < 0.2 and not words.endswith(("corner", "side", "edge", "image")):
+        words += rng.choice(AREAS)
+    where = rng.choice((f"at the {words}", f"in the {words}", f"on the {words}", f"at the {words}", f"towards the {words}")
+                       + ((words,) if bare else ()))
+    if placed and rng.random() < 0.2 and where != words:
+        where = f"{rng.choice(PLACED)} {where}"
+    return where
 
 
 def _noun(obj: ObjectSpec, rng: random.Random, plural: bool = False) -> str:
@@ -139,15 +160,20 @@ def _noun(obj: ObjectSpec, rng: random.Random, plural: bool = False) -> str:
 
 
 def _adjectives(obj: ObjectSpec, rng: random.Random) -> list[str]:
-    words = [rng.choice(SIZE_WORDS[obj.size]) if obj.size else None, rng.choice(COLOUR_WORDS[obj.colour])
-             if obj.colour else None]
+    size = rng.choice(SIZE_WORDS[obj.size]) if obj.size else None
+    colour = rng.choice(COLOUR_WORDS[obj.colour]) if obj.colour else None
+    if size and rng.random() < 0.1:
+        size += "-sized"
+    if colour and rng.random() < 0.1:
+        colour += rng.choice(("-coloured", "-colored", " coloured", " colored"))
+    words = [size, colour]
     if rng.random() < 0.2:
         words.reverse()
     return [w for w in words if w]
 
 
 def _article(next_word: str, rng: random.Random) -> str:
-    return rng.choice(("one", "a single")) if rng.random() < 0.1 else ("an" if next_word[0] in "aeiou" else "a")
+    return rng.choice(ONE_WORDS) if rng.random() < 0.15 else ("an" if next_word[0] in "aeiou" else "a")
 
 
 def _object_phrase(obj: ObjectSpec, rng: random.Random) -> str:
@@ -156,6 +182,10 @@ def _object_phrase(obj: ObjectSpec, rng: random.Random) -> str:
     form = rng.random()
     if adjectives and form < 0.12:  # "a circle that is small and red"
         core = f"{_article(noun, rng)} {noun} {rng.choice(('that is', 'which is', 'in'))} {' and '.join(adjectives)}"
+    elif obj.colour and form < 0.2:  # "a small circle coloured red", "a circle in red"
+        size = [rng.choice(SIZE_WORDS[obj.size])] if obj.size else []
+        colour = f"{rng.choice(('coloured', 'colored', 'in', 'painted', 'in the colour'))} {rng.choice(COLOUR_WORDS[obj.colour])}"
+        core = " ".join([_article((size or [noun])[0], rng), *size, noun, colour])
     elif rng.random() < 0.08:  # no article: "red circle top left"
         core = " ".join([*adjectives, noun])
     else:
@@ -163,7 +193,7 @@ def _object_phrase(obj: ObjectSpec, rng: random.Random) -> str:
     if obj.cell is None:
         return core
     if rng.random() < 0.25:
-        where = _position(obj.cell, rng, bare=False)
+        where = _position(obj.cell, rng, bare=False, placed=False)
         return rng.choice((f"{where}, {core}", f"{where} {core}", f"{where}: {core}", f"{where} there is {core}"))
     return f"{core} {_position(obj.cell, rng)}"
 
@@ -175,8 +205,9 @@ def _group_phrase(objs: tuple[ObjectSpec, ObjectSpec], rng: random.Random) -> st
     core = " ".join(w for w in (count, *_adjectives(first, rng), _noun(first, rng, plural=True)) if w)
     if first.cell is None:
         return core
-    a, b = (_position(o.cell, rng) for o in objs)
-    return rng.choice((f"{core}, one {a} and one {b}", f"{core} {a} and {b}", f"{core}: {a} and {b}"))
+    a, b = (_position(o.cell, rng, placed=False) for o in objs)
+    return rng.choice((f"{core}, one {a} and one {b}", f"{core} {a} and {b}", f"{core}: {a} and {b}",
+                       f"{core}, one {a} and the other {b}", f"{core}, the first {a}, the second {b}"))
 
 
 def _background_phrase(bg: str, rng: random.Random, before: bool) -> str:
@@ -226,7 +257,7 @@ def _surface(text: str, rng: random.Random) -> str:
             noise = _noise_word(rng) if rng.random() < 0.7 else rng.choice(NOISE_MARKS)
             words.insert(rng.randrange(len(words) + 1), noise)
         text = " ".join(words)
-    text += rng.choice(("", "", "", ".", "!", "?", ", please", " please"))
+    text += rng.choice(ENDINGS)
     case = rng.random()
     if case < 0.3:
         text = text[0].upper() + text[1:]
@@ -267,9 +298,10 @@ def caption_for(index: int, split: str = "train", seed: int = 0) -> tuple[Scene,
 
 def language_words() -> list[str]:
     """Every word the language can write (the domain tokenizer gives each one token)."""
-    texts = [*MIDDLE_WORDS, *PLURAL.values(), *GENERIC_NOUNS, *COUNT_WORDS, *REQUESTS, *_JOINERS,
-             *_BACKGROUNDS_AFTER, *_BACKGROUNDS_BEFORE, *SHAPES, *SIZES, *BACKGROUNDS, *CELLS,
-             *(n + "s" for ns in SHAPE_NOUNS.values() for n in ns if n not in PLURAL),
+    texts = [*MIDDLE_WORDS, *PLURAL.values(), *GENERIC_NOUNS, *COUNT_WORDS, *ONE_WORDS, *REQUESTS, *_JOINERS,
+             *_BACKGROUNDS_AFTER, *_BACKGROUNDS_BEFORE, *SHAPES, *SIZES, *BACKGROUNDS, *CELLS, *ENDINGS, *PLACED,
+             *AREAS, "coloured colored painted colour sized towards other first second",
+             *(n + "s" for ns in (*SHAPE_NOUNS.values(), GENERIC_NOUNS) for n in ns if n not in PLURAL),
              "at in on the corner side edge very of image an one a single that is which there please background"]
     for table in (SHAPE_NOUNS, SIZE_WORDS, COLOUR_WORDS, BACKGROUND_WORDS, ROW_WORDS, COLUMN_WORDS):
         for words in table.values():
