@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Servers the tests start (in-process from the environment, or as `lcmserve serve` subprocesses) run the eager
+# reference path: the server's default, auto, compiles for minutes on a first start. Tests of auto pass it.
+os.environ.setdefault("LCMSERVE_BACKEND", "torch")
+os.environ.setdefault("LCMSERVE_ATTENTION", "sdpa")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -59,12 +59,14 @@ class ServerConfig:
         "the batch a fraction of a full decode); final images keep the model's VAE"))
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     dtype: str = field(default="auto", metadata=_doc("auto, float32, bfloat16 or float16"))
-    backend: str = field(default="torch", metadata=_doc(
+    backend: str = field(default="auto", metadata=_doc(
         "engine backend: auto (the rule of engine/backends/auto.py picks the backend, and the dtype and attention "
-        "left at auto, for this machine and model; GET /v1/models says which and why), torch, compiled, cuda-graph, "
+        "left at auto, for this machine and model; GET /v1/models says which and why; with --adapter it picks "
+        "torch, the backend that runs per-request adapters; a compiled pick builds its programs at the first "
+        "start, minutes, and loads them from cache_dir at the next ones), torch, compiled, cuda-graph, "
         "onnx or tensorrt (the bucketed ones build every batch size up to max_batch_size in powers of two, steps "
         "1-8, the model's native size, at start-up)"))
-    attention: str = field(default="sdpa", metadata=_doc(
+    attention: str = field(default="auto", metadata=_doc(
         "auto (small-head where it pays), sdpa (torch's attention) or small-head (our CPU kernel for heads of up to "
         "16 channels, or 24 over at most 80 keys, as in the shapes models; torch, compiled and cuda-graph backends "
         "on a CPU; built with the C compiler on first use)"))

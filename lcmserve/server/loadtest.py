@@ -137,21 +137,40 @@ def compare_batching(model: str, out: str | Path, *, requests: int = 500, concur
         flags = ("--model", model, "--max-batch-size", str(size), "--max-queue-rows", str(max(size, max_queue_rows)),
                  "--max-queue-delay-ms", "5")
         with local_server(*flags, log_path=out / f"server-batch{size}.log") as url:
+            card = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
             result = asyncio.run(run_load(url, requests=requests, concurrency=concurrency,
                                           payload={"prompt": "a red circle at the top left", "steps": steps}))
-        runs.append({"max_batch_size": size, **result.summary()})
+        engine = {k: card.get(k) for k in ("backend", "dtype", "attention", "backend_reason")}
+        runs.append({"max_batch_size": size, "engine": engine, **result.summary()})
+    import torch
+
+    from lcmserve.engine.bench import environment
+
+    env = environment(torch.device("cpu"))
     report = {"model": model, "steps": steps, "max_queue_rows": max_queue_rows, "runs": runs,
-              "date": date.today().isoformat(), "machine": {"platform": platform.platform(),
-                                                            "cpus": os.cpu_count()}}
+              "date": date.today().isoformat(), "machine": {"cpu": env["device"], "platform": platform.platform(),
+                                                            "cpus": os.cpu_count(),
+                                                            "cpu_bfloat16": env.get("cpu_bfloat16")},
+              "versions": env["versions"]}
     (out / "server-load.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Model `{model}`, {steps} steps, {requests} requests at concurrency {concurrency}, queue "
-             f"{max_queue_rows} rows, loopback, {report['date']}, {platform.platform()}, {os.cpu_count()} CPUs.", "",
-             "| max_batch_size | 200 | 429 | other / errors | images/s | p50 ms | p90 ms | p99 ms | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{max_queue_rows} rows, loopback, {report['date']}, {report['machine']['cpu']} "
+             f"({os.cpu_count()} CPUs, bfloat16 instructions: {'yes' if report['machine']['cpu_bfloat16'] else 'no'}), "
+             f"{platform.platform()}, torch {report['versions'].get('torch', '?')}.", "",
+             "| max_batch_size | backend | 200 | 429 | other / errors | images/s | p50 ms | p90 ms | p99 ms | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         other = sum(v for k, v in r["statuses"].items() if k not in ("200", "429")) + r["errors"]
-        lines.append(f"| {r['max_batch_size']} | {r['statuses'].get('200', 0)} | {r['statuses'].get('429', 0)} | "
+        engine = r["engine"]
+        lines.append(f"| {r['max_batch_size']} | {engine['backend']}, {engine['dtype']}, {engine['attention']} | "
+                     f"{r['statuses'].get('200', 0)} | {r['statuses'].get('429', 0)} | "
                      f"{other} | {r['images_per_s']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['wall_s']} |")
+    reasons = sorted({r["engine"]["backend_reason"] for r in runs if r["engine"].get("backend_reason")})
+    lines += ["", *(f"Backend auto: {reason}." for reason in reasons)]
+    if len(runs) > 1 and runs[0]["images_per_s"]:
+        lines.append(f"Throughput with max_batch_size {runs[-1]['max_batch_size']}: "
+                     f"{runs[-1]['images_per_s'] / runs[0]['images_per_s']:.2f}x max_batch_size "
+                     f"{runs[0]['max_batch_size']}.")
     (out / "server-load.md").write_text("\n".join(lines) + "\n")
     _plot(runs, out / "server-load.png")
     return report

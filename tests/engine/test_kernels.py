@@ -293,7 +293,7 @@ def test_the_server_setting_reaches_the_engine():
     from lcmserve.server.config import ServerConfig
     from lcmserve.server.metrics import ServerMetrics
 
-    config = ServerConfig(model="preset:tiny-sd", device="cpu", attention="small-head", warmup_steps=())
+    config = ServerConfig(model="preset:tiny-sd", device="cpu", backend="torch", attention="small-head", warmup_steps=())
     sampler = build_client(config, ServerMetrics()).sampler
     assert isinstance(sampler.backend, TorchBackend)
     assert all(isinstance(p, kernel.SmallHeadAttnProcessor) for p in sampler.model.unet.attn_processors.values())

@@ -172,7 +172,7 @@ def test_preview_decoder_decodes_the_previews_and_leaves_the_images_alone():
     from lcmserve.server.metrics import ServerMetrics
 
     config = ServerConfig(model="preset:tiny-sd", device="cpu", dtype="float32", warmup_steps=(),
-                          max_queue_delay_ms=0, grpc_port=0)
+                          max_queue_delay_ms=0, grpc_port=0, backend="torch", attention="sdpa")
     plain = build_client(config, ServerMetrics())
     metrics = ServerMetrics()
     tiny = build_client(ServerConfig(**{**config.__dict__, "preview_vae": "preset:tiny-taesd"}), metrics)
@@ -205,7 +205,8 @@ def test_preview_decoder_errors_name_the_setting():
     from lcmserve.server.config import ServerConfig
     from lcmserve.server.metrics import ServerMetrics
 
-    config = ServerConfig(model="preset:tiny-sd", device="cpu", warmup_steps=(), grpc_port=0, preview_vae="preset:taesd")
+    config = ServerConfig(model="preset:tiny-sd", device="cpu", warmup_steps=(), grpc_port=0, preview_vae="preset:taesd",
+                          backend="torch")
     with pytest.raises(ModelLoadError, match="preview_vae: 'preset:taesd' upsamples latents 8x") as info:
         build_client(config, ServerMetrics())
     assert info.value.param == "preview_vae"

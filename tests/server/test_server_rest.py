@@ -600,7 +600,8 @@ def test_schemathesis_no_server_errors():
     seen: dict[tuple[str, str], set[int]] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    config = ServerConfig(max_images=2, max_pixels=96 * 96, warmup_steps=(), max_queue_delay_ms=0)
+    config = ServerConfig(max_images=2, max_pixels=96 * 96, warmup_steps=(), max_queue_delay_ms=0, backend="torch",
+                          attention="sdpa")
     metrics = ServerMetrics()
     client = build_client(config, metrics)
     client.start(())
