@@ -99,8 +99,9 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
         sizes = tuple(sorted({min(2**i, config.max_batch_size) for i in range(11)}))
         native = (model.native_size, model.native_size)
         buckets = backends.BucketSet(sizes, tuple(range(MIN_STEPS, MAX_STEPS + 1)), (native,))
+        # warm=False: the buckets build in the warm-up, once the HTTP side answers (/readyz 503 meanwhile)
         sampler.backend = backends.create_backend(backend, model, buckets=buckets, cache_dir=config.cache_dir,
-                                                  attention=attention)
+                                                  attention=attention, warm=False)
     if choice is not None:
         sampler.backend.reason = choice.reason
     preview_decoder = load_preview_decoder(model, config.preview_vae) if config.preview_vae else None

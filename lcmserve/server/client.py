@@ -141,7 +141,9 @@ class EngineClient:
 
     # lifecycle ------------------------------------------------------------------------
     def start(self, warmup_steps: tuple[int, ...] = (1,)) -> None:
-        """Start the worker and run one request per warm-up step count before reporting ready."""
+        """Build the backend's programs (compiled, cuda-graph: every bucket; minutes at a first start, seconds from
+        the cache), start the worker and run one request per warm-up step count before reporting ready."""
+        self.sampler.backend.warmup()
         self.batcher.start()
         for steps in warmup_steps:
             self.submit(GenerationRequest("warm-up", steps=steps, seed=0)).result()

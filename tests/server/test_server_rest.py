@@ -641,14 +641,23 @@ def test_backend_flag_picks_the_engine_backend(monkeypatch):
     # What the server asks of a compiled backend: every batch size it can form, every step count, native size.
     seen = {}
 
+    class Built(backends.TorchBackend):
+        def warmup(self, progress=False):
+            seen["warmed_before_the_worker"] = client.batcher.stats().state == "new"
+
     def fake_create(name, model, **kwargs):
         seen.update(name=name, **kwargs)
-        return backends.TorchBackend(model)
+        return Built(model)
 
     monkeypatch.setattr(backends, "create_backend", fake_create)
-    build_client(dataclasses.replace(config, backend="tensorrt", cache_dir="/tmp/x"), ServerMetrics())
+    client = build_client(dataclasses.replace(config, backend="tensorrt", cache_dir="/tmp/x"), ServerMetrics())
     buckets = seen["buckets"]
     assert seen["name"] == "tensorrt" and seen["cache_dir"] == "/tmp/x"
+    # the buckets build in the warm-up, which the server runs once its HTTP side answers /readyz with 503
+    assert seen["warm"] is False and "warmed_before_the_worker" not in seen
+    client.start(())
+    assert seen["warmed_before_the_worker"] and client.ready
+    client.close(5.0)
     assert buckets.batch_sizes == (1, 2, 4, 6) and buckets.steps == tuple(range(1, 9))
     assert buckets.resolutions == ((64, 64),)
     default = build_client(dataclasses.replace(config, backend="torch"), ServerMetrics())

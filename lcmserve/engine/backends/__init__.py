@@ -56,6 +56,7 @@ def create_backend(
     progress: bool = False,
     attention: str = "sdpa",
     packages: bool = True,
+    warm: bool = True,
 ) -> Backend:
     """The named backend over ``model``.
 
@@ -67,7 +68,8 @@ def create_backend(
     CPU provider (None: ONNX Runtime's default). ``attention="small-head"`` routes the UNet's attention
     through our CPU kernel (engine/kernels/attention.py) for the torch-executed backends on a CPU.
     ``packages`` (compiled, on a CPU): keep each bucket's networks as AOTInductor packages under ``cache_dir``,
-    loaded at the next start instead of compiled (False: torch.compile at every start).
+    loaded at the next start instead of compiled (False: torch.compile at every start). ``warm=False``: compiled
+    and cuda-graph build their buckets at ``backend.warmup()`` instead of here.
 
     ``name="auto"`` takes the backend (and with ``attention="auto"`` the attention) that backends/auto.py's
     rule picks for this machine and the model as loaded (its dtype counts as given: to let the rule pick
@@ -89,10 +91,11 @@ def create_backend(
     if name == "torch":
         return TorchBackend(model)
     if name == "compiled":
-        return CompiledBackend(model, buckets, progress, cache_dir=cache_dir, packages=packages)
+        return CompiledBackend(model, buckets, progress, cache_dir=cache_dir, packages=packages, warm=warm)
     if name == "cuda-graph":
         return CudaGraphBackend(model, CudaGraphConfig(buckets=buckets or BucketSet(), compile=compile,
-                                                        compile_mode=compile_mode, channels_last=channels_last),
+                                                        compile_mode=compile_mode, channels_last=channels_last,
+                                                        warmup=warm),
                                 progress)
     # onnx and tensorrt import their optional libraries only when chosen
     if name == "onnx":

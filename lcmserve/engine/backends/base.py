@@ -114,6 +114,9 @@ class Backend(ABC):
     def run(self, batch: DenoiseBatch, on_step: StepCallback | None = None) -> BackendOutput:
         """Generate the batch's images; ``on_step(i, x0_estimate)`` is called after each step if given."""
 
+    def warmup(self, progress: bool = False) -> None:
+        """Build now what the first batches would build (the bucketed backends' programs); nothing here."""
+
 
 def import_optional(module: str, backend: str, needs: str, hint: str) -> ModuleType:
     """A backend's optional library, or a clear error naming the backend and how to install it."""

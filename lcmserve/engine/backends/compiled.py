@@ -126,13 +126,14 @@ class CompiledBackend(Backend):
 
     ``packages`` (on a CPU): keep each network's per-shape program as an AOTInductor package in the cache
     (``CACHE/aoti``), loaded at the next start instead of compiled; False: torch.compile at every start.
-    ``package_stats`` counts what warm-up loaded, built or compiled instead."""
+    ``package_stats`` counts what warm-up loaded, built or compiled instead. ``warm=False`` leaves the warm-up to
+    ``warmup()`` (the server runs it after its HTTP side is up, so /readyz answers 503 meanwhile)."""
 
     name = "compiled"
 
     def __init__(self, model: LCMModel, buckets: BucketSet | None = None, progress: bool = False,
                  freeze: bool = True, group_norm_kernel: bool = True,
-                 cache_dir: str | os.PathLike | None = None, packages: bool = True) -> None:
+                 cache_dir: str | os.PathLike | None = None, packages: bool = True, warm: bool = True) -> None:
         check_cpu_dtype(model)
         buckets = buckets or BucketSet()
         if group_norm_kernel and model.device.type == "cpu":
@@ -147,6 +148,10 @@ class CompiledBackend(Backend):
         eager = TorchBackend(model, networks)
         self.programs = BucketPrograms(eager, buckets, name=self.name, warm_runs=WARM_RUNS,
                                        build_context=lambda: compile_context(model, freeze))
+        if warm:
+            self.programs.warmup(progress)
+
+    def warmup(self, progress: bool = False) -> None:
         self.programs.warmup(progress)
 
     @property

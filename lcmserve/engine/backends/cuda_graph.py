@@ -141,6 +141,9 @@ class CudaGraphBackend(Backend):
         if config.warmup:
             self.programs.warmup(progress)
 
+    def warmup(self, progress: bool = False) -> None:
+        self.programs.warmup(progress)
+
     def _capture(self, stages: Stages) -> dict[str, torch.cuda.CUDAGraph]:
         graphs = capture_stages(stages, self.config.warmup_iters, self.config.capture_text)
         self.captures += len(graphs)
