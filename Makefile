@@ -18,6 +18,8 @@ LORA ?=
 HOST ?=
 PORT ?=
 GRPC_PORT ?=
+# BACKEND: the server's default is auto (compiled bfloat16 on a CPU with bfloat16 instructions: the first start
+# builds for minutes, later ones load from ~/.cache/lcmserve); BACKEND=torch starts at once on the eager path.
 BACKEND ?=
 SERVE_FLAGS = $(if $(MODEL),--model "$(MODEL)") $(if $(LORA),--lora "$(LORA)") $(if $(HOST),--host "$(HOST)") \
 	$(if $(PORT),--port "$(PORT)") $(if $(GRPC_PORT),--grpc-port "$(GRPC_PORT)") $(if $(BACKEND),--backend "$(BACKEND)")
