@@ -9,7 +9,6 @@ alone, inside any batch, and in diffusers.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +81,7 @@ class LCMSampler:
             raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
         self.model = model
         self.backend = backend or TorchBackend(model)
+        self._eager: TorchBackend | None = None
         self.limits = limits or Limits.for_native_size(model.native_size)
         self.max_batch_size = max_batch_size
         self.adapters = adapters
@@ -127,7 +127,7 @@ class LCMSampler:
             self.check_adapter_names(row.adapters)
 
     def check_adapter_names(self, adapters) -> tuple[tuple[str, float], ...]:
-        """The adapters checked (count and scales) and known to this engine, whose backend must run them."""
+        """The adapters checked (count and scales) and known to this engine."""
         items = check_adapters(adapters)
         if not items:
             return items
@@ -135,11 +135,6 @@ class LCMSampler:
             raise InvalidInputError(f"adapters: no adapter named {items[0][0]!r} is loaded; loaded: none "
                                     "(load adapters beside the model to choose them per request)", param="adapters")
         self.adapters.check(name for name, _ in items)
-        if self.backend.name != "torch":
-            # The other backends run a compiled graph, captured CUDA graphs or exported files of the UNet,
-            # which the eager per-layer hooks of adapters.py do not reach.
-            raise InvalidInputError(f"adapters: the {self.backend.name} backend does not run per-request adapters; "
-                                    "use --backend torch, or fuse one LoRA at load with --lora", param="adapters")
         return items
 
     # 2. tokens and noise ------------------------------------------------------------------------
@@ -207,10 +202,24 @@ class LCMSampler:
         self.check_rows(rows, steps, width, height)
         batch, truncated = self.make_batch(rows, steps, width, height)
         row_adapters = [row.adapters for row in rows]
-        applied = self.adapters.applied(row_adapters) if any(row_adapters) else contextlib.nullcontext()
-        with applied:
+        if not any(row_adapters):
             out = self.backend.run(batch, on_step=on_step)
+        else:
+            with self.adapters.applied(row_adapters):
+                out = self.adapter_backend().run(batch, on_step=on_step)
         return BatchResult(out.images, out.times, truncated)
+
+    def adapter_backend(self) -> Backend:
+        """What a batch with adapters runs on: the eager path over the same model and weights, whatever the backend.
+
+        The adapters' per-layer hooks (adapters.py) reach torch's modules only, not a compiled graph, captured
+        CUDA graphs or exported files; so batches without adapters keep the backend's speed, and those with
+        adapters run eager."""
+        if self.backend.name == "torch":
+            return self.backend
+        if self._eager is None:
+            self._eager = TorchBackend(self.model)
+        return self._eager
 
     def generate(
         self,

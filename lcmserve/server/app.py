@@ -80,12 +80,9 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
     choice = None
     if config.backend == backends.AUTO:
         choice = backends.choose_before_load(config.model, unet=config.unet, device=config.device,
-                                             dtype=config.dtype, attention=config.attention,
-                                             adapters=bool(config.adapters))
+                                             dtype=config.dtype, attention=config.attention)
     backend, dtype, attention = (choice.backend, choice.dtype, choice.attention) if choice else (
         config.backend, config.dtype, config.attention)
-    if attention == backends.AUTO and config.adapters:
-        attention = "sdpa"  # as auto picks beside per-request adapters
     model = load_model(config.model, lora=config.lora, lora_scale=config.lora_scale, unet=config.unet, vae=config.vae,
                        device=config.device, dtype=dtype)
     if config.model.startswith("preset:"):

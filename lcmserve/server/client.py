@@ -201,11 +201,6 @@ class EngineClient:
         if self.adapters is None:
             raise InvalidInputError("adapters: this server holds no adapters beside its model", param="name")
         check_prompt(path, "path")  # a string the file system can take: no NUL, valid Unicode
-        backend = self.sampler.backend.name
-        if backend != "torch":
-            raise ConflictError(f"name: this server runs the {backend} backend, which does not run per-request "
-                                "adapters; start it with --backend torch, or with --adapter NAME=PATH (--backend auto "
-                                "then picks torch)", param="name")
         with self._loading:
             if self.adapters.removing(name):
                 raise ConflictError(f"name: the adapter {name!r} is being removed, once the requests that use it "

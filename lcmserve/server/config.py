@@ -61,9 +61,9 @@ class ServerConfig:
     dtype: str = field(default="auto", metadata=_doc("auto, float32, bfloat16 or float16"))
     backend: str = field(default="auto", metadata=_doc(
         "engine backend: auto (the rule of engine/backends/auto.py picks the backend, and the dtype and attention "
-        "left at auto, for this machine and model; GET /v1/models says which and why; with --adapter it picks "
-        "torch, the backend that runs per-request adapters; a compiled pick builds its programs at the first "
-        "start, minutes, and loads them from cache_dir at the next ones), torch, compiled, cuda-graph, "
+        "left at auto, for this machine and model; GET /v1/models says which and why; a compiled pick builds its "
+        "programs at the first start, minutes, and loads them from cache_dir at the next ones; batches with "
+        "per-request adapters run eager whatever the backend), torch, compiled, cuda-graph, "
         "onnx or tensorrt (the bucketed ones build every batch size up to max_batch_size in powers of two, steps "
         "1-8, the model's native size, at start-up)"))
     attention: str = field(default="auto", metadata=_doc(

@@ -129,6 +129,31 @@ def test_embedding_lcm_mixed_batch_matches_diffusers(lcm_sd_dir, styles_lcm):
     torch.testing.assert_close(batch[1], alone, rtol=0, atol=1e-5)
 
 
+def test_on_another_backend_batches_with_adapters_run_eager_and_the_rest_on_the_backend(lcm_sd_dir, styles_lcm):
+    """Adapters' hooks reach torch's modules only: a compiled (here: recording) backend keeps the plain batches,
+    and a batch with adapters runs on the eager path over the same weights, equal to a torch sampler's."""
+    from lcmserve.engine.backends import TorchBackend
+
+    reference = sampler_with(lcm_sd_dir, styles_lcm)
+    sampler = sampler_with(lcm_sd_dir, styles_lcm)
+    ran = []
+
+    class Compiled(TorchBackend):
+        name = "compiled"
+
+        def run(self, batch, on_step=None):
+            ran.append(batch.input_ids[0].shape[0])
+            return super().run(batch, on_step)
+
+    sampler.backend = Compiled(sampler.model)
+    rows = [Row("a red circle", 5, 8.0, adapters={"ink": 1.0}), Row("a cat", 6, 4.0)]
+    mixed = sampler.run_rows(rows, STEPS, 64, 64).images
+    assert ran == [] and sampler.adapter_backend().name == "torch"
+    torch.testing.assert_close(mixed, reference.run_rows(rows, STEPS, 64, 64).images, rtol=0, atol=1e-6)
+    sampler.run_rows([Row("a cat", 6, 4.0)], STEPS, 64, 64)
+    assert ran == [1]
+
+
 def test_requests_carry_adapters_and_stay_hashable(lcm_sd_dir, styles_lcm):
     sampler = sampler_with(lcm_sd_dir, styles_lcm)
     request = GenerationRequest("a cat", num_images=2, steps=1, seed=3, adapters={"wide": 1, "ink": 0.5})

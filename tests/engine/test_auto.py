@@ -75,14 +75,6 @@ def test_a_one_off_run_does_not_compile_and_the_reason_says_why():
     assert choose_backend(SMALL, GPU, machine=CUDA, one_off=True).backend == "cuda-graph"
 
 
-def test_per_request_adapters_take_the_eager_backend_and_the_reason_says_why():
-    choice = choose_backend(SMALL, CPU, machine=AMX, adapters=True)
-    assert (choice.backend, choice.dtype, choice.attention) == ("torch", "float32", "sdpa")
-    assert "per-request adapters run on the torch backend only" in choice.reason
-    assert choose_backend(SMALL, GPU, machine=CUDA, adapters=True).backend == "torch"
-    assert choose_backend(SMALL, CPU, machine=AMX).backend == "compiled"
-
-
 def test_every_rule_names_a_backend_and_a_result_that_exist():
     results = Path(__file__).parents[2] / "docs" / "results"
     for rule in RULES:

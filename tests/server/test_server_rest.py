@@ -570,7 +570,7 @@ def test_backend_auto_reports_what_it_picked_and_why(monkeypatch):
     monkeypatch.setattr(backends, "choose_before_load", lambda spec, **kw: asked.append((spec, kw)) or picked)
     config = ServerConfig(model="preset:tiny-sd", device="cpu", backend="auto", dtype="auto", grpc_port=0)
     info = build_client(config, ServerMetrics()).model_info()
-    assert asked == [("preset:tiny-sd", {"unet": None, "device": "cpu", "dtype": "auto", "attention": "sdpa"})]
+    assert asked == [("preset:tiny-sd", {"unet": None, "device": "cpu", "dtype": "auto", "attention": "auto"})]
     assert (info["backend"], info["dtype"], info["attention"], info["backend_reason"]) == (
         "torch", "float32", "sdpa", picked.reason)
 

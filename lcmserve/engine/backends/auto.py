@@ -182,13 +182,11 @@ def fits(backend: str, device_type: str, dtype: str, attention: str) -> bool:
 
 
 def choose_backend(model: LCMModel | Mapping[str, Any], device: str | torch.device = "auto", dtype: str = AUTO,
-                   attention: str = AUTO, *, one_off: bool = False, adapters: bool = False,
-                   machine: Machine | None = None) -> BackendChoice:
+                   attention: str = AUTO, *, one_off: bool = False, machine: Machine | None = None) -> BackendChoice:
     """The backend, dtype and attention for ``model`` (a loaded model or its UNet config) on ``device``.
 
     ``dtype`` and ``attention`` other than auto are the user's and win; ``one_off`` picks for a run that
-    ends after its images (generate); ``adapters``: the run holds per-request adapters, which only the
-    eager torch backend runs (its per-layer hooks); ``machine`` replaces the probe (tests)."""
+    ends after its images (generate); ``machine`` replaces the probe (tests)."""
     if dtype != AUTO and dtype not in DTYPES:
         raise InvalidInputError.out_of_range("dtype", dtype, "one of auto, " + ", ".join(DTYPES))
     check_attention(attention)
@@ -199,36 +197,31 @@ def choose_backend(model: LCMModel | Mapping[str, Any], device: str | torch.devi
     rule = next(r for r in RULES
                 if r.applies(machine, small) and fits(r.backend, machine.device_type, dtype, attention))
     backend, rule_dtype, rule_attention = rule.once if one_off else (rule.backend, rule.dtype, rule.attention)
-    if adapters and backend != "torch":
-        # the eager reference of the row: its one-off dtype (the dtype eager runs measured best in), torch's attention
-        backend, rule_dtype, rule_attention = "torch", rule.once[1], "sdpa"
     choice = BackendChoice(backend, rule_dtype if dtype == AUTO else dtype,
                            rule_attention if attention == AUTO else attention,
-                           _reason(rule, dims, dtype, attention, one_off, adapters))
+                           _reason(rule, dims, dtype, attention, one_off))
     logger.info("backend auto: %s, %s, %s attention: %s", choice.backend, choice.dtype, choice.attention,
                 choice.reason)
     return choice
 
 
-def _reason(rule: Rule, dims: tuple[int, ...], dtype: str, attention: str, one_off: bool, adapters: bool = False) -> str:
+def _reason(rule: Rule, dims: tuple[int, ...], dtype: str, attention: str, one_off: bool) -> str:
     heads = f"head dims {', '.join(map(str, dims))}" if dims else "head dims unknown"
     parts = [f"{rule.when} ({heads}): {rule.backend}, {rule.dtype}, {rule.attention} "
              f"(measured: {RESULTS}{rule.results})"]
     if one_off and rule.once != (rule.backend, rule.dtype, rule.attention):
         parts.append(f"a one-off run takes {', '.join(rule.once)}: compiling costs more start-up than a few images "
                      f"save (measured: {RESULTS}{ONCE_RESULTS}; --backend {rule.backend} compiles)")
-    if adapters and rule.backend != "torch":
-        parts.append(f"per-request adapters run on the torch backend only: torch, {rule.once[1]}, sdpa")
     parts += [f"{name} {value} as given" for name, value in (("dtype", dtype), ("attention", attention))
               if value != AUTO]
     return "; ".join(parts)
 
 
 def choose_before_load(spec: str, *, unet: str | None = None, device: str = "auto", dtype: str = AUTO,
-                       attention: str = AUTO, one_off: bool = False, adapters: bool = False) -> BackendChoice:
+                       attention: str = AUTO, one_off: bool = False) -> BackendChoice:
     """``choose_backend`` for a model not loaded yet (``spec`` and ``unet`` as ``load_model`` takes them), so that
     it loads in the chosen dtype."""
-    return choose_backend(read_unet_config(spec, unet), device, dtype, attention, one_off=one_off, adapters=adapters)
+    return choose_backend(read_unet_config(spec, unet), device, dtype, attention, one_off=one_off)
 
 
 def auto_attention(backend: str, model: LCMModel, machine: Machine | None = None) -> str:
