@@ -110,7 +110,7 @@ def cmd_shapes_render(args: argparse.Namespace) -> int:
         else:
             scene, text = caption_for_index(i, args.split, args.seed)
             row = {"caption": text}
-        image = render(scene)
+        image = render(scene, style=args.style)
         image.save(out / f"{i:05d}.png")
         grid.paste(image, ((i % cols) * 64, (i // cols) * 64))
         captions.append({"file": f"{i:05d}.png", **row})
@@ -239,7 +239,7 @@ def _add_probe_text(ssub) -> None:
 
 
 def _add_render(ssub) -> None:
-    from lcmserve.shapes.scenes import SPLITS
+    from lcmserve.shapes.scenes import SPLITS, STYLES
 
     rd = ssub.add_parser("render", help="render captioned scenes (PNG files, captions.jsonl, grid.png)")
     rd.add_argument("--split", choices=SPLITS, default="train")
@@ -247,5 +247,7 @@ def _add_render(ssub) -> None:
     rd.add_argument("--seed", type=int, default=0)
     rd.add_argument("--captions", choices=("template", "language"), default="template",
                     help="the full template captions, or captions of the caption language with what each states")
+    rd.add_argument("--style", choices=STYLES, default="plain",
+                    help="plain fills, or fills with an outline (the style adapter's training data)")
     rd.add_argument("-o", "--output", default="out/shapes")
     rd.set_defaults(func=cmd_shapes_render)

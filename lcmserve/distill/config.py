@@ -48,8 +48,9 @@ class DistillConfig:
     teacher: str = _f("", "diffusers folder of the teacher (lcd, lora) or of the LCM to fine-tune (lcf)",
                       required=True)
     out: str = _f("", "run folder: checkpoints/, samples/, the config, and the final model", required=True)
-    data: str = _f("shapes", "shapes (the scene generator), an image+caption folder, or webdataset tar shards "
-                   "(a .tar file, a folder of them, a glob, or a comma list)")
+    data: str = _f("shapes", "a registered generator (shapes: the scene generator; shapes-outline: the same scenes "
+                   "drawn outlined), an image+caption folder, or webdataset tar shards (a .tar file, a folder of "
+                   "them, a glob, or a comma list)")
     resolution: int = _f(0, "training resolution in pixels (0: the teacher's native size)")
     steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(8, "images per process and step (the global batch is batch_size x processes)")
@@ -132,9 +133,11 @@ class DistillConfig:
                                     param="init_student")
         if not self.lr:
             self.lr = DEFAULT_LR[self.mode]
-        if self.cache and self.data == "shapes" and not self.num_samples:
+        from lcmserve.models.registry import data_source_names
+
+        if self.cache and self.data in data_source_names() and not self.num_samples:
             raise InvalidInputError(
-                "num_samples: a latent cache of the shapes generator needs a fixed scene set; set num_samples "
+                f"num_samples: a latent cache of the {self.data} generator needs a fixed scene set; set num_samples "
                 "(e.g. 10000) or drop cache", param="num_samples",
             )
         self.sample_prompts = [str(p) for p in self.sample_prompts]

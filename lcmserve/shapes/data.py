@@ -36,20 +36,25 @@ def scene_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     return {"shape": shape, "colour": colour, "size": size, "background": background}
 
 
-def batch_for_step(seed: int, stage: str, step: int, batch_size: int, splits: tuple[str, ...] = ("train",)):
-    """Scenes, captions (of the caption language) and images of one training step; a pure function of its arguments."""
+def batch_for_step(seed: int, stage: str, step: int, batch_size: int, splits: tuple[str, ...] = ("train",),
+                   style: str = "plain"):
+    """Scenes, captions (of the caption language) and images of one training step; a pure function of its arguments.
+    The scenes and captions do not depend on ``style``, only the drawing does."""
     rng = random.Random(f"{seed}:{stage}:{step}")
     scenes = [sample_scene(rng, rng.choice(splits)) for _ in range(batch_size)]
     captions = [describe(s, rng)[0] for s in scenes]
-    return scenes, captions, to_tensor([render(s) for s in scenes])
+    return scenes, captions, to_tensor([render(s, style=style) for s in scenes])
 
 
 class ShapesStream:
     """The endless scene generator as a distillation source: a new batch of train-split scenes every step."""
 
+    def __init__(self, style: str = "plain") -> None:
+        self.style = style
+
     def batch(self, seed: int, stream: str, step: int, batch_size: int,
               resolution: int) -> tuple[torch.Tensor, list[str]]:
-        _, captions, images = batch_for_step(seed, stream, step, batch_size)
+        _, captions, images = batch_for_step(seed, stream, step, batch_size, style=self.style)
         return resize_square(images * 2 - 1, resolution), captions
 
 
@@ -58,15 +63,15 @@ class ShapesSetSource(MapSource):
 
     chunk = 256
 
-    def __init__(self, seed: int, n: int) -> None:
+    def __init__(self, seed: int, n: int, style: str = "plain") -> None:
         images, captions = [], []
         for c in range(-(-n // self.chunk)):
-            _, caps, imgs = batch_for_step(seed, "distill-set", c, self.chunk)
+            _, caps, imgs = batch_for_step(seed, "distill-set", c, self.chunk, style=style)
             images.append((imgs * 255).round().to(torch.uint8))
             captions.extend(caps)
         self.images = torch.cat(images)[:n]
         self.captions = captions[:n]
-        self.seed = seed
+        self.seed, self.style = seed, style
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -78,9 +83,11 @@ class ShapesSetSource(MapSource):
         return self.captions[i]
 
     def fingerprint(self) -> dict:
-        return {"kind": "shapes", "seed": self.seed, "n": len(self)}
+        return {"kind": "shapes", "seed": self.seed, "n": len(self), **({"style": self.style} if self.style != "plain"
+                                                                       else {})}
 
 
-def open_distill_source(seed: int, num_samples: int) -> ShapesStream | ShapesSetSource:
-    """``--data shapes``: a fixed set of ``num_samples`` scenes, or the endless stream when it is 0."""
-    return ShapesSetSource(seed, num_samples) if num_samples else ShapesStream()
+def open_distill_source(seed: int, num_samples: int, style: str = "plain") -> ShapesStream | ShapesSetSource:
+    """``--data shapes``: a fixed set of ``num_samples`` scenes, or the endless stream when it is 0;
+    ``--data shapes-outline``: the same scenes and captions drawn outlined (the style adapter's data)."""
+    return ShapesSetSource(seed, num_samples, style) if num_samples else ShapesStream(style)

@@ -33,6 +33,15 @@ BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (120, 12
 SIZES = {"small": 0.5, "large": 0.88}  # side of the shape's box, as a fraction of a cell
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 SPLITS = ("train", "heldout")
+# How shapes are drawn: plain fills (every model but the style adapter's), or fills with a contrasting outline
+# (the bundled style adapter learns it; eval/style.py reads it back).
+STYLES = ("plain", "outline")
+OUTLINE_WIDTH = 2  # pixels at IMAGE_SIZE
+
+
+def outline_colour(background: str) -> tuple[int, int, int]:
+    """White on the black background, black on the others: the outline stands apart from every fill."""
+    return (255, 255, 255) if background == "black" else (0, 0, 0)
 
 _SHAPE_WORDS = {"circle": ("circle", "disk"), "square": ("square",), "triangle": ("triangle",),
                 "diamond": ("diamond", "rhombus")}
@@ -154,8 +163,10 @@ def _shape_points(shape: str, cx: float, cy: float, half: float) -> list[tuple[f
     raise ValueError(shape)
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw the scene as an RGB image of ``size`` x ``size`` pixels."""
+def render(scene: Scene, size: int = IMAGE_SIZE, style: str = "plain") -> Image.Image:
+    """Draw the scene as an RGB image of ``size`` x ``size`` pixels, in one of ``STYLES``."""
+    if style not in STYLES:
+        raise ValueError(f"style: {style!r} is not one of {', '.join(STYLES)}")
     big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
@@ -165,10 +176,12 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
         cx, cy = (index % 3 + 0.5) * cell, (index // 3 + 0.5) * cell
         half = SIZES[obj.size] * cell / 2
         colour = COLOURS[obj.colour]
+        stroke = {"outline": outline_colour(scene.background),
+                  "width": OUTLINE_WIDTH * big // IMAGE_SIZE} if style == "outline" else {}
         if obj.shape == "circle":
-            draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=colour)
+            draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=colour, **stroke)
         else:
-            draw.polygon(_shape_points(obj.shape, cx, cy, half), fill=colour)
+            draw.polygon(_shape_points(obj.shape, cx, cy, half), fill=colour, **stroke)
     return image.resize((size, size), Image.Resampling.BOX)
 
 
