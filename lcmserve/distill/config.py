@@ -71,6 +71,8 @@ class DistillConfig:
     loss: str = _f("l2", "distance: l2 or huber", choices=LOSSES)
     huber_c: float = _f(1e-3, "Huber constant c of sqrt(d^2 + c^2) - c")
     mixed_precision: str = _f("no", "no, fp16 (GPU) or bf16", choices=MIXED_PRECISION)
+    lcf_adapter: bool = _f(False, "lcf: train a LoRA (lora_rank, lora_alpha, lora_targets) on the LCM instead of all "
+                           "its weights, and save it as an adapter file: a style for serve --adapter")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, slower)")
     cpu: bool = _f(False, "train on the CPU even when a GPU is visible")
     tf32: bool = _f(True, "TF32 matrix units for the float32 work on a GPU (Ampere and newer)")
@@ -128,6 +130,9 @@ class DistillConfig:
             raise InvalidInputError.out_of_range("max_minutes", self.max_minutes, "a finite number >= 0 (0: off)")
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise InvalidInputError.out_of_range("max_grad_norm", self.max_grad_norm, "a finite number > 0")
+        if self.lcf_adapter and self.mode != "lcf":
+            raise InvalidInputError(f"lcf_adapter: only mode lcf trains an adapter on an LCM; got mode {self.mode} "
+                                    "(mode lora distils an LCM-LoRA from a teacher)", param="lcf_adapter")
         if self.init_student and self.mode != "lcd":
             raise InvalidInputError(f"init_student: only mode lcd starts from another LCM; got mode {self.mode}",
                                     param="init_student")
@@ -142,7 +147,7 @@ class DistillConfig:
             )
         self.sample_prompts = [str(p) for p in self.sample_prompts]
         self.lora_targets = [str(t) for t in self.lora_targets]
-        if self.mode == "lora" and not self.lora_targets:
+        if (self.mode == "lora" or self.lcf_adapter) and not self.lora_targets:
             raise InvalidInputError("lora_targets: give at least one module name", param="lora_targets")
 
     def to_dict(self) -> dict[str, Any]:

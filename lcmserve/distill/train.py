@@ -220,11 +220,11 @@ def write_samples(path: Path, teacher: Teacher, unet, cfg: DistillConfig, math: 
 
 
 def export_model(out: Path, teacher: Teacher, unet, cfg: DistillConfig) -> Path:
-    """lcd/lcf: a diffusers LCM pipeline folder at ``out``; lora: the adapter file at ``out``."""
+    """lcd/lcf: a diffusers LCM pipeline folder at ``out``; lora and lcf_adapter: the adapter file at ``out``."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline
 
     pipe = teacher.pipeline
-    if cfg.mode == "lora":
+    if cfg.mode == "lora" or cfg.lcf_adapter:
         from peft.utils import get_peft_model_state_dict
 
         # peft's key format as is: diffusers' loader reads it, while its older "lora.down/up" conversion
@@ -286,7 +286,7 @@ def _student(cfg: DistillConfig, teacher: Teacher, device: torch.device):
         student = lcd_student_from(teacher.unet, cfg.init_student)
     elif cfg.mode == "lcd":
         student = lcd_student(teacher.unet, cfg.time_cond_proj_dim)
-    elif cfg.mode == "lora":
+    elif cfg.mode == "lora" or cfg.lcf_adapter:
         student = lora_student(teacher.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
     else:
         student = teacher.unet  # LCF: the LCM itself trains; there is no teacher

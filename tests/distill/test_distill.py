@@ -257,6 +257,29 @@ def test_lcf_mode_fine_tunes_an_lcm_without_a_teacher(tmp_path, lcm_sd_dir, scen
     assert (tmp_path / "run" / "samples" / "step-0000002.png").is_file()
 
 
+def test_lcf_adapter_trains_a_style_adapter_the_engine_serves_per_request(tmp_path, lcm_sd_dir, scenes):
+    """--lcf-adapter: LCF trains a LoRA on the LCM (its weights stay) and saves the adapter file that
+    --adapter loads; a row with it differs from the plain row, which is unchanged."""
+    from lcmserve.engine import LCMSampler, Row
+    from lcmserve.engine.adapters import AdapterSet
+
+    cfg = small(tmp_path, mode="lcf", teacher=str(lcm_sd_dir), data=str(scenes), lr=1e-2, lcf_adapter=True,
+                lora_rank=4, lora_alpha=4, lora_targets=["to_q", "to_v", "conv1"])
+    distill(cfg)
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (tmp_path / "run" / "model_index.json").exists()
+    model = load_model(str(lcm_sd_dir), device="cpu", dtype="float32")
+    adapters = AdapterSet(model)
+    style = adapters.load("style", str(tmp_path / "run"))
+    assert style.describe()["ranks"] == [4] and style.describe()["modules"] > 0
+    sampler = LCMSampler(model, adapters=adapters)
+    plain, styled = sampler.run_rows([Row("a cat", 1, 8.0), Row("a cat", 1, 8.0, adapters={"style": 1.0})], 2, 64,
+                                     64).images
+    assert (plain - styled).abs().max() > 1e-3
+    with pytest.raises(InvalidInputError, match="lcf_adapter: only mode lcf"):
+        small(tmp_path, mode="lcd", teacher=str(lcm_sd_dir), lcf_adapter=True)
+
+
 def test_sdxl_teacher_distils_into_an_sdxl_lcm(tmp_path, base_sdxl_dir):
     result = distill(small(tmp_path, teacher=str(base_sdxl_dir), steps=1, solver="dpmsolver"))
     assert len(result.losses) == 1 and result.losses[0] > 0
