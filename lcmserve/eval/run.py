@@ -26,6 +26,7 @@ from lcmserve.errors import InvalidInputError
 from lcmserve.eval.judge import ShapesJudge
 from lcmserve.eval.metrics import clip_score, frechet_distance, spec_accuracy
 from lcmserve.eval.sampling import SAMPLERS, sample
+from lcmserve.eval.style import reads_outlined
 from lcmserve.models.model import DEFAULT_GUIDANCE
 from lcmserve.models.registry import bundled_names, resolve_bundled
 from lcmserve.shapes.data import to_tensor
@@ -45,6 +46,7 @@ class EvalConfig:
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     guidance: float | None = None  # None: 8, or 1 with a LoRA (an LCM-LoRA's default: no guidance)
     lora: str | None = None  # an LCM-LoRA fused into ``model`` (a base model) for the lcm sampler
+    adapter: str | None = None  # a LoRA every row names per request (a style adapter), lcm sampler
     num_images: int = 1000  # per suite (the wild suite has 400)
     suites: list[str] = field(default_factory=lambda: ["heldout"])
     seed: int = 1000  # prompts are scenes seed..; image i uses seed + i
@@ -65,8 +67,9 @@ class EvalConfig:
             raise InvalidInputError.out_of_range("steps", self.steps, "a list of integers in [1, 1000]")
         if "lcm" in self.samplers and max(self.steps) > 8:
             raise InvalidInputError.out_of_range("steps", self.steps, "at most 8 for the lcm sampler")
-        if self.lora is not None and self.samplers != ["lcm"]:
-            raise InvalidInputError.out_of_range("sampler", ",".join(self.samplers), "lcm alone with a LoRA")
+        if (self.lora is not None or self.adapter is not None) and self.samplers != ["lcm"]:
+            raise InvalidInputError.out_of_range("sampler", ",".join(self.samplers),
+                                                 "lcm alone with a LoRA or an adapter")
         if self.guidance is None:
             self.guidance = DEFAULT_GUIDANCE["cfg"] if self.lora is not None else 8.0
         if not (math.isfinite(self.guidance) and 0 <= self.guidance <= 50):
@@ -97,7 +100,9 @@ def score(judge, images: torch.Tensor, prompts: list[Prompt], reference_features
     feats = judge.image_features(images).numpy()
     row = {"fid": frechet_distance(feats, reference_features)}
     row["clip_score"] = clip_score(judge.image_embeds(images), judge.text_embeds([p.text for p in prompts]))
-    row.update(spec_accuracy(judge.read(images), [p.spec for p in prompts]))
+    reads = judge.read(images)
+    row.update(spec_accuracy(reads, [p.spec for p in prompts]))
+    row["outlined"] = sum(reads_outlined(images, [bg for bg, _ in reads])) / len(prompts)
     return row
 
 
@@ -154,7 +159,7 @@ def _eval_suite(cfg: EvalConfig, model: str, device, judge, suite: str, prompts:
         for steps in cfg.steps:
             started = time.perf_counter()
             images = sample(model, sampler, steps, cfg.guidance, captions, seeds, cfg.batch_size, bar.update,
-                            device=device, lora=cfg.lora)
+                            device=device, lora=cfg.lora, adapter=cfg.adapter)
             elapsed = time.perf_counter() - started
             rows.append({"suite": suite, "sampler": sampler, "steps": steps, "num_images": n,
                          **score(judge, images, prompts, ref_feats), "s_per_image": elapsed / n})
@@ -186,21 +191,22 @@ def _cell(value) -> str:
 def markdown_table(result: dict) -> str:
     cfg = result["config"]
     lora = f" + LoRA `{cfg['lora']}`" if cfg.get("lora") else ""
+    lora += f" + adapter `{cfg['adapter']}` on every row" if cfg.get("adapter") else ""
     lines = [
         f"Model `{cfg['model']}`{lora}, guidance {cfg['guidance']}, suites {', '.join(cfg['suites'])}, "
         f"{result['date']}, sampled on {result['machine'].get('device', result['machine']['processor'])}, "
         f"torch {result['versions']['torch']}. Accuracy counts only what each prompt states ('-': no prompt "
-        "states it).",
+        "states it). Outlined: the share of images drawn in the outline style (eval/style.py).",
         "",
         "| suite | N | sampler | steps | FID | CLIP score | accuracy | count | shape | colour | size | layout | "
-        "background | s/image |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "background | outlined | s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         parts = " | ".join(_cell(r.get(k)) for k in ("count", "shape", "colour", "size", "layout", "background"))
         lines.append(f"| {r.get('suite', '-')} | {r.get('num_images', cfg['num_images'])} | {r['sampler']} | "
                      f"{r['steps'] or '-'} | {r['fid']:.1f} | {r['clip_score']:.2f} | {r['accuracy']:.3f} | {parts} | "
-                     f"{r['s_per_image']:.3f} |")
+                     f"{_cell(r.get('outlined'))} | {r['s_per_image']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,26 +34,33 @@ def teacher_pipeline(model: str, sampler: str):
 
 def sample(model: str, sampler: str, steps: int, guidance: float, captions: Sequence[str], seeds: Sequence[int],
            batch_size: int = 64, on_batch: Callable[[int], None] | None = None,
-           device: torch.device | str = "cpu", lora: str | None = None) -> torch.Tensor:
+           device: torch.device | str = "cpu", lora: str | None = None, adapter: str | None = None) -> torch.Tensor:
     """float32 [N, 3, H, W] images in [0, 1] on the CPU, one per (caption, seed).
 
     Noise is drawn on the CPU from each row's seed on any ``device``, so a GPU run samples the
-    same starting points as a CPU run. ``lora``: an LCM-LoRA fused into ``model`` (lcm only).
+    same starting points as a CPU run. ``lora``: an LCM-LoRA fused into ``model``; ``adapter``: a LoRA
+    held beside it and named by every row at scale 1, as a server's per-request adapter (lcm only).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-    if lora is not None and sampler != "lcm":
-        raise ValueError(f"lora: only with the lcm sampler; got {sampler!r}")
+    if (lora is not None or adapter is not None) and sampler != "lcm":
+        raise ValueError(f"lora, adapter: only with the lcm sampler; got {sampler!r}")
     images = []
     if sampler == "lcm":
         from lcmserve.engine import LCMSampler, Row
+        from lcmserve.engine.adapters import AdapterSet
         from lcmserve.models import load_model
 
-        engine = LCMSampler(load_model(model, lora=lora, device=str(device), dtype="float32"),
-                            max_batch_size=batch_size)
+        loaded = load_model(model, lora=lora, device=str(device), dtype="float32")
+        adapters = AdapterSet(loaded)
+        if adapter is not None:
+            adapters.load("eval", adapter)
+        engine = LCMSampler(loaded, max_batch_size=batch_size, adapters=adapters)
         size = engine.model.native_size
+        named = {"eval": 1.0} if adapter is not None else None
         for i in range(0, len(captions), batch_size):
-            rows = [Row(c, s, guidance) for c, s in zip(captions[i : i + batch_size], seeds[i : i + batch_size])]
+            rows = [Row(c, s, guidance, adapters=named)
+                    for c, s in zip(captions[i : i + batch_size], seeds[i : i + batch_size])]
             images.append(engine.run_rows(rows, steps, size, size).images.float().cpu())
             if on_batch:
                 on_batch(len(rows))
