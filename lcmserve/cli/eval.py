@@ -19,7 +19,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=args.model, samplers=names(args.sampler), steps=args.steps,
         guidance=args.guidance, num_images=args.num_images, suites=names(args.suite), seed=args.seed,
         batch_size=args.batch_size, out=args.output, clip_dir=args.clip, classifier=args.classifier,
-        device=args.device, lora=args.lora, adapter=args.adapter,
+        device=args.device, lora=args.lora, adapter=args.adapter, style=args.style,
     )
     result = run_eval(cfg)
     print((Path(cfg.out) / "eval.md").read_text())
@@ -45,7 +45,9 @@ def _add_eval(sub) -> None:
     ev.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma list of step counts")
     ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default 8; 1 with --lora)")
     ev.add_argument("--adapter", default=None, help="a LoRA every prompt names per request, unfused, at scale 1 "
-                    "(a style adapter such as shapes-outline; the outlined column reads the style)")
+                    "(a style adapter; the shifted column reads the shifted palette)")
+    ev.add_argument("--style", default="plain", help="plain or shifted: the style the images should be in "
+                    "(accuracy is scored against what that style draws of each prompt)")
     ev.add_argument("--lora", default=None, help="an LCM-LoRA fused into the model (a base model, e.g. "
                     "shapes-teacher + shapes-lcm-lora) for the lcm sampler")
     ev.add_argument("--num-images", type=int, default=1000, help="prompts per suite (default 1000; wild has 400)")

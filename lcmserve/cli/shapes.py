@@ -248,6 +248,7 @@ def _add_render(ssub) -> None:
     rd.add_argument("--captions", choices=("template", "language"), default="template",
                     help="the full template captions, or captions of the caption language with what each states")
     rd.add_argument("--style", choices=STYLES, default="plain",
-                    help="plain fills, or fills with an outline (the style adapter's training data)")
+                    help="as stated, or in the shifted palette (each colour one hue step on: the style adapter's "
+                    "training data)")
     rd.add_argument("-o", "--output", default="out/shapes")
     rd.set_defaults(func=cmd_shapes_render)

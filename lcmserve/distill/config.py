@@ -48,9 +48,9 @@ class DistillConfig:
     teacher: str = _f("", "diffusers folder of the teacher (lcd, lora) or of the LCM to fine-tune (lcf)",
                       required=True)
     out: str = _f("", "run folder: checkpoints/, samples/, the config, and the final model", required=True)
-    data: str = _f("shapes", "a registered generator (shapes: the scene generator; shapes-outline: the same scenes "
-                   "drawn outlined), an image+caption folder, or webdataset tar shards (a .tar file, a folder of "
-                   "them, a glob, or a comma list)")
+    data: str = _f("shapes", "a registered generator (shapes: the scene generator; shapes-shifted: the same scenes "
+                   "in the shifted palette), an image+caption folder, or webdataset tar shards (a .tar file, a "
+                   "folder of them, a glob, or a comma list)")
     resolution: int = _f(0, "training resolution in pixels (0: the teacher's native size)")
     steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(8, "images per process and step (the global batch is batch_size x processes)")

@@ -26,12 +26,12 @@ from lcmserve.errors import InvalidInputError
 from lcmserve.eval.judge import ShapesJudge
 from lcmserve.eval.metrics import clip_score, frechet_distance, spec_accuracy
 from lcmserve.eval.sampling import SAMPLERS, sample
-from lcmserve.eval.style import reads_outlined
+from lcmserve.eval.style import style_share, styled_spec
 from lcmserve.models.model import DEFAULT_GUIDANCE
 from lcmserve.models.registry import bundled_names, resolve_bundled
 from lcmserve.shapes.data import to_tensor
 from lcmserve.eval.suites import SUITES, Prompt, suite_prompts, suite_split
-from lcmserve.shapes.scenes import render, scene_for_index
+from lcmserve.shapes.scenes import STYLES, render, scene_for_index, styled
 from lcmserve.shapes.train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class EvalConfig:
     guidance: float | None = None  # None: 8, or 1 with a LoRA (an LCM-LoRA's default: no guidance)
     lora: str | None = None  # an LCM-LoRA fused into ``model`` (a base model) for the lcm sampler
     adapter: str | None = None  # a LoRA every row names per request (a style adapter), lcm sampler
+    style: str = "plain"  # the style the images should be in: accuracy is scored against what it draws
     num_images: int = 1000  # per suite (the wild suite has 400)
     suites: list[str] = field(default_factory=lambda: ["heldout"])
     seed: int = 1000  # prompts are scenes seed..; image i uses seed + i
@@ -79,6 +80,8 @@ class EvalConfig:
         bad = [s for s in self.suites if s not in SUITES]
         if bad or not self.suites:
             raise InvalidInputError.out_of_range("suite", ",".join(self.suites), "a list of " + ", ".join(SUITES))
+        if self.style not in STYLES:
+            raise InvalidInputError.out_of_range("style", self.style, "one of " + ", ".join(STYLES))
         if self.batch_size < 1:
             raise InvalidInputError.out_of_range("batch_size", self.batch_size, "an integer >= 1")
 
@@ -92,17 +95,19 @@ def resolve_model(spec: str) -> str:
     return folder
 
 
-def real_images(scenes) -> torch.Tensor:
-    return to_tensor([render(s) for s in scenes])
+def real_images(scenes, style: str = "plain") -> torch.Tensor:
+    return to_tensor([render(s, style=style) for s in scenes])
 
 
-def score(judge, images: torch.Tensor, prompts: list[Prompt], reference_features) -> dict[str, float]:
+def score(judge, images: torch.Tensor, prompts: list[Prompt], reference_features, style: str = "plain") -> dict:
+    """FID, CLIP score, accuracy against what ``style`` draws of each prompt, and the share read in the shifted
+    palette (of the images whose prompt states a colour)."""
     feats = judge.image_features(images).numpy()
     row = {"fid": frechet_distance(feats, reference_features)}
     row["clip_score"] = clip_score(judge.image_embeds(images), judge.text_embeds([p.text for p in prompts]))
     reads = judge.read(images)
-    row.update(spec_accuracy(reads, [p.spec for p in prompts]))
-    row["outlined"] = sum(reads_outlined(images, [bg for bg, _ in reads])) / len(prompts)
+    row.update(spec_accuracy(reads, [styled_spec(p.spec, style) for p in prompts]))
+    row["shifted"] = style_share(reads, [p.spec for p in prompts], "shifted")
     return row
 
 
@@ -148,11 +153,11 @@ def _eval_suite(cfg: EvalConfig, model: str, device, judge, suite: str, prompts:
     """The real-render floor and one row per (sampler, steps) for one suite's prompts."""
     n = len(prompts)
     # The reference set: renders of other scenes of the suite's split (disjoint from the prompts).
-    reference = real_images([scene_for_index(i, suite_split(suite), cfg.seed + 1) for i in range(n)])
+    reference = real_images([scene_for_index(i, suite_split(suite), cfg.seed + 1) for i in range(n)], cfg.style)
     ref_feats = judge.image_features(reference).numpy()
-    real = real_images([p.scene for p in prompts])
+    real = real_images([p.scene for p in prompts], cfg.style)
     rows = [{"suite": suite, "sampler": "real renders", "steps": 0, "num_images": n,
-             **score(judge, real, prompts, ref_feats), "s_per_image": 0.0}]
+             **score(judge, real, prompts, ref_feats, cfg.style), "s_per_image": 0.0}]
     save_grid(real[: cfg.grid_images], out / f"grid-{suite}-real.png")
     captions, seeds = [p.text for p in prompts], [cfg.seed + i for i in range(n)]
     for sampler in cfg.samplers:
@@ -162,7 +167,7 @@ def _eval_suite(cfg: EvalConfig, model: str, device, judge, suite: str, prompts:
                             device=device, lora=cfg.lora, adapter=cfg.adapter)
             elapsed = time.perf_counter() - started
             rows.append({"suite": suite, "sampler": sampler, "steps": steps, "num_images": n,
-                         **score(judge, images, prompts, ref_feats), "s_per_image": elapsed / n})
+                         **score(judge, images, prompts, ref_feats, cfg.style), "s_per_image": elapsed / n})
             save_grid(images[: cfg.grid_images], out / f"grid-{suite}-{sampler}-{steps}.png")
             logger.info("%s", rows[-1])
     return rows
@@ -192,21 +197,23 @@ def markdown_table(result: dict) -> str:
     cfg = result["config"]
     lora = f" + LoRA `{cfg['lora']}`" if cfg.get("lora") else ""
     lora += f" + adapter `{cfg['adapter']}` on every row" if cfg.get("adapter") else ""
+    lora += f", scored against the {cfg['style']} style" if cfg.get("style", "plain") != "plain" else ""
     lines = [
         f"Model `{cfg['model']}`{lora}, guidance {cfg['guidance']}, suites {', '.join(cfg['suites'])}, "
         f"{result['date']}, sampled on {result['machine'].get('device', result['machine']['processor'])}, "
         f"torch {result['versions']['torch']}. Accuracy counts only what each prompt states ('-': no prompt "
-        "states it). Outlined: the share of images drawn in the outline style (eval/style.py).",
+        "states it). Shifted: of the images whose prompt states a colour, the share drawn in the shifted palette "
+        "(eval/style.py).",
         "",
         "| suite | N | sampler | steps | FID | CLIP score | accuracy | count | shape | colour | size | layout | "
-        "background | outlined | s/image |",
+        "background | shifted | s/image |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         parts = " | ".join(_cell(r.get(k)) for k in ("count", "shape", "colour", "size", "layout", "background"))
         lines.append(f"| {r.get('suite', '-')} | {r.get('num_images', cfg['num_images'])} | {r['sampler']} | "
                      f"{r['steps'] or '-'} | {r['fid']:.1f} | {r['clip_score']:.2f} | {r['accuracy']:.3f} | {parts} | "
-                     f"{_cell(r.get('outlined'))} | {r['s_per_image']:.3f} |")
+                     f"{_cell(r.get('shifted'))} | {r['s_per_image']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,29 +1,31 @@
-"""Reading the drawing style of shapes images: plain fills, or fills with an outline (shapes/scenes.py STYLES).
+"""Reading the style an image was drawn in (shapes/scenes.py STYLES) from what the judge reads.
 
-An outlined scene has a stroke of ``outline_colour(background)`` (white on black, black elsewhere) around every
-object; no fill colour and no background is near it. So the style is read from the share of the image's pixels
-within ``TOLERANCE`` of the outline colour of the background the judge reads: at least ``MIN_SHARE`` is outline.
+A style changes the scene drawn (the shifted palette draws each colour one hue step on), so an image is in a
+style when the judge reads it as that style's version of what its prompt states: ``styled_spec``. Only prompts
+that state a colour show the palette; the others say nothing about it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from lcmserve.shapes.scenes import outline_colour
-
-TOLERANCE = 60 / 255  # per channel
-# A small object's stroke is about 2% of a 64x64 image; plain renders have none (tests/eval/test_style.py).
-MIN_SHARE = 0.006
+from lcmserve.shapes.language import ObjectSpec, Spec
+from lcmserve.shapes.scenes import SHIFTED, STYLES
 
 
-def outline_share(images: torch.Tensor, backgrounds: Sequence[str]) -> torch.Tensor:
-    """Per image [B, 3, H, W] in [0, 1]: the share of pixels in the outline colour of its background."""
-    target = torch.tensor([outline_colour(bg) for bg in backgrounds], dtype=images.dtype) / 255
-    near = (images - target[:, :, None, None]).abs().amax(dim=1) <= TOLERANCE
-    return near.flatten(1).float().mean(dim=1)
+def styled_spec(spec: Spec, style: str) -> Spec:
+    """What a prompt's spec asks for when drawn in ``style``."""
+    if style not in STYLES:
+        raise ValueError(f"style: {style!r} is not one of {', '.join(STYLES)}")
+    if style == "plain":
+        return spec
+    return Spec(tuple(ObjectSpec(o.shape, SHIFTED.get(o.colour) if o.colour else None, o.size, o.cell)
+                      for o in spec.objects), spec.background)
 
 
-def reads_outlined(images: torch.Tensor, backgrounds: Sequence[str]) -> list[bool]:
-    return [bool(share >= MIN_SHARE) for share in outline_share(images, backgrounds)]
+def style_share(reads: Sequence[tuple], specs: Sequence[Spec], style: str) -> float | None:
+    """Of the images whose prompt states a colour, the share whose colours read as ``style`` draws them (None: no
+    prompt states a colour)."""
+    verdicts = [styled_spec(spec, style).judge(read)["colour"] for read, spec in zip(reads, specs)]
+    shown = [v for v in verdicts if v is not None]
+    return sum(shown) / len(shown) if shown else None

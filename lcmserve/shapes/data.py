@@ -89,5 +89,5 @@ class ShapesSetSource(MapSource):
 
 def open_distill_source(seed: int, num_samples: int, style: str = "plain") -> ShapesStream | ShapesSetSource:
     """``--data shapes``: a fixed set of ``num_samples`` scenes, or the endless stream when it is 0;
-    ``--data shapes-outline``: the same scenes and captions drawn outlined (the style adapter's data)."""
+    ``--data shapes-shifted``: the same scenes and captions drawn in the shifted palette (the style adapter's data)."""
     return ShapesSetSource(seed, num_samples, style) if num_samples else ShapesStream(style)

@@ -67,4 +67,4 @@ def register() -> None:
     for name in (bundle.LCM, bundle.TEACHER):  # the teacher (with its LCM-LoRA) learnt the same captions
         register_prompt_guide(name, PROMPT_GUIDE)
     register_data_source("shapes", open_distill_source)
-    register_data_source("shapes-outline", partial(open_distill_source, style="outline"))
+    register_data_source("shapes-shifted", partial(open_distill_source, style="shifted"))

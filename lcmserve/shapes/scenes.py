@@ -33,15 +33,14 @@ BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (120, 12
 SIZES = {"small": 0.5, "large": 0.88}  # side of the shape's box, as a fraction of a cell
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 SPLITS = ("train", "heldout")
-# How shapes are drawn: plain fills (every model but the style adapter's), or fills with a contrasting outline
-# (the bundled style adapter learns it; eval/style.py reads it back).
-STYLES = ("plain", "outline")
-OUTLINE_WIDTH = 2  # pixels at IMAGE_SIZE
+# How scenes are drawn: as stated (plain), or with the palette shifted one hue step (shifted: red is drawn
+# orange, orange yellow, ..., purple red), the style the bundled style adapter learns. A style is a change of
+# the scene drawn, not of the drawing: the VAE, which has only seen plain renders, reproduces it, and the judge
+# reads it (eval/style.py).
+STYLES = ("plain", "shifted")
+SHIFTED = {"red": "orange", "orange": "yellow", "yellow": "green", "green": "blue", "blue": "purple",
+           "purple": "red"}
 
-
-def outline_colour(background: str) -> tuple[int, int, int]:
-    """White on the black background, black on the others: the outline stands apart from every fill."""
-    return (255, 255, 255) if background == "black" else (0, 0, 0)
 
 _SHAPE_WORDS = {"circle": ("circle", "disk"), "square": ("square",), "triangle": ("triangle",),
                 "diamond": ("diamond", "rhombus")}
@@ -163,10 +162,18 @@ def _shape_points(shape: str, cx: float, cy: float, half: float) -> list[tuple[f
     raise ValueError(shape)
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE, style: str = "plain") -> Image.Image:
-    """Draw the scene as an RGB image of ``size`` x ``size`` pixels, in one of ``STYLES``."""
+def styled(scene: Scene, style: str) -> Scene:
+    """The scene as ``style`` draws it."""
     if style not in STYLES:
         raise ValueError(f"style: {style!r} is not one of {', '.join(STYLES)}")
+    if style == "plain":
+        return scene
+    return Scene(scene.background, tuple(ShapeObject(o.shape, SHIFTED[o.colour], o.size, o.cell)
+                                         for o in scene.objects))
+
+def render(scene: Scene, size: int = IMAGE_SIZE, style: str = "plain") -> Image.Image:
+    """Draw the scene as an RGB image of ``size`` x ``size`` pixels, in one of ``STYLES``."""
+    scene = styled(scene, style)
     big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
@@ -176,12 +183,10 @@ def render(scene: Scene, size: int = IMAGE_SIZE, style: str = "plain") -> Image.
         cx, cy = (index % 3 + 0.5) * cell, (index // 3 + 0.5) * cell
         half = SIZES[obj.size] * cell / 2
         colour = COLOURS[obj.colour]
-        stroke = {"outline": outline_colour(scene.background),
-                  "width": OUTLINE_WIDTH * big // IMAGE_SIZE} if style == "outline" else {}
         if obj.shape == "circle":
-            draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=colour, **stroke)
+            draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=colour)
         else:
-            draw.polygon(_shape_points(obj.shape, cx, cy, half), fill=colour, **stroke)
+            draw.polygon(_shape_points(obj.shape, cx, cy, half), fill=colour)
     return image.resize((size, size), Image.Resampling.BOX)
 
 

@@ -146,19 +146,20 @@ def test_eval_samples_a_base_model_with_an_lcm_lora(tmp_path):
     assert "+ LoRA `shapes-lcm-lora`, guidance 1.0" in (tmp_path / "ev" / "eval.md").read_text()
 
 
-def test_eval_names_an_adapter_on_every_row_and_reads_the_style(tmp_path):
+def test_eval_names_an_adapter_on_every_row_and_scores_a_style(tmp_path):
     from lcmserve.engine.bench_adapters import make_adapter
     from lcmserve.eval.run import EvalConfig, run_eval
     from lcmserve.eval.sampling import sample
     from lcmserve.models import load_model
 
     adapter = make_adapter(load_model("shapes-lcm", device="cpu", dtype="float32").unet, tmp_path / "style", 4, 7)
-    result = run_eval(EvalConfig(model="shapes-lcm", adapter=str(adapter), steps=[2], num_images=4, batch_size=4,
-                                 out=str(tmp_path / "ev"), device="cpu"))
+    result = run_eval(EvalConfig(model="shapes-lcm", adapter=str(adapter), style="shifted", steps=[2], num_images=6,
+                                 batch_size=6, out=str(tmp_path / "ev"), device="cpu"))
     assert [r["sampler"] for r in result["rows"]] == ["real renders", "lcm"]
-    assert all(0 <= r["outlined"] <= 1 for r in result["rows"]) and result["rows"][0]["outlined"] == 0
+    real = result["rows"][0]  # renders in the style: all read as it, and right against what it draws
+    assert real["shifted"] == 1.0 and real["accuracy"] == 1.0
     text = (tmp_path / "ev" / "eval.md").read_text()
-    assert f"+ adapter `{adapter}` on every row" in text and "| outlined |" in text
+    assert f"+ adapter `{adapter}` on every row, scored against the shifted style" in text and "| shifted |" in text
     plain = sample("shapes-lcm", "lcm", 2, 8.0, ["a red circle"], [3])
     styled = sample("shapes-lcm", "lcm", 2, 8.0, ["a red circle"], [3], adapter=str(adapter))
     assert (plain - styled).abs().max() > 1e-3
