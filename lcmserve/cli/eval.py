@@ -38,6 +38,7 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
 def _add_eval(sub) -> None:
     from lcmserve.eval.sampling import SAMPLERS
     from lcmserve.eval.suites import SUITES
+    from lcmserve.shapes.scenes import STYLES
 
     ev = sub.add_parser("eval", help="FID, CLIP score and accuracy on what shapes prompts state, per prompt suite")
     ev.add_argument("model", help="shapes-teacher, shapes-lcm, or a diffusers folder of the shapes domain")
@@ -46,7 +47,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default 8; 1 with --lora)")
     ev.add_argument("--adapter", default=None, help="a LoRA every prompt names per request, unfused, at scale 1 "
                     "(a style adapter; the shifted column reads the shifted palette)")
-    ev.add_argument("--style", default="plain", help="plain or shifted: the style the images should be in "
+    ev.add_argument("--style", choices=STYLES, default="plain", help="the style the images should be in "
                     "(accuracy is scored against what that style draws of each prompt)")
     ev.add_argument("--lora", default=None, help="an LCM-LoRA fused into the model (a base model, e.g. "
                     "shapes-teacher + shapes-lcm-lora) for the lcm sampler")

@@ -31,7 +31,7 @@ from lcmserve.models.model import DEFAULT_GUIDANCE
 from lcmserve.models.registry import bundled_names, resolve_bundled
 from lcmserve.shapes.data import to_tensor
 from lcmserve.eval.suites import SUITES, Prompt, suite_prompts, suite_split
-from lcmserve.shapes.scenes import STYLES, render, scene_for_index, styled
+from lcmserve.shapes.scenes import STYLES, render, scene_for_index
 from lcmserve.shapes.train import resolve_device
 
 logger = logging.getLogger(__name__)

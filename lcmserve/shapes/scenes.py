@@ -171,6 +171,7 @@ def styled(scene: Scene, style: str) -> Scene:
     return Scene(scene.background, tuple(ShapeObject(o.shape, SHIFTED[o.colour], o.size, o.cell)
                                          for o in scene.objects))
 
+
 def render(scene: Scene, size: int = IMAGE_SIZE, style: str = "plain") -> Image.Image:
     """Draw the scene as an RGB image of ``size`` x ``size`` pixels, in one of ``STYLES``."""
     scene = styled(scene, style)
