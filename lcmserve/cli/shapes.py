@@ -123,18 +123,20 @@ def cmd_shapes_render(args: argparse.Namespace) -> int:
 def cmd_shapes_bundle(args: argparse.Namespace) -> int:
     from lcmserve.shapes.bundle import LORA_FILE, bundle
 
-    for flag in ("clip", "vae", "teacher", "classifier", "lcm", "lora"):
+    for flag in ("clip", "vae", "teacher", "classifier", "lcm", "lora", "shifted"):
         value = getattr(args, flag)
         if value is not None and value != "shipped" and not Path(value).exists():
-            hint = "" if flag in ("lcm", "lora") else " (or give `shipped`)"
+            hint = "" if flag in ("lcm", "lora", "shifted") else " (or give `shipped`)"
             raise InvalidInputError(f"{flag}: run folder {value!r} does not exist{hint}", param=flag)
     if args.lcm is not None and not (Path(args.lcm) / "unet").is_dir():
         raise InvalidInputError(f"lcm: {args.lcm!r} is not a distillation output folder (no unet/)", param="lcm")
-    if args.lora is not None and not (Path(args.lora) / LORA_FILE).is_file():
-        raise InvalidInputError(f"lora: {args.lora!r} is not a `distill lora` output folder (no {LORA_FILE})",
-                                param="lora")
+    for flag, command in (("lora", "distill lora"), ("shifted", "distill lcf --lcf-adapter")):
+        value = getattr(args, flag)
+        if value is not None and not (Path(value) / LORA_FILE).is_file():
+            raise InvalidInputError(f"{flag}: {value!r} is not a `{command}` output folder (no {LORA_FILE})",
+                                    param=flag)
     out = bundle(args.clip, args.vae, args.teacher, args.classifier, args.output, lcm_run=args.lcm,
-                 lora_run=args.lora)
+                 lora_run=args.lora, shifted_run=args.shifted)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     print(f"bundled the shapes models in {out} ({size / 2**20:.1f} MiB)")
     return 0
@@ -219,6 +221,9 @@ def _add_bundle(ssub) -> None:
     bd.add_argument("--lcm", default=None, help="also ship this distilled LCM (a `lcmserve distill lcd` output folder)")
     bd.add_argument("--lora", default=None,
                     help="also ship this LCM-LoRA of the teacher (a `lcmserve distill lora` output folder)")
+    bd.add_argument("--shifted", default=None,
+                    help="also ship this style adapter of the LCM, served as `shifted` (a `lcmserve distill lcf "
+                         "--lcf-adapter --data shapes-shifted` output folder)")
     bd.add_argument("-o", "--output", default=None, help="destination (default: the package's weights folder)")
     bd.set_defaults(func=cmd_shapes_bundle)
 

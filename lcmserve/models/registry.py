@@ -29,6 +29,7 @@ KINDS = ("model", "lora")
 _bundled: dict[str, dict[str, Callable[[str], Path]]] = {kind: {} for kind in KINDS}
 _data_sources: dict[str, Callable[[int, int], Any]] = {}
 _prompt_guides: dict[str, PromptGuide] = {}
+_served_adapters: dict[str, dict[str, str]] = {}
 _plugins_loaded = False
 
 
@@ -38,6 +39,18 @@ def register_bundled(name: str, locate: Callable[[str], Path], kind: str = "mode
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
     _bundled[kind][name] = locate
+
+
+def register_served_adapter(model: str, name: str, lora: str) -> None:
+    """Serve the bundled LoRA ``lora`` as the per-request adapter ``name`` wherever the bundled model ``model`` is
+    served (``lcmserve serve --no-bundled-adapters`` leaves it out)."""
+    _served_adapters.setdefault(model, {})[name] = lora
+
+
+def served_adapters(model: str) -> dict[str, str]:
+    """Adapter name -> bundled LoRA name of the adapters served beside ``model`` (none for other models)."""
+    load_plugins()
+    return dict(_served_adapters.get(model, {}))
 
 
 def register_data_source(name: str, open_source: Callable[[int, int], Any]) -> None:

@@ -2,8 +2,8 @@
 
     1. bind config.host:port and check grpc_port before the model loads: a port in use is one line
        that names the flag to change, not a traceback after a long load
-    2. load the model and the adapters given with --adapter, build the sampler, the engine client
-       (metrics hooks) and the REST app
+    2. load the model, the adapters given with --adapter and those bundled with the model, build the sampler,
+       the engine client (metrics hooks) and the REST app
     3. serve uvicorn on the bound sockets and, unless grpc_port is 0, gRPC on config.host:grpc_port
     4. warm up in the background; /readyz turns 200 when done
     5. on SIGTERM/SIGINT: /readyz and new generation requests answer 503, queued and running
@@ -28,7 +28,9 @@ from lcmserve.engine import backends
 from lcmserve.engine.adapters import AdapterSet
 from lcmserve.engine.request import MAX_STEPS, MIN_STEPS, Limits
 from lcmserve.engine.sampler import LCMSampler
+from lcmserve.errors import LCMServeError
 from lcmserve.models import load_model, load_preview_decoder
+from lcmserve.models.registry import served_adapters
 from lcmserve.server.client import EngineClient
 from lcmserve.server.config import ServerConfig, adapter_paths, port_error
 from lcmserve.server.errors import RequestTimeoutError, error_body
@@ -88,9 +90,17 @@ def build_client(config: ServerConfig, metrics: ServerMetrics) -> EngineClient:
     if config.model.startswith("preset:"):
         logger.warning("model %s has random weights: its images are noise (use it to measure speed)", config.model)
     limits = Limits.for_native_size(model.native_size, max_images=config.max_images)
-    adapters = AdapterSet(model)  # empty unless --adapter: POST /v1/adapters may add some at run time
+    adapters = AdapterSet(model)  # POST /v1/adapters may add more at run time
     for name, path in adapter_paths(config.adapters).items():
         adapters.load(name, path)
+    if config.bundled_adapters:
+        for name, lora in served_adapters(config.model).items():
+            if name in adapters.names():
+                continue
+            try:
+                adapters.load(name, lora)
+            except LCMServeError as exc:  # an installation without the file still serves its model
+                logger.warning("bundled adapter %s not loaded: %s", name, exc)
     sampler = LCMSampler(model, limits=limits, max_batch_size=config.max_batch_size, adapters=adapters)
     if backend != "torch" or attention != "sdpa":
         sizes = tuple(sorted({min(2**i, config.max_batch_size) for i in range(11)}))

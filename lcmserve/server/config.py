@@ -49,6 +49,9 @@ class ServerConfig:
         "LoRA adapters held unfused beside the model, which a request chooses by name (its adapters field); "
         "NAME=PATH, PATH a LoRA .safetensors file or its folder (as --lora takes); repeat --adapter, or give a "
         "comma list; more can be loaded at run time (POST /v1/adapters)", alias="--adapter"))
+    bundled_adapters: bool = field(default=True, metadata=_doc(
+        "also hold the adapters bundled with a bundled model (shapes-lcm: shifted, a palette style); an --adapter "
+        "of the same name takes its place"))
     unet: str | None = field(default=None, metadata=_doc("an LCM UNet folder that replaces the pipeline's UNet"))
     vae: str | None = field(default=None, metadata=_doc(
         "a VAE that replaces the pipeline's: folder or Hub id of an AutoencoderKL or AutoencoderTiny (TAESD, a much "
@@ -211,7 +214,7 @@ def adapter_paths(entries: tuple[str, ...]) -> dict[str, str]:
         name, path = name.strip(), path.strip()
         if not equals or not NAME_PATTERN.fullmatch(name) or not path:
             raise InvalidInputError.out_of_range(
-                "adapters", entry, "NAME=PATH, NAME of 1-64 letters, digits, '_', '.' or '-' (e.g. outline=./lora)")
+                "adapters", entry, "NAME=PATH, NAME of 1-64 letters, digits, '_', '.' or '-' (e.g. sketch=./lora)")
         if name in paths:
             raise InvalidInputError.out_of_range("adapters", entry, f"a name not given before ({name!r} is)")
         paths[name] = path

@@ -51,7 +51,7 @@ def _adapters_field():
     return Field(None, max_length=MAX_ADAPTERS, description=(
         f"LoRA adapters loaded beside the model (GET /v1/adapters), name -> scale in [{-MAX_ADAPTER_SCALE:g}, "
         f"{MAX_ADAPTER_SCALE:g}], at most {MAX_ADAPTERS}; rows with different adapters share a batch. An "
-        "unknown name is a 404 that lists the loaded ones. null: none"), examples=[{"outline": 1.0}])
+        "unknown name is a 404 that lists the loaded ones. null: none"), examples=[{"shifted": 1.0}])
 
 
 # 1. POST /generate --------------------------------------------------------------------------
@@ -188,7 +188,7 @@ class AdapterLoad(_Strict):
     """A LoRA to hold beside the model under a name that requests choose it by."""
 
     name: str = Field(..., description="1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
-                      examples=["outline"])
+                      examples=["sketch"])
     path: str = Field(..., description="on the server: a LoRA .safetensors file, its folder, or a bundled LoRA's "
                       "name (diffusers, peft or kohya layouts; UNet layers only)")
     scale: float = Field(1.0, ge=-MAX_ADAPTER_SCALE, le=MAX_ADAPTER_SCALE,

@@ -17,6 +17,7 @@ WEIGHTS = "weights"
 TEACHER, CLIP, CLASSIFIER = "shapes-teacher", "shapes-clip", "shapes-classifier.safetensors"
 LCM = "shapes-lcm"
 LORA = "shapes-lcm-lora"  # an LCM-LoRA of the teacher: serve with --model shapes-teacher --lora shapes-lcm-lora
+SHIFTED = "shapes-lcm-shifted"  # a style adapter of the LCM (the shifted palette): served as `shifted` beside it
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, as `lcmserve distill lora` writes it
 
 
@@ -146,11 +147,13 @@ def _bundle_recipe(init: str | None, stage: str) -> dict | None:
 
 def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, classifier_run: str | Path,
            out: str | Path | None = None, lcm_run: str | Path | None = None,
-           lora_run: str | Path | None = None) -> Path:
+           lora_run: str | Path | None = None, shifted_run: str | Path | None = None) -> Path:
     """Write the teacher, domain CLIP and classifier (float16) where the package looks for them.
 
     ``lcm_run`` (a ``distill lcd`` output folder) also writes the shipped LCM, ``shapes-lcm``;
-    ``lora_run`` (a ``distill lora`` output folder) the shipped LCM-LoRA, ``shapes-lcm-lora``.
+    ``lora_run`` (a ``distill lora`` output folder) the shipped LCM-LoRA, ``shapes-lcm-lora``;
+    ``shifted_run`` (a ``distill lcf --lcf-adapter`` output folder on the shipped LCM) the style adapter
+    ``shapes-lcm-shifted``.
     """
     from safetensors.torch import load_file, save_file
     from transformers import CLIPModel, CLIPTokenizer
@@ -176,6 +179,9 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
         if lora_run is not None:
             assemble_lora(lora_run, tmp / LORA)
             names.append(LORA)
+        if shifted_run is not None:
+            assemble_lora(shifted_run, tmp / SHIFTED)
+            names.append(SHIFTED)
         for config in [*tmp.rglob("config.json"), *tmp.rglob("model_index.json")]:  # the diffusers configs
             _drop_build_path(config)
         for name in names:
@@ -188,7 +194,7 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
     if not previous.exists():  # a new folder (-o): the shipped stages' recipes are the package's
         previous = weights_dir() / "training-configs.json"
     recorded = json.loads(previous.read_text()) if previous.exists() else {}
-    for stage, name in (("lcm", LCM), ("lora", LORA)):
+    for stage, name in (("lcm", LCM), ("lora", LORA), ("shifted", SHIFTED)):
         if not (out / name).exists():
             recorded.pop(stage, None)
     teacher_cfg = configs.get("teacher", {})
@@ -201,6 +207,8 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
         configs["lcm"] = _run_recipe(lcm_run)
     if lora_run is not None:
         configs["lora"] = _run_recipe(lora_run)
+    if shifted_run is not None:
+        configs["shifted"] = _run_recipe(shifted_run)
     configs = {**recorded, **configs}  # a stage taken from the shipped weights keeps its recorded recipe
     (out / "training-configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     return out

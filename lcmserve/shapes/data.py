@@ -11,7 +11,7 @@ import torch
 from lcmserve.distill.data import MapSource, resize_square
 from lcmserve.shapes.models import BACKGROUND_CLASSES, COLOUR_CLASSES, N_CELLS, SHAPE_CLASSES, SIZE_CLASSES
 from lcmserve.shapes.language import describe
-from lcmserve.shapes.scenes import CELLS, Scene, render, sample_scene
+from lcmserve.shapes.scenes import CELLS, Scene, caption, render, sample_scene
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -36,25 +36,32 @@ def scene_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     return {"shape": shape, "colour": colour, "size": size, "background": background}
 
 
+CAPTIONS = ("language", "template")
+
+
 def batch_for_step(seed: int, stage: str, step: int, batch_size: int, splits: tuple[str, ...] = ("train",),
-                   style: str = "plain"):
-    """Scenes, captions (of the caption language) and images of one training step; a pure function of its arguments.
-    The scenes and captions do not depend on ``style``, only the drawing does."""
+                   style: str = "plain", captions: str = "language"):
+    """Scenes, captions and images of one training step; a pure function of its arguments. ``captions``: the
+    caption language (language.describe), or the full template captions (scenes.caption) that the models before
+    it learnt. The scenes and captions do not depend on ``style``, only the drawing does."""
+    if captions not in CAPTIONS:
+        raise ValueError(f"captions: {captions!r} is not one of {', '.join(CAPTIONS)}")
     rng = random.Random(f"{seed}:{stage}:{step}")
     scenes = [sample_scene(rng, rng.choice(splits)) for _ in range(batch_size)]
-    captions = [describe(s, rng)[0] for s in scenes]
+    write = (lambda s: describe(s, rng)[0]) if captions == "language" else (lambda s: caption(s, rng))
+    captions = [write(s) for s in scenes]
     return scenes, captions, to_tensor([render(s, style=style) for s in scenes])
 
 
 class ShapesStream:
     """The endless scene generator as a distillation source: a new batch of train-split scenes every step."""
 
-    def __init__(self, style: str = "plain") -> None:
-        self.style = style
+    def __init__(self, style: str = "plain", captions: str = "language") -> None:
+        self.style, self.captions = style, captions
 
     def batch(self, seed: int, stream: str, step: int, batch_size: int,
               resolution: int) -> tuple[torch.Tensor, list[str]]:
-        _, captions, images = batch_for_step(seed, stream, step, batch_size, style=self.style)
+        _, captions, images = batch_for_step(seed, stream, step, batch_size, style=self.style, captions=self.captions)
         return resize_square(images * 2 - 1, resolution), captions
 
 
@@ -63,15 +70,15 @@ class ShapesSetSource(MapSource):
 
     chunk = 256
 
-    def __init__(self, seed: int, n: int, style: str = "plain") -> None:
-        images, captions = [], []
+    def __init__(self, seed: int, n: int, style: str = "plain", captions: str = "language") -> None:
+        images, texts = [], []
         for c in range(-(-n // self.chunk)):
-            _, caps, imgs = batch_for_step(seed, "distill-set", c, self.chunk, style=style)
+            _, caps, imgs = batch_for_step(seed, "distill-set", c, self.chunk, style=style, captions=captions)
             images.append((imgs * 255).round().to(torch.uint8))
-            captions.extend(caps)
+            texts.extend(caps)
         self.images = torch.cat(images)[:n]
-        self.captions = captions[:n]
-        self.seed, self.style = seed, style
+        self.captions = texts[:n]
+        self.seed, self.style, self.language = seed, style, captions
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -83,11 +90,15 @@ class ShapesSetSource(MapSource):
         return self.captions[i]
 
     def fingerprint(self) -> dict:
-        return {"kind": "shapes", "seed": self.seed, "n": len(self), **({"style": self.style} if self.style != "plain"
-                                                                       else {})}
+        extra = {**({"style": self.style} if self.style != "plain" else {}),
+                 **({"captions": self.language} if self.language != "language" else {})}
+        return {"kind": "shapes", "seed": self.seed, "n": len(self), **extra}
 
 
-def open_distill_source(seed: int, num_samples: int, style: str = "plain") -> ShapesStream | ShapesSetSource:
+def open_distill_source(seed: int, num_samples: int, style: str = "plain",
+                        captions: str = "language") -> ShapesStream | ShapesSetSource:
     """``--data shapes``: a fixed set of ``num_samples`` scenes, or the endless stream when it is 0;
-    ``--data shapes-shifted``: the same scenes and captions drawn in the shifted palette (the style adapter's data)."""
-    return ShapesSetSource(seed, num_samples, style) if num_samples else ShapesStream(style)
+    ``--data shapes-shifted``: the same scenes and captions drawn in the shifted palette (the style adapter's data);
+    the ``-template`` twins caption them with the full template captions, for models that learnt those."""
+    return (ShapesSetSource(seed, num_samples, style, captions) if num_samples
+            else ShapesStream(style, captions))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from lcmserve.models.registry import PromptGuide, register_bundled, register_data_source, register_prompt_guide
+from lcmserve.models.registry import (PromptGuide, register_bundled, register_data_source, register_prompt_guide,
+                                     register_served_adapter)
 from lcmserve.shapes import bundle
 from lcmserve.shapes.data import open_distill_source
 from lcmserve.shapes.language import ObjectSpec, Spec
@@ -63,8 +64,12 @@ EXAMPLES = {
 def register() -> None:
     for name in (bundle.LCM, bundle.TEACHER):
         register_bundled(name, partial(bundle.bundled, name))
-    register_bundled(bundle.LORA, partial(bundle.bundled, bundle.LORA), kind="lora")
+    for name in (bundle.LORA, bundle.SHIFTED):
+        register_bundled(name, partial(bundle.bundled, name), kind="lora")
+    register_served_adapter(bundle.LCM, "shifted", bundle.SHIFTED)
     for name in (bundle.LCM, bundle.TEACHER):  # the teacher (with its LCM-LoRA) learnt the same captions
         register_prompt_guide(name, PROMPT_GUIDE)
     register_data_source("shapes", open_distill_source)
     register_data_source("shapes-shifted", partial(open_distill_source, style="shifted"))
+    register_data_source("shapes-template", partial(open_distill_source, captions="template"))
+    register_data_source("shapes-shifted-template", partial(open_distill_source, style="shifted", captions="template"))

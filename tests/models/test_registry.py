@@ -15,6 +15,7 @@ def clean_registry(monkeypatch):
     monkeypatch.setattr(registry, "_bundled", {kind: dict(names) for kind, names in registry._bundled.items()})
     monkeypatch.setattr(registry, "_data_sources", dict(registry._data_sources))
     monkeypatch.setattr(registry, "_prompt_guides", dict(registry._prompt_guides))
+    monkeypatch.setattr(registry, "_served_adapters", {k: dict(v) for k, v in registry._served_adapters.items()})
 
 
 def test_a_registered_name_loads_its_folder_and_others_pass_through(clean_registry, lcm_sd_dir, tmp_path):
@@ -60,3 +61,38 @@ def test_a_bundled_model_describes_its_prompts(clean_registry):
     shapes = registry.prompt_guide("shapes-lcm")
     assert shapes is not None and registry.prompt_guide("shapes-teacher") is shapes
     assert set(shapes.examples) <= set(EXAMPLES)  # each with what it states (tests/shapes/test_examples.py)
+
+
+def test_a_bundled_model_names_the_adapters_served_beside_it(clean_registry, lcm_sd_dir, tmp_path, caplog):
+    """A server of a bundled model holds its bundled adapters unless told not to; --adapter of the same name wins,
+    and a bundled adapter this installation lacks is a warning, not a server that does not start."""
+    from conftest import make_lora
+    from lcmserve.server.app import build_client
+    from lcmserve.server.config import ServerConfig
+    from lcmserve.server.metrics import ServerMetrics
+
+    lora = make_lora(lcm_sd_dir, tmp_path / "style", seed=5)
+    other = make_lora(lcm_sd_dir, tmp_path / "other", seed=6)
+    registry.register_bundled("tiny-bundled-lcm", lambda param: lcm_sd_dir)
+    registry.register_bundled("tiny-style", lambda param: lora, kind="lora")
+    registry.register_served_adapter("tiny-bundled-lcm", "style", "tiny-style")
+    assert registry.served_adapters("tiny-bundled-lcm") == {"style": "tiny-style"}
+    assert registry.served_adapters("someone/some-lcm") == {}
+
+    def served(*adapters: str, **env: str) -> list[dict]:
+        config = ServerConfig.load({"adapters": list(adapters)}, {
+            "LCMSERVE_MODEL": "tiny-bundled-lcm", "LCMSERVE_DEVICE": "cpu", "LCMSERVE_DTYPE": "float32",
+            "LCMSERVE_BACKEND": "torch", "LCMSERVE_ATTENTION": "sdpa", **env})
+        client = build_client(config, ServerMetrics())
+        return [(a["name"], a["path"]) for a in client.describe_adapters()]
+
+    assert served() == [("style", "tiny-style")]
+    assert served(f"mine={other}") == [("mine", str(other)), ("style", "tiny-style")]
+    assert served(f"style={other}") == [("style", str(other))]
+    assert served(**{"LCMSERVE_BUNDLED_ADAPTERS": "false"}) == []
+
+    def missing(param: str) -> Path:
+        raise ModelLoadError(f"{param}: the bundled tiny-style is not in this installation", param=param)
+
+    registry.register_bundled("tiny-style", missing, kind="lora")
+    assert served() == [] and "bundled adapter style not loaded" in caplog.text

@@ -64,3 +64,35 @@ def drawn():
 def test_the_bundled_model_draws_each_example_right(prompt, drawn):
     right = [EXAMPLES[prompt].judge(read)["exact"] for read in drawn[prompt]]
     assert sum(right) >= len(SEEDS) - 1, (prompt, drawn[prompt])
+
+
+@pytest.fixture(scope="module")
+def drawn_shifted():
+    """The examples drawn with the bundled style adapter, as the default server offers it (`shifted`)."""
+    from lcmserve.engine.adapters import AdapterSet
+    from lcmserve.engine.request import Row
+    from lcmserve.engine.sampler import LCMSampler
+    from lcmserve.eval.judge import ShapesJudge
+    from lcmserve.models import load_model
+    from lcmserve.models.registry import served_adapters
+
+    model = load_model("shapes-lcm", device="cpu")
+    adapters = AdapterSet(model)
+    for name, lora in served_adapters("shapes-lcm").items():
+        adapters.load(name, lora)
+    sampler = LCMSampler(model, adapters=adapters)
+    prompts = sorted(EXAMPLES)
+    w = model.default_guidance_scale
+    rows = [Row(p, seed, w, adapters={"shifted": 1.0}) for p in prompts for seed in SEEDS]
+    reads = ShapesJudge().read(sampler.run_rows(rows, 4, 64, 64).images)
+    return {p: reads[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, p in enumerate(prompts)}
+
+
+@pytest.mark.parametrize("prompt", sorted(EXAMPLES))
+def test_the_shifted_adapter_draws_each_example_in_its_palette(prompt, drawn_shifted):
+    """The same scene, every colour one hue step on (eval/style.py): the style shows and the scene stays."""
+    from lcmserve.eval.style import styled_spec
+
+    wanted = styled_spec(EXAMPLES[prompt], "shifted")
+    right = [wanted.judge(read)["exact"] for read in drawn_shifted[prompt]]
+    assert sum(right) >= len(SEEDS) - 1, (prompt, drawn_shifted[prompt])

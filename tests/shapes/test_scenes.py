@@ -79,3 +79,20 @@ def test_vocabulary_covers_every_caption():
     for i in range(300):
         _, text = caption_for_index(i)
         assert set(text.replace(",", "").split()) <= vocab
+
+
+def test_template_captions_name_every_attribute_of_the_same_scenes():
+    """``captions="template"`` (the ``-template`` data sources) captions the same scenes with the full template
+    captions that the models before the caption language learnt; the scenes and images do not change."""
+    from lcmserve.distill.data import open_source
+
+    scenes, language, images = batch_for_step(0, "test", 3, 8)
+    same, template, same_images = batch_for_step(0, "test", 3, 8, captions="template")
+    assert same == scenes and (same_images == images).all() and template != language
+    assert [parse_caption(c) for c in template] == scenes
+    with pytest.raises(ValueError, match="captions"):
+        batch_for_step(0, "test", 3, 8, captions="poems")
+    shifted = open_source("shapes-shifted-template", 0, 4)
+    assert shifted.fingerprint()["captions"] == "template"
+    assert "captions" not in open_source("shapes", 0, 4).fingerprint()
+    assert all(parse_caption(c) for c in shifted.captions)

@@ -45,6 +45,9 @@ def test_bundle_is_small():
         assert _size(weights_dir() / "shapes-lcm") < 20 * 2**20
     if (weights_dir() / "shapes-lcm-lora").exists():  # a rank-16 adapter: a fraction of the UNet
         assert _size(weights_dir() / "shapes-lcm-lora") < 4 * 2**20
+    if (weights_dir() / "shapes-lcm-shifted").exists():  # the style adapter: cross-attention keys and values only
+        assert _size(weights_dir() / "shapes-lcm-shifted") < 4 * 2**20
+    assert _size(weights_dir()) < 40 * 2**20  # everything the package ships
 
 
 def test_shipped_teacher_loads_and_samples_in_diffusers():
@@ -187,6 +190,9 @@ def test_bundle_cli_refuses_an_lcm_that_is_not_a_distillation_run(tmp_path, caps
     err = capsys.readouterr().err
     assert "is not a `distill lora` output folder (no pytorch_lora_weights.safetensors)" in err
     assert "(see --lora)" in err
+    assert main(["shapes", "bundle", *SHIPPED, "--shifted", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a `distill lcf --lcf-adapter` output folder" in err and "(see --shifted)" in err
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
@@ -255,7 +261,7 @@ def test_bundle_ships_a_distilled_lcm(tmp_path, capsys):
     assert "losses" not in configs["lcm"]
     # a new output folder still records the recipes of the stages taken from the shipped weights
     recorded = json.loads((weights_dir() / "training-configs.json").read_text())
-    assert set(configs) == (set(recorded) - {"lora"}) | {"lcm"}  # no LoRA in this folder, so no LoRA recipe
+    assert set(configs) == (set(recorded) - {"lora", "shifted"}) | {"lcm"}  # no adapters here, so no their recipes
     assert all(configs[stage] == recorded[stage] for stage in ("clip", "vae", "teacher", "classifier"))
 
 
@@ -290,10 +296,13 @@ def test_a_teacher_continued_from_the_shipped_one_keeps_its_starting_recipe(tmp_
 
 def test_the_shapes_plug_in_registers_its_models_and_data_source():
     from lcmserve.distill.data import MapSource, StreamSource, open_source
-    from lcmserve.models.registry import bundled_names, data_source_names, resolve_bundled
+    from lcmserve.models.registry import bundled_names, data_source_names, resolve_bundled, served_adapters
 
     assert set(bundled_names("model")) == {"shapes-lcm", "shapes-teacher"}
-    assert bundled_names("lora") == ("shapes-lcm-lora",) and "shapes" in data_source_names()
+    assert bundled_names("lora") == ("shapes-lcm-lora", "shapes-lcm-shifted")
+    assert {"shapes", "shapes-shifted"} <= set(data_source_names())
+    assert served_adapters("shapes-lcm") == {"shifted": "shapes-lcm-shifted"}
+    assert served_adapters("shapes-teacher") == {}
     assert Path(resolve_bundled("shapes-lcm")) == weights_dir() / "shapes-lcm"
     assert isinstance(open_source("shapes", 0, 0), StreamSource)
     assert isinstance(open_source("shapes", 0, 3), MapSource) and len(open_source("shapes", 0, 3)) == 3
