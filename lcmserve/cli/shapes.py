@@ -25,6 +25,7 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
         device=args.device, num_workers=args.num_workers, max_minutes=args.max_minutes,
         train_text_encoder=args.train_text_encoder, snr_gamma=args.snr_gamma, ema_decay=args.ema_decay,
         compile=args.compile, decoder_only=args.decoder_only, fg_weight=args.fg_weight, ring_weight=args.ring_weight,
+        full_captions=args.full_captions,
     )
     print(f"trained {cfg.stage}: {train(cfg)}")
     return 0
@@ -192,6 +193,9 @@ def _add_train(ssub) -> None:
                     help="teacher: train the text encoder with the UNet (shipped in the teacher pipeline)")
     tr.add_argument("--snr-gamma", type=float, default=0.0,
                     help="teacher: Min-SNR loss weighting min(SNR, gamma)/SNR, e.g. 5 (0: plain MSE)")
+    tr.add_argument("--full-captions", type=float, default=0.0,
+                    help="teacher: share of captions replaced by the full template caption of the scene, which "
+                         "states every attribute (0-1; 0: the caption language alone)")
     tr.add_argument("--ema-decay", type=float, default=0.999, help="teacher: decay of the weights' EMA")
     tr.add_argument("--compile", action="store_true", help="teacher: torch.compile the UNet (GPU; first steps compile)")
     tr.add_argument("--max-minutes", type=float, default=0.0,

@@ -26,7 +26,7 @@ from lcmserve.errors import InvalidInputError
 from lcmserve.models import resolve_device as _plain_device
 from lcmserve.shapes import models as M
 from lcmserve.shapes.data import batch_for_step, scene_targets
-from lcmserve.shapes.scenes import BACKGROUNDS
+from lcmserve.shapes.scenes import BACKGROUNDS, caption
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class StageConfig:
     max_minutes: float = 0.0  # fit the whole run into this wall time (0: off); see run_loop
     train_text_encoder: bool = False  # teacher: train the text encoder with the UNet (it starts from the CLIP's)
     snr_gamma: float = 0.0  # teacher: Min-SNR loss weighting min(SNR, gamma) / SNR (0: plain epsilon MSE)
+    full_captions: float = 0.0  # teacher: share of captions that are full template captions, besides the language's
     compile: bool = False  # teacher: torch.compile the UNet (a GPU speed-up; the first steps compile)
     decoder_only: bool = False  # vae: train the decoder alone, so the latent space (and every model on it) stays
     fg_weight: float = 10.0  # vae: weight of object pixels in the reconstruction loss
@@ -105,6 +106,8 @@ class StageConfig:
         if self.init_unet and not Path(self.init_unet).is_dir():
             raise InvalidInputError(f"init_unet: no such folder {self.init_unet!r}", param="init_unet")
         check_snr_gamma(self.snr_gamma)
+        if not (math.isfinite(self.full_captions) and 0 <= self.full_captions <= 1):
+            raise InvalidInputError.out_of_range("full_captions", self.full_captions, "a share in [0, 1]")
         if not 0 < self.ema_decay < 1:
             raise InvalidInputError.out_of_range("ema_decay", self.ema_decay, "in (0, 1)")
         for key in ("fg_weight", "ring_weight"):
@@ -457,13 +460,18 @@ class TeacherSteps(torch.utils.data.Dataset):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         item: dict[str, torch.Tensor] = {}
         if self.scenes is None:
-            _, captions, images = batch_for_step(cfg.seed, "teacher", step, b)
+            scenes, captions, images = batch_for_step(cfg.seed, "teacher", step, b)
             item["images"] = images
         else:
             rng = random.Random(f"{cfg.seed}:teacher:{step}")
             idx = [rng.randrange(len(self.scenes)) for _ in range(b)]
-            captions = [describe(self.scenes[i], rng)[0] for i in idx]
+            scenes = [self.scenes[i] for i in idx]
+            captions = [describe(scene, rng)[0] for scene in scenes]
             item["idx"] = torch.tensor(idx)
+        if cfg.full_captions > 0:  # a stream of its own, so the other draws stay those of a run without it
+            full = random.Random(f"{cfg.seed}:teacher-full:{step}")
+            captions = [caption(scene, full) if full.random() < cfg.full_captions else text
+                        for scene, text in zip(scenes, captions)]
         item["eps"] = torch.randn((b, *self.latent_shape), generator=gen)
         # caption dropout: the unconditional model for classifier-free guidance
         drop = torch.rand(b, generator=gen) < cfg.caption_dropout

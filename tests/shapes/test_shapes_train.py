@@ -217,6 +217,34 @@ def test_teacher_steps_are_a_pure_function_of_seed_and_step(teacher_data):
     assert not torch.equal(reseeded[7]["idx"], cached[7]["idx"])
 
 
+def test_full_captions_replace_a_share_of_the_captions_and_leave_every_other_draw(teacher_data):
+    """``full_captions`` swaps that share of a batch's captions for the full template caption (it states every
+    attribute); the scenes, noise and timesteps are those of the run without it."""
+    from dataclasses import replace
+
+    from lcmserve.shapes.scenes import parse_caption
+
+    cfg, tokenizer, scenes = teacher_data
+    cfg = replace(cfg, batch_size=32, caption_dropout=0.0)
+    plain = T.TeacherSteps(cfg, tokenizer, (4, 16, 16), 1000, scenes)[5]
+    for share, lo, hi in ((0.5, 6, 26), (1.0, 32, 32)):
+        mixed = T.TeacherSteps(replace(cfg, full_captions=share), tokenizer, (4, 16, 16), 1000, scenes)[5]
+        for key in ("idx", "eps", "noise", "t"):
+            assert torch.equal(mixed[key], plain[key])
+        texts = tokenizer.batch_decode(mixed["ids"], skip_special_tokens=True)
+        full = sum(_parses(parse_caption, t, scenes[i]) for t, i in zip(texts, mixed["idx"].tolist()))
+        assert lo <= full <= hi, (share, full)
+    with pytest.raises(InvalidInputError, match="full_captions"):
+        T.StageConfig("teacher", "x", clip_dir=".", vae_dir=".", full_captions=1.5)
+
+
+def _parses(parse, text: str, scene) -> bool:
+    try:
+        return parse(text) == scene
+    except ValueError:
+        return False
+
+
 def test_step_stream_workers_give_the_items_of_the_dataset(teacher_data):
     cfg, tokenizer, scenes = teacher_data
     data = T.TeacherSteps(cfg, tokenizer, (4, 16, 16), 1000, scenes)
