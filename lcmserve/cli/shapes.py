@@ -227,7 +227,7 @@ def _add_bundle(ssub) -> None:
                     help="also ship this LCM-LoRA of the teacher (a `lcmserve distill lora` output folder)")
     bd.add_argument("--shifted", default=None,
                     help="also ship this style adapter of the LCM, served as `shifted` (a `lcmserve distill lcf "
-                         "--lcf-adapter --data shapes-shifted` output folder)")
+                         "--lcf-adapter` output folder, trained on shapes-shifted or shapes-shifted-template)")
     bd.add_argument("-o", "--output", default=None, help="destination (default: the package's weights folder)")
     bd.set_defaults(func=cmd_shapes_bundle)
 
