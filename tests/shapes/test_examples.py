@@ -44,20 +44,31 @@ def test_every_shown_prompt_has_a_spec():
     assert len(shown) >= 6
 
 
-@pytest.fixture(scope="module")
-def drawn():
+def draw_examples(adapters: dict[str, float]) -> dict:
+    """Each example on every seed at 4 steps, as the default server holds the model (its bundled adapters loaded),
+    with ``adapters`` on every row; prompt -> the judge's reads."""
+    from lcmserve.engine.adapters import AdapterSet
     from lcmserve.engine.request import Row
     from lcmserve.engine.sampler import LCMSampler
     from lcmserve.eval.judge import ShapesJudge
     from lcmserve.models import load_model
+    from lcmserve.models.registry import served_adapters
 
-    sampler = LCMSampler(load_model("shapes-lcm", device="cpu"))
+    model = load_model("shapes-lcm", device="cpu")
+    held = AdapterSet(model)
+    for name, lora in served_adapters("shapes-lcm").items():
+        held.load(name, lora)
+    sampler = LCMSampler(model, adapters=held)
     prompts = sorted(EXAMPLES)
-    w = sampler.model.default_guidance_scale
-    rows = [Row(p, seed, w) for p in prompts for seed in SEEDS]
-    images = sampler.run_rows(rows, 4, 64, 64).images
-    reads = ShapesJudge().read(images)
+    w = model.default_guidance_scale
+    rows = [Row(p, seed, w, adapters=adapters) for p in prompts for seed in SEEDS]
+    reads = ShapesJudge().read(sampler.run_rows(rows, 4, 64, 64).images)
     return {p: reads[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, p in enumerate(prompts)}
+
+
+@pytest.fixture(scope="module")
+def drawn():
+    return draw_examples({})
 
 
 @pytest.mark.parametrize("prompt", sorted(EXAMPLES))
@@ -69,23 +80,7 @@ def test_the_bundled_model_draws_each_example_right(prompt, drawn):
 @pytest.fixture(scope="module")
 def drawn_shifted():
     """The examples drawn with the bundled style adapter, as the default server offers it (`shifted`)."""
-    from lcmserve.engine.adapters import AdapterSet
-    from lcmserve.engine.request import Row
-    from lcmserve.engine.sampler import LCMSampler
-    from lcmserve.eval.judge import ShapesJudge
-    from lcmserve.models import load_model
-    from lcmserve.models.registry import served_adapters
-
-    model = load_model("shapes-lcm", device="cpu")
-    adapters = AdapterSet(model)
-    for name, lora in served_adapters("shapes-lcm").items():
-        adapters.load(name, lora)
-    sampler = LCMSampler(model, adapters=adapters)
-    prompts = sorted(EXAMPLES)
-    w = model.default_guidance_scale
-    rows = [Row(p, seed, w, adapters={"shifted": 1.0}) for p in prompts for seed in SEEDS]
-    reads = ShapesJudge().read(sampler.run_rows(rows, 4, 64, 64).images)
-    return {p: reads[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, p in enumerate(prompts)}
+    return draw_examples({"shifted": 1.0})
 
 
 @pytest.mark.parametrize("prompt", sorted(EXAMPLES))
