@@ -36,20 +36,27 @@ def scene_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     return {"shape": shape, "colour": colour, "size": size, "background": background}
 
 
-CAPTIONS = ("language", "template")
+CAPTIONS = ("language", "template", "mixed")
+MIXED_FULL_SHARE = 0.5  # the teacher's --full-captions share that kept template and held-out prompts right
 
 
 def batch_for_step(seed: int, stage: str, step: int, batch_size: int, splits: tuple[str, ...] = ("train",),
                    style: str = "plain", captions: str = "language"):
     """Scenes, captions and images of one training step; a pure function of its arguments. ``captions``: the
-    caption language (language.describe), or the full template captions (scenes.caption) that the models before
-    it learnt. The scenes and captions do not depend on ``style``, only the drawing does."""
+    caption language (language.describe), the full template captions (scenes.caption) that the models before
+    it learnt, or ``mixed``: the language with a share of its captions replaced by the full template caption
+    (drawn from a stream of its own, so the other captions are the language's). The scenes and captions do not
+    depend on ``style``, only the drawing does."""
     if captions not in CAPTIONS:
         raise ValueError(f"captions: {captions!r} is not one of {', '.join(CAPTIONS)}")
     rng = random.Random(f"{seed}:{stage}:{step}")
     scenes = [sample_scene(rng, rng.choice(splits)) for _ in range(batch_size)]
-    write = (lambda s: describe(s, rng)[0]) if captions == "language" else (lambda s: caption(s, rng))
-    captions = [write(s) for s in scenes]
+    write = (lambda s: caption(s, rng)) if captions == "template" else (lambda s: describe(s, rng)[0])
+    texts = [write(s) for s in scenes]
+    if captions == "mixed":
+        full = random.Random(f"{seed}:{stage}:{step}:full")
+        texts = [caption(s, full) if full.random() < MIXED_FULL_SHARE else t for s, t in zip(scenes, texts)]
+    captions = texts
     return scenes, captions, to_tensor([render(s, style=style) for s in scenes])
 
 
@@ -99,6 +106,8 @@ def open_distill_source(seed: int, num_samples: int, style: str = "plain",
                         captions: str = "language") -> ShapesStream | ShapesSetSource:
     """``--data shapes``: a fixed set of ``num_samples`` scenes, or the endless stream when it is 0;
     ``--data shapes-shifted``: the same scenes and captions drawn in the shifted palette (the style adapter's data);
-    the ``-template`` twins caption them with the full template captions, for models that learnt those."""
+    the ``-template`` twins caption them with the full template captions, for models that learnt those;
+    ``--data shapes-mixed`` replaces half the language's captions by full template captions, as the teacher
+    learnt them (``shapes train teacher --full-captions``)."""
     return (ShapesSetSource(seed, num_samples, style, captions) if num_samples
             else ShapesStream(style, captions))

@@ -72,4 +72,5 @@ def register() -> None:
     register_data_source("shapes", open_distill_source)
     register_data_source("shapes-shifted", partial(open_distill_source, style="shifted"))
     register_data_source("shapes-template", partial(open_distill_source, captions="template"))
+    register_data_source("shapes-mixed", partial(open_distill_source, captions="mixed"))
     register_data_source("shapes-shifted-template", partial(open_distill_source, style="shifted", captions="template"))

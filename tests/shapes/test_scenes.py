@@ -96,3 +96,19 @@ def test_template_captions_name_every_attribute_of_the_same_scenes():
     assert shifted.fingerprint()["captions"] == "template"
     assert "captions" not in open_source("shapes", 0, 4).fingerprint()
     assert all(parse_caption(c) for c in shifted.captions)
+
+
+def test_mixed_captions_replace_about_half_the_language_by_full_captions():
+    """``captions="mixed"`` (``--data shapes-mixed``): the same scenes, each caption either the language's own
+    caption for that scene or the scene's full template caption, about half of each."""
+    from lcmserve.distill.data import open_source
+
+    scenes, language, images = batch_for_step(0, "test", 5, 200)
+    same, mixed, same_images = batch_for_step(0, "test", 5, 200, captions="mixed")
+    assert same == scenes and (same_images == images).all()
+    kept = [m == t for m, t in zip(mixed, language)]
+    for scene, text, keep in zip(scenes, mixed, kept):
+        if not keep:
+            assert parse_caption(text) == scene
+    assert 0.35 < 1 - sum(kept) / len(kept) < 0.65
+    assert open_source("shapes-mixed", 0, 4).fingerprint()["captions"] == "mixed"
