@@ -36,6 +36,12 @@ def scene_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     return {"shape": shape, "colour": colour, "size": size, "background": background}
 
 
+def mix_full_captions(scenes: list[Scene], texts: list[str], share: float, rng: random.Random) -> list[str]:
+    """``texts`` with about ``share`` of them replaced by their scene's full template caption; ``rng`` is a
+    stream of its own, so the other draws of a run stay those of a run without the mix."""
+    return [caption(s, rng) if rng.random() < share else t for s, t in zip(scenes, texts)]
+
+
 CAPTIONS = ("language", "template", "mixed")
 MIXED_FULL_SHARE = 0.5  # the teacher's --full-captions share that kept template and held-out prompts right
 
@@ -54,10 +60,8 @@ def batch_for_step(seed: int, stage: str, step: int, batch_size: int, splits: tu
     write = (lambda s: caption(s, rng)) if captions == "template" else (lambda s: describe(s, rng)[0])
     texts = [write(s) for s in scenes]
     if captions == "mixed":
-        full = random.Random(f"{seed}:{stage}:{step}:full")
-        texts = [caption(s, full) if full.random() < MIXED_FULL_SHARE else t for s, t in zip(scenes, texts)]
-    captions = texts
-    return scenes, captions, to_tensor([render(s, style=style) for s in scenes])
+        texts = mix_full_captions(scenes, texts, MIXED_FULL_SHARE, random.Random(f"{seed}:{stage}:{step}:full"))
+    return scenes, texts, to_tensor([render(s, style=style) for s in scenes])
 
 
 class ShapesStream:

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from lcmserve.errors import InvalidInputError
 from lcmserve.models import resolve_device as _plain_device
 from lcmserve.shapes import models as M
-from lcmserve.shapes.data import batch_for_step, scene_targets
-from lcmserve.shapes.scenes import BACKGROUNDS, caption
+from lcmserve.shapes.data import batch_for_step, mix_full_captions, scene_targets
+from lcmserve.shapes.scenes import BACKGROUNDS
 
 logger = logging.getLogger(__name__)
 
@@ -468,10 +468,9 @@ class TeacherSteps(torch.utils.data.Dataset):
             scenes = [self.scenes[i] for i in idx]
             captions = [describe(scene, rng)[0] for scene in scenes]
             item["idx"] = torch.tensor(idx)
-        if cfg.full_captions > 0:  # a stream of its own, so the other draws stay those of a run without it
-            full = random.Random(f"{cfg.seed}:teacher-full:{step}")
-            captions = [caption(scene, full) if full.random() < cfg.full_captions else text
-                        for scene, text in zip(scenes, captions)]
+        if cfg.full_captions > 0:
+            captions = mix_full_captions(scenes, captions, cfg.full_captions,
+                                         random.Random(f"{cfg.seed}:teacher-full:{step}"))
         item["eps"] = torch.randn((b, *self.latent_shape), generator=gen)
         # caption dropout: the unconditional model for classifier-free guidance
         drop = torch.rand(b, generator=gen) < cfg.caption_dropout
