@@ -25,7 +25,7 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
         device=args.device, num_workers=args.num_workers, max_minutes=args.max_minutes,
         train_text_encoder=args.train_text_encoder, snr_gamma=args.snr_gamma, ema_decay=args.ema_decay,
         compile=args.compile, decoder_only=args.decoder_only, fg_weight=args.fg_weight, ring_weight=args.ring_weight,
-        full_captions=args.full_captions,
+        full_captions=args.full_captions, unplaced_captions=args.unplaced_captions,
     )
     print(f"trained {cfg.stage}: {train(cfg)}")
     return 0
@@ -196,6 +196,9 @@ def _add_train(ssub) -> None:
     tr.add_argument("--full-captions", type=float, default=0.0,
                     help="teacher: share of captions replaced by the full template caption of the scene, which "
                          "states every attribute (0-1; 0: the caption language alone)")
+    tr.add_argument("--unplaced-captions", type=float, default=0.0,
+                    help="teacher: share of two-object scenes captioned without the place of one object or of "
+                         "both, the prompts models find hardest (0-1; applied after --full-captions)")
     tr.add_argument("--ema-decay", type=float, default=0.999, help="teacher: decay of the weights' EMA")
     tr.add_argument("--compile", action="store_true", help="teacher: torch.compile the UNet (GPU; first steps compile)")
     tr.add_argument("--max-minutes", type=float, default=0.0,

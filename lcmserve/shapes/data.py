@@ -10,7 +10,7 @@ import torch
 
 from lcmserve.distill.data import MapSource, resize_square
 from lcmserve.shapes.models import BACKGROUND_CLASSES, COLOUR_CLASSES, N_CELLS, SHAPE_CLASSES, SIZE_CLASSES
-from lcmserve.shapes.language import describe
+from lcmserve.shapes.language import describe, unplaced_spec
 from lcmserve.shapes.scenes import CELLS, Scene, caption, render, sample_scene
 
 
@@ -40,6 +40,15 @@ def mix_full_captions(scenes: list[Scene], texts: list[str], share: float, rng: 
     """``texts`` with about ``share`` of them replaced by their scene's full template caption; ``rng`` is a
     stream of its own, so the other draws of a run stay those of a run without the mix."""
     return [caption(s, rng) if rng.random() < share else t for s, t in zip(scenes, texts)]
+
+
+def mix_unplaced_captions(scenes: list[Scene], texts: list[str], share: float, rng: random.Random) -> list[str]:
+    """``texts`` with about ``share`` of the two-object scenes' captions replaced by a caption of the language
+    that leaves out where one or both objects go (``language.unplaced_spec``); ``rng`` is a stream of its own."""
+    def write(scene: Scene) -> str:
+        return describe(scene, rng, unplaced_spec(scene, rng))[0]
+
+    return [write(s) if len(s.objects) == 2 and rng.random() < share else t for s, t in zip(scenes, texts)]
 
 
 CAPTIONS = ("language", "template", "mixed")

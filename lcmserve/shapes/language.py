@@ -268,12 +268,16 @@ def _surface(text: str, rng: random.Random) -> str:
     return text
 
 
-def describe(scene: Scene, rng: random.Random) -> tuple[str, Spec]:
-    """A caption of ``scene`` as a person might write it, and the spec of what it states."""
-    if rng.random() < 0.25:  # the full template caption, maybe inside a request
-        return _surface(caption(scene, rng), rng), Spec.of_scene(scene)
-    spec = _state(scene, rng)
-    grouped = _group(spec, scene, rng)
+def describe(scene: Scene, rng: random.Random, spec: Spec | None = None) -> tuple[str, Spec]:
+    """A caption of ``scene`` as a person might write it, and the spec of what it states. ``spec``: state
+    exactly that (the scene's values, or None per attribute) with one phrase per object, instead of a
+    random choice of what to state."""
+    grouped = None
+    if spec is None:
+        if rng.random() < 0.25:  # the full template caption, maybe inside a request
+            return _surface(caption(scene, rng), rng), Spec.of_scene(scene)
+        spec = _state(scene, rng)
+        grouped = _group(spec, scene, rng)
     if grouped is not None:
         spec = grouped
         body = _group_phrase(spec.objects, rng)
@@ -287,6 +291,20 @@ def describe(scene: Scene, rng: random.Random) -> tuple[str, Spec]:
         bg = _background_phrase(spec.background, rng, before)
         body = f"{bg}, {body}" if before else f"{body}{rng.choice((' ', ', ', ' ', '; '))}{bg}"
     return _surface(body, rng), spec
+
+
+def unplaced_spec(scene: Scene, rng: random.Random) -> Spec:
+    """What a caption of a two-object scene states when it leaves out where at least one object goes: a
+    random choice of the other attributes, as ``describe`` makes, and the place of one object (two in
+    three) or of neither. The models find these prompts the hardest: the unplaced object must still be
+    drawn once, somewhere else, and keep its own attributes."""
+    if len(scene.objects) != 2:
+        raise ValueError(f"unplaced_spec: a two-object scene is needed, this one has {len(scene.objects)}")
+    spec = _state(scene, rng)
+    placed = rng.choice((0, 0, 1, 1, None, None))  # None: neither object is placed
+    objects = tuple(ObjectSpec(o.shape, o.colour, o.size, scene.objects[i].cell if i == placed else None)
+                    for i, o in enumerate(spec.objects))
+    return Spec(objects, spec.background)
 
 
 def caption_for(index: int, split: str = "train", seed: int = 0) -> tuple[Scene, str, Spec]:

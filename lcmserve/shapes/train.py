@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lcmserve.errors import InvalidInputError
 from lcmserve.models import resolve_device as _plain_device
 from lcmserve.shapes import models as M
-from lcmserve.shapes.data import batch_for_step, mix_full_captions, scene_targets
+from lcmserve.shapes.data import batch_for_step, mix_full_captions, mix_unplaced_captions, scene_targets
 from lcmserve.shapes.scenes import BACKGROUNDS
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class StageConfig:
     train_text_encoder: bool = False  # teacher: train the text encoder with the UNet (it starts from the CLIP's)
     snr_gamma: float = 0.0  # teacher: Min-SNR loss weighting min(SNR, gamma) / SNR (0: plain epsilon MSE)
     full_captions: float = 0.0  # teacher: share of captions that are full template captions, besides the language's
+    unplaced_captions: float = 0.0  # teacher: share of two-object captions that leave out where an object goes
     compile: bool = False  # teacher: torch.compile the UNet (a GPU speed-up; the first steps compile)
     decoder_only: bool = False  # vae: train the decoder alone, so the latent space (and every model on it) stays
     fg_weight: float = 10.0  # vae: weight of object pixels in the reconstruction loss
@@ -106,8 +107,10 @@ class StageConfig:
         if self.init_unet and not Path(self.init_unet).is_dir():
             raise InvalidInputError(f"init_unet: no such folder {self.init_unet!r}", param="init_unet")
         check_snr_gamma(self.snr_gamma)
-        if not (math.isfinite(self.full_captions) and 0 <= self.full_captions <= 1):
-            raise InvalidInputError.out_of_range("full_captions", self.full_captions, "a share in [0, 1]")
+        for name in ("full_captions", "unplaced_captions"):
+            share = getattr(self, name)
+            if not (math.isfinite(share) and 0 <= share <= 1):
+                raise InvalidInputError.out_of_range(name, share, "a share in [0, 1]")
         if not 0 < self.ema_decay < 1:
             raise InvalidInputError.out_of_range("ema_decay", self.ema_decay, "in (0, 1)")
         for key in ("fg_weight", "ring_weight"):
@@ -471,6 +474,9 @@ class TeacherSteps(torch.utils.data.Dataset):
         if cfg.full_captions > 0:
             captions = mix_full_captions(scenes, captions, cfg.full_captions,
                                          random.Random(f"{cfg.seed}:teacher-full:{step}"))
+        if cfg.unplaced_captions > 0:
+            captions = mix_unplaced_captions(scenes, captions, cfg.unplaced_captions,
+                                             random.Random(f"{cfg.seed}:teacher-unplaced:{step}"))
         item["eps"] = torch.randn((b, *self.latent_shape), generator=gen)
         # caption dropout: the unconditional model for classifier-free guidance
         drop = torch.rand(b, generator=gen) < cfg.caption_dropout

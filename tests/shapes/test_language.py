@@ -6,7 +6,8 @@ import re
 import pytest
 
 from lcmserve.eval.judge import scene_key
-from lcmserve.shapes.language import ALIASES, ObjectSpec, Spec, caption_for, describe, language_words
+from lcmserve.shapes.language import (ALIASES, ObjectSpec, Spec, caption_for, describe, language_words,
+                                      unplaced_spec)
 from lcmserve.shapes.scenes import Scene, ShapeObject, scene_for_index
 
 N = 3000
@@ -129,3 +130,21 @@ def test_check_vae_refuses_what_is_not_a_vae(tmp_path, capsys):
     assert "vae:" in capsys.readouterr().err
     assert main(["shapes", "check-vae", "-n", "3"]) == 2
     assert "num" in capsys.readouterr().err
+
+
+def test_unplaced_captions_leave_out_where_one_or_both_of_two_objects_go(captions):
+    """The hard prompts the teacher can be given more of: one object placed (about two in three) or neither."""
+    cell_words = re.compile(r"\b(top|bottom|left|right|upper|lower|middle|center|centre|corner|side|edge)\b")
+    two = [scene for scene, _, _ in captions if len(scene.objects) == 2][:600]
+    placed = []
+    for i, scene in enumerate(two):
+        rng = random.Random(i)
+        spec = unplaced_spec(scene, rng)
+        text, stated = describe(scene, rng, spec)
+        assert stated == spec and spec.judge(scene_key(scene))["exact"], (text, spec)
+        cells = sum(o.cell is not None for o in spec.objects)
+        assert cells < 2 and bool(cell_words.search(text.lower())) == (cells == 1), (text, spec)
+        placed.append(cells)
+    assert 0.55 < sum(placed) / len(placed) < 0.78
+    with pytest.raises(ValueError, match="two-object"):
+        unplaced_spec(Scene("black", (ShapeObject("triangle", "green", "large", "bottom right"),)), random.Random(0))

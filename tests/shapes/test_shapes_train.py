@@ -238,6 +238,22 @@ def test_full_captions_replace_a_share_of_the_captions_and_leave_every_other_dra
         T.StageConfig("teacher", "x", clip_dir=".", vae_dir=".", full_captions=1.5)
 
 
+def test_unplaced_captions_recaption_a_share_of_two_object_scenes_only(teacher_data):
+    from dataclasses import replace
+
+    cfg, tokenizer, scenes = teacher_data
+    cfg = replace(cfg, batch_size=32, caption_dropout=0.0)
+    plain = T.TeacherSteps(cfg, tokenizer, (4, 16, 16), 1000, scenes)[5]
+    mixed = T.TeacherSteps(replace(cfg, unplaced_captions=1.0), tokenizer, (4, 16, 16), 1000, scenes)[5]
+    for key in ("idx", "eps", "noise", "t"):
+        assert torch.equal(mixed[key], plain[key])
+    changed = (mixed["ids"] != plain["ids"]).any(dim=1).tolist()
+    two = [len(scenes[i].objects) == 2 for i in mixed["idx"].tolist()]
+    assert all(t for t, c in zip(two, changed) if c) and sum(changed) >= sum(two) - 2 > 0
+    with pytest.raises(InvalidInputError, match="unplaced_captions"):
+        T.StageConfig("teacher", "x", clip_dir=".", vae_dir=".", unplaced_captions=-0.1)
+
+
 def _parses(parse, text: str, scene) -> bool:
     try:
         return parse(text) == scene
