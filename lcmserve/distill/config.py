@@ -73,6 +73,10 @@ class DistillConfig:
     mixed_precision: str = _f("no", "no, fp16 (GPU) or bf16", choices=MIXED_PRECISION)
     lcf_adapter: bool = _f(False, "lcf: train a LoRA (lora_rank, lora_alpha, lora_targets) on the LCM instead of all "
                            "its weights, and save it as an adapter file: a style for serve --adapter")
+    caption_rewrite: str = _f("", "lcf adapter: distil the adapter from the LCM itself instead of fine-tuning on "
+                              "the data: for a caption c it learns to draw what the LCM draws for the registered "
+                              "rewrite of c (shapes-shifted: each colour one hue step on); the data's images only "
+                              "place the noisy inputs ('': consistency fine-tuning)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, slower)")
     cpu: bool = _f(False, "train on the CPU even when a GPU is visible")
     tf32: bool = _f(True, "TF32 matrix units for the float32 work on a GPU (Ampere and newer)")
@@ -133,6 +137,16 @@ class DistillConfig:
         if self.lcf_adapter and self.mode != "lcf":
             raise InvalidInputError(f"lcf_adapter: only mode lcf trains an adapter on an LCM; got mode {self.mode} "
                                     "(mode lora distils an LCM-LoRA from a teacher)", param="lcf_adapter")
+        if self.caption_rewrite:
+            from lcmserve.models.registry import caption_rewrite_names
+
+            if not self.lcf_adapter:
+                raise InvalidInputError("caption_rewrite: distils an adapter on an LCM; it needs mode lcf with "
+                                        "lcf_adapter", param="caption_rewrite")
+            names = caption_rewrite_names()
+            if self.caption_rewrite not in names:
+                raise InvalidInputError.out_of_range("caption_rewrite", self.caption_rewrite,
+                                                     "one of " + (", ".join(names) or "(none registered)"))
         if self.init_student and self.mode != "lcd":
             raise InvalidInputError(f"init_student: only mode lcd starts from another LCM; got mode {self.mode}",
                                     param="init_student")

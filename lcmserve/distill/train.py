@@ -40,8 +40,8 @@ from lcmserve.distill.lcd import (
     lora_student,
     update_ema,
 )
-from lcmserve.distill.lcf import lcf_loss
-from lcmserve.distill.teacher import Teacher, TeacherInfo, inspect_teacher, load_teacher, unconditional
+from lcmserve.distill.lcf import lcf_loss, rewrite_loss
+from lcmserve.distill.teacher import Teacher, TeacherInfo, encode_prompts, inspect_teacher, load_teacher, unconditional
 from lcmserve.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ SAMPLES = "samples"
 _TRAJECTORY = ("mode", "teacher", "data", "resolution", "batch_size", "lr", "lr_warmup_steps", "weight_decay",
                "max_grad_norm", "skipping_step", "solver", "w_min", "w_max", "lora_w", "time_cond_proj_dim",
                "ema_decay", "loss", "huber_c", "seed", "lora_rank", "lora_alpha", "lora_targets", "num_samples",
-               "overfit_batches", "init_student")
+               "overfit_batches", "init_student", "caption_rewrite")
 
 
 @dataclass
@@ -339,6 +339,11 @@ class _Stepper:
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.w_range = (self.cfg.lora_w, self.cfg.lora_w) if lora else (self.cfg.w_min, self.cfg.w_max)
         self.w_dim = None if lora else self.student.config.time_cond_proj_dim
+        self.rewrite = None
+        if self.cfg.caption_rewrite:
+            from lcmserve.models.registry import caption_rewrite
+
+            self.rewrite = caption_rewrite(self.cfg.caption_rewrite)
 
     def __call__(self, step: int) -> torch.Tensor:
         cfg, acc, math = self.cfg, self.accelerator, self.math
@@ -346,7 +351,14 @@ class _Stepper:
         batch = self.data.batch(data_step, acc.device)
         gen = step_generator(cfg.seed, data_step, acc.process_index, stream=0)
         draws = draw_step(math, batch.latents, gen, *self.w_range)
-        if cfg.mode == "lcf":
+        if self.rewrite is not None:
+            with torch.no_grad():
+                rewritten = encode_prompts(self.teacher, [self.rewrite(c) for c in batch.captions]).to(acc.device)
+            # the LCM the adapter sits on is the teacher's UNet, frozen (the student is a copy with the LoRA)
+            loss = rewrite_loss(self.ddp_student, self.teacher.unet, batch.latents, batch.text, rewritten, draws,
+                                math, loss=cfg.loss, huber_c=cfg.huber_c, w_embedding_dim=self.w_dim,
+                                autocast=acc.autocast())
+        elif cfg.mode == "lcf":
             loss = lcf_loss(self.ddp_student, self.target, batch.latents, batch.text, draws, math, loss=cfg.loss,
                             huber_c=cfg.huber_c, w_embedding_dim=self.w_dim, autocast=acc.autocast())
         else:

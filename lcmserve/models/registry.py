@@ -7,6 +7,7 @@ here loads every such plug-in, and each one registers its names:
     register_bundled("shapes-lcm", locate)            # load_model("shapes-lcm") finds its folder
     register_data_source("shapes", open_source)       # DistillConfig(data="shapes") finds its data
     register_prompt_guide("shapes-lcm", guide)        # the playground shows what the model draws
+    register_caption_rewrite("shapes-shifted", fn)    # DistillConfig(caption_rewrite=...) distils a style
 
 so ``load_model("shapes-lcm")`` works from any entry point (the CLI, the server, a notebook)
 without the caller importing the domain first.
@@ -28,6 +29,7 @@ KINDS = ("model", "lora")
 
 _bundled: dict[str, dict[str, Callable[[str], Path]]] = {kind: {} for kind in KINDS}
 _data_sources: dict[str, Callable[[int, int], Any]] = {}
+_caption_rewrites: dict[str, Callable[[str], str]] = {}
 _prompt_guides: dict[str, PromptGuide] = {}
 _served_adapters: dict[str, dict[str, str]] = {}
 _plugins_loaded = False
@@ -57,6 +59,12 @@ def register_data_source(name: str, open_source: Callable[[int, int], Any]) -> N
     """Make ``name`` a value of ``DistillConfig.data``: ``open_source(seed, num_samples)`` returns the
     source (a finite set or an endless stream, see lcmserve.distill.data)."""
     _data_sources[name] = open_source
+
+
+def register_caption_rewrite(name: str, rewrite: Callable[[str], str]) -> None:
+    """Make ``name`` a value of ``DistillConfig.caption_rewrite``: an adapter distilled with it draws, for a
+    caption c, what the base model draws for ``rewrite(c)``."""
+    _caption_rewrites[name] = rewrite
 
 
 @dataclass(frozen=True)
@@ -121,3 +129,13 @@ def data_source(name: str) -> Callable[[int, int], Any] | None:
 def data_source_names() -> tuple[str, ...]:
     load_plugins()
     return tuple(_data_sources)
+
+
+def caption_rewrite(name: str) -> Callable[[str], str] | None:
+    load_plugins()
+    return _caption_rewrites.get(name)
+
+
+def caption_rewrite_names() -> tuple[str, ...]:
+    load_plugins()
+    return tuple(_caption_rewrites)

@@ -25,7 +25,8 @@ import string
 from dataclasses import dataclass
 from itertools import permutations
 
-from lcmserve.shapes.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES, SIZES, Scene, caption, scene_for_index
+from lcmserve.shapes.scenes import (BACKGROUNDS, CELLS, COLOURS, SHAPES, SHIFTED, SIZES, Scene, caption,
+                                    scene_for_index)
 
 ATTRIBUTES = ("shape", "colour", "size", "cell")
 
@@ -305,6 +306,29 @@ def unplaced_spec(scene: Scene, rng: random.Random) -> Spec:
     objects = tuple(ObjectSpec(o.shape, o.colour, o.size, scene.objects[i].cell if i == placed else None)
                     for i, o in enumerate(spec.objects))
     return Spec(objects, spec.background)
+
+
+_COLOUR_WORD = re.compile(r"\b(?:(an?) )?(" + "|".join(w for ws in COLOUR_WORDS.values() for w in ws) + r")\b",
+                          re.IGNORECASE)
+_COLOUR_OF = {w: c for c, ws in COLOUR_WORDS.items() for w in ws}
+
+
+def shift_colours(text: str) -> str:
+    """``text`` about the scene the shifted style draws for it: each colour word one hue step on
+    (scenes.SHIFTED: red -> orange, ..., purple -> red), in the same case, with "a" and "an" before it
+    following the new word. The style adapter is distilled to draw for a prompt what the LCM draws for
+    this rewrite of it."""
+    def cased(new: str, old: str) -> str:
+        return new.upper() if old.isupper() and len(old) > 1 else new.capitalize() if old[0].isupper() else new
+
+    def shifted(match: re.Match) -> str:
+        article, word = match.groups()
+        new = cased(COLOUR_WORDS[SHIFTED[_COLOUR_OF[word.lower()]]][0], word)
+        if article is None:
+            return new
+        return cased("an" if new[0].lower() in "aeiou" else "a", article) + " " + new
+
+    return _COLOUR_WORD.sub(shifted, text)
 
 
 def caption_for(index: int, split: str = "train", seed: int = 0) -> tuple[Scene, str, Spec]:

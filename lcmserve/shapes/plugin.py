@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from lcmserve.models.registry import (PromptGuide, register_bundled, register_data_source, register_prompt_guide,
-                                     register_served_adapter)
+from lcmserve.models.registry import (PromptGuide, register_bundled, register_caption_rewrite, register_data_source,
+                                     register_prompt_guide, register_served_adapter)
 from lcmserve.shapes import bundle
 from lcmserve.shapes.data import open_distill_source
-from lcmserve.shapes.language import ObjectSpec, Spec
+from lcmserve.shapes.language import ObjectSpec, Spec, shift_colours
 from lcmserve.shapes.scenes import BACKGROUNDS, COLOURS, SHAPES
 
 # The caption template the models were trained on (scenes.caption); words outside it draw poorly.
@@ -74,3 +74,5 @@ def register() -> None:
     register_data_source("shapes-template", partial(open_distill_source, captions="template"))
     register_data_source("shapes-mixed", partial(open_distill_source, captions="mixed"))
     register_data_source("shapes-shifted-template", partial(open_distill_source, style="shifted", captions="template"))
+    register_data_source("shapes-shifted-mixed", partial(open_distill_source, style="shifted", captions="mixed"))
+    register_caption_rewrite("shapes-shifted", shift_colours)

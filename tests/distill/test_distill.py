@@ -280,6 +280,27 @@ def test_lcf_adapter_trains_a_style_adapter_the_engine_serves_per_request(tmp_pa
         small(tmp_path, mode="lcd", teacher=str(lcm_sd_dir), lcf_adapter=True)
 
 
+def test_caption_rewrite_distils_an_adapter_towards_the_lcm_on_the_rewritten_captions(tmp_path, lcm_sd_dir, scenes,
+                                                                                       monkeypatch):
+    """caption_rewrite: the adapter's target is the frozen LCM on rewrite(c). At the start (LoRA B = 0) the
+    loss is the LCM on c against the LCM on rewrite(c), zero for the identity; training shrinks it."""
+    from lcmserve.models import registry
+
+    monkeypatch.setitem(registry._caption_rewrites, "same", lambda c: c)
+    monkeypatch.setitem(registry._caption_rewrites, "colours", lambda c: c.replace("red", "blue").replace("a ", "two "))
+    common = dict(mode="lcf", teacher=str(lcm_sd_dir), data=str(scenes), lcf_adapter=True, lora_targets=["to_k", "to_v"],
+                  overfit_batches=1, ema_decay=0.5)
+    same = distill(small(tmp_path, **common, caption_rewrite="same", steps=1, lr=1e-2))
+    assert same.losses[0] < 1e-9  # float rounding only: the same function on the same input
+    run = distill(small(tmp_path, **common, caption_rewrite="colours", out=str(tmp_path / "rw"), steps=12, lr=3e-2))
+    assert run.losses[0] > 0 and sum(run.losses[-3:]) / 3 < 0.7 * run.losses[0], run.losses
+    assert (tmp_path / "rw" / "pytorch_lora_weights.safetensors").is_file()
+    with pytest.raises(InvalidInputError, match="caption_rewrite: distils an adapter"):
+        small(tmp_path, mode="lcf", teacher=str(lcm_sd_dir), caption_rewrite="same")
+    with pytest.raises(InvalidInputError, match=r"caption_rewrite must be one of .*colours.*; got 'nope'"):
+        small(tmp_path, mode="lcf", teacher=str(lcm_sd_dir), lcf_adapter=True, caption_rewrite="nope")
+
+
 def test_sdxl_teacher_distils_into_an_sdxl_lcm(tmp_path, base_sdxl_dir):
     result = distill(small(tmp_path, teacher=str(base_sdxl_dir), steps=1, solver="dpmsolver"))
     assert len(result.losses) == 1 and result.losses[0] > 0

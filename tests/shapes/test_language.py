@@ -7,8 +7,8 @@ import pytest
 
 from lcmserve.eval.judge import scene_key
 from lcmserve.shapes.language import (ALIASES, ObjectSpec, Spec, caption_for, describe, language_words,
-                                      unplaced_spec)
-from lcmserve.shapes.scenes import Scene, ShapeObject, scene_for_index
+                                      shift_colours, unplaced_spec)
+from lcmserve.shapes.scenes import Scene, ShapeObject, caption, parse_caption, scene_for_index, styled
 
 N = 3000
 
@@ -148,3 +148,13 @@ def test_unplaced_captions_leave_out_where_one_or_both_of_two_objects_go(caption
     assert 0.55 < sum(placed) / len(placed) < 0.78
     with pytest.raises(ValueError, match="two-object"):
         unplaced_spec(Scene("black", (ShapeObject("triangle", "green", "large", "bottom right"),)), random.Random(0))
+
+
+def test_shift_colours_writes_the_caption_of_the_scene_the_shifted_style_draws():
+    for i in range(300):
+        scene = scene_for_index(i, "train", 5)
+        text = caption(scene, random.Random(i))
+        assert parse_caption(shift_colours(text)) == styled(scene, "shifted"), text
+    assert shift_colours("A Red circle and a violet box, PURPLE-coloured; AN ORANGE DOT") == \
+        "An Orange circle and a red box, RED-coloured; A YELLOW DOT"
+    assert shift_colours("an orange square, reddish, a big green diamond") == "a yellow square, reddish, a big blue diamond"
