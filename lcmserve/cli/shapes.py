@@ -230,7 +230,7 @@ def _add_bundle(ssub) -> None:
                     help="also ship this LCM-LoRA of the teacher (a `lcmserve distill lora` output folder)")
     bd.add_argument("--shifted", default=None,
                     help="also ship this style adapter of the LCM, served as `shifted` (a `lcmserve distill lcf "
-                         "--lcf-adapter` output folder, trained on shapes-shifted or shapes-shifted-template)")
+                         "--lcf-adapter --caption-rewrite shapes-shifted` output folder, on the LCM shipped with it)")
     bd.add_argument("-o", "--output", default=None, help="destination (default: the package's weights folder)")
     bd.set_defaults(func=cmd_shapes_bundle)
 

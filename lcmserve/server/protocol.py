@@ -59,7 +59,7 @@ class GenerateRequest(_Strict):
     """Images of one prompt; image i uses seed + i."""
 
     prompt: str = Field(..., description="the text prompt (at most the server's max_prompt_chars)",
-                        examples=["a large red circle at the top left on a white background"])
+                        examples=["a red circle in the top left"])
     num_images: int = Field(1, ge=1, le=64, description="images to generate (at most the server's max_images)")
     steps: int = Field(4, ge=MIN_STEPS, le=MAX_STEPS, description="LCM steps")
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)

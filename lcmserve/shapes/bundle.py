@@ -145,6 +145,30 @@ def _bundle_recipe(init: str | None, stage: str) -> dict | None:
     return None
 
 
+def _init_recipe(init: str | None, stage: str, key: str, seen: frozenset = frozenset()) -> dict | None:
+    """The recipe of the weights a run started from (its ``init_unet`` or ``init_student``): the
+    recorded one when they are a bundle's, else that run folder's own config, followed back the same
+    way, so a teacher continued over several runs records every run. None when nothing is recorded."""
+    if not init:
+        return None
+    recorded = _bundle_recipe(init, stage)
+    if recorded is not None:
+        return recorded
+    folder = Path(init).resolve()
+    if folder in seen:
+        return None
+    if (folder / CONFIG_FILE).is_file():  # a distillation run
+        recipe = _run_recipe(folder)
+    elif (folder / "config.json").is_file() and '"stage"' in (folder / "config.json").read_text():
+        recipe = json.loads((folder / "config.json").read_text())  # a `shapes train` run
+    else:
+        return None
+    earlier = _init_recipe(recipe.get(key), stage, key, seen | {folder})
+    if earlier is not None:
+        recipe[f"{key}_recipe"] = earlier
+    return recipe
+
+
 def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, classifier_run: str | Path,
            out: str | Path | None = None, lcm_run: str | Path | None = None,
            lora_run: str | Path | None = None, shifted_run: str | Path | None = None) -> Path:
@@ -198,13 +222,15 @@ def bundle(clip_run: str | Path, vae_run: str | Path, teacher_run: str | Path, c
         if not (out / name).exists():
             recorded.pop(stage, None)
     teacher_cfg = configs.get("teacher", {})
-    init_recipe = _bundle_recipe(teacher_cfg.get("init_unet"), "teacher")
+    init_recipe = _init_recipe(teacher_cfg.get("init_unet"), "teacher", "init_unet")
     if init_recipe is not None:
-        # continued from a bundled teacher (the shipped one or another bundle): keep the recipe of
-        # the weights it started from
+        # continued from earlier weights (a bundle's or another run's): keep the recipe they came from
         teacher_cfg["init_unet_recipe"] = init_recipe
     if lcm_run is not None:
         configs["lcm"] = _run_recipe(lcm_run)
+        init_recipe = _init_recipe(configs["lcm"].get("init_student"), "lcm", "init_student")
+        if init_recipe is not None:
+            configs["lcm"]["init_student_recipe"] = init_recipe
     if lora_run is not None:
         configs["lora"] = _run_recipe(lora_run)
     if shifted_run is not None:

@@ -293,6 +293,16 @@ def test_a_teacher_continued_from_the_shipped_one_keeps_its_starting_recipe(tmp_
     assert chained["steps"] == 5 and chained["init_unet_recipe"] == configs["teacher"]
     assert chained["init_unet_recipe"]["init_unet_recipe"] == recorded["teacher"]
 
+    # continued from a run folder that was never bundled: its config joins the chain, which goes on from there
+    run3 = tmp_path / "teacher-3"
+    shutil.copytree(run / "unet", run3 / "unet")
+    cfg3 = StageConfig("teacher", str(run3), steps=3, clip_dir="shipped", vae_dir="shipped", init_unet=str(run2))
+    (run3 / "config.json").write_text(json.dumps(asdict(cfg3)))
+    third = json.loads((bundle("shipped", "shipped", run3, "shipped", tmp_path / "weights-3")
+                        / "training-configs.json").read_text())["teacher"]
+    assert third["steps"] == 3 and third["init_unet_recipe"]["steps"] == 5
+    assert third["init_unet_recipe"]["init_unet_recipe"] == configs["teacher"]
+
 
 def test_the_shapes_plug_in_registers_its_models_and_data_source():
     from lcmserve.distill.data import MapSource, StreamSource, open_source
