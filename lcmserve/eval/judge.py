@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lcmserve.shapes.bundle import CLASSIFIER, CLIP, bundled
+from lcmserve.shapes.bundle import CLASSIFIER, CLIP, bundled, model_dir
 from lcmserve.shapes.models import BACKGROUND_CLASSES, COLOUR_CLASSES, SHAPE_CLASSES, SIZE_CLASSES, SceneClassifier
 from lcmserve.shapes.scenes import CELLS, Scene
 
@@ -23,7 +23,7 @@ class ShapesJudge:
         from safetensors.torch import load_file
         from transformers import CLIPModel, CLIPTokenizer
 
-        clip_dir = Path(clip_dir) if clip_dir else bundled(CLIP)
+        clip_dir = model_dir(clip_dir) if clip_dir else bundled(CLIP)  # a bundled folder or a training run
         self.clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
         # The bundle keeps the tokenizer beside the model; a training run keeps it in ../tokenizer.
         tokenizer_dir = clip_dir if (clip_dir / "tokenizer_config.json").exists() else clip_dir.parent / "tokenizer"

@@ -27,10 +27,11 @@ from lcmserve.eval.judge import ShapesJudge
 from lcmserve.eval.metrics import clip_score, frechet_distance, spec_accuracy
 from lcmserve.eval.sampling import SAMPLERS, sample
 from lcmserve.eval.style import style_share, styled_spec
+from lcmserve.eval.suites import SUITES, Prompt, suite_prompts, suite_split
 from lcmserve.models.model import DEFAULT_GUIDANCE
 from lcmserve.models.registry import bundled_names, resolve_bundled
+from lcmserve.shapes.bundle import model_dir
 from lcmserve.shapes.data import to_tensor
-from lcmserve.eval.suites import SUITES, Prompt, suite_prompts, suite_split
 from lcmserve.shapes.scenes import STYLES, render, scene_for_index
 from lcmserve.shapes.train import resolve_device
 
@@ -84,6 +85,13 @@ class EvalConfig:
             raise InvalidInputError.out_of_range("style", self.style, "one of " + ", ".join(STYLES))
         if self.batch_size < 1:
             raise InvalidInputError.out_of_range("batch_size", self.batch_size, "an integer >= 1")
+        if self.clip_dir is not None and not (model_dir(self.clip_dir) / "config.json").is_file():
+            raise InvalidInputError(f"clip: {str(self.clip_dir)!r} holds no CLIP model (a bundled shapes-clip folder, or a "
+                                    "`shapes train clip` run folder with model/ and tokenizer/)", param="clip")
+        if self.classifier is not None and not Path(self.classifier).is_file():
+            raise InvalidInputError(f"classifier: {str(self.classifier)!r} is not a file (the classifier's "
+                                    ".safetensors, e.g. a `shapes train classifier` run's classifier.safetensors)",
+                                    param="classifier")
 
 
 def resolve_model(spec: str) -> str:

@@ -67,3 +67,25 @@ def test_eval_config_with_a_lora_defaults_to_no_guidance_and_the_lcm_sampler_onl
     with pytest.raises(InvalidInputError, match="lcm alone with a LoRA") as err:
         EvalConfig(model="shapes-teacher", lora="shapes-lcm-lora", samplers=["lcm", "ddim"])
     assert err.value.param == "sampler"
+
+
+def test_eval_refuses_judges_it_cannot_load_before_sampling(tmp_path, capsys):
+    """--clip and --classifier name the judges; a folder without a CLIP model or a missing file fails at once,
+    naming the flag, while a `shapes train clip` run folder (model/ + tokenizer/) is accepted."""
+    from lcmserve.cli import main
+    from lcmserve.errors import InvalidInputError
+    from lcmserve.eval.run import EvalConfig
+    from lcmserve.shapes.bundle import CLIP, bundled
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    assert EvalConfig(model="shapes-lcm", clip_dir=str(tmp_path / "run")).clip_dir == str(tmp_path / "run")
+    assert EvalConfig(model="shapes-lcm", clip_dir=str(bundled(CLIP))).clip_dir
+    with pytest.raises(InvalidInputError, match="clip: .* holds no CLIP model") as err:
+        EvalConfig(model="shapes-lcm", clip_dir=str(tmp_path))
+    assert err.value.param == "clip"
+    with pytest.raises(InvalidInputError, match="classifier: .* is not a file") as err:
+        EvalConfig(model="shapes-lcm", classifier=str(tmp_path / "none.safetensors"))
+    assert err.value.param == "classifier"
+    assert main(["eval", "shapes-lcm", "--clip", str(tmp_path), "-o", str(tmp_path / "ev")]) == 2
+    assert "(see --clip)" in capsys.readouterr().err
