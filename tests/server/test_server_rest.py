@@ -473,22 +473,27 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(servers):
     results: list[httpx.Response] = []
 
     def call() -> None:
-        results.append(httpx.post(server.url + "/generate", timeout=60,
-                                  json={"prompt": "drain", "num_images": 4, "steps": 8}))
+        # big enough that the three are still running after the signal, even on a fast idle machine
+        results.append(httpx.post(server.url + "/generate", timeout=120,
+                                  json={"prompt": "drain", "num_images": 4, "steps": 8, "width": 128, "height": 128}))
 
+    done_before = _metric(httpx.get(server.url + "/metrics").text, "lcmserve_images_generated_total")  # warm-up
     threads = [threading.Thread(target=call) for _ in range(3)]
     for thread in threads:
         thread.start()
-    # All three are in the server before the signal (the /metrics request itself is the fourth); a slow
-    # machine gets a long wait, and a wait that runs out fails here rather than as a 503 further down.
+    # All three are accepted by the engine before the signal, and work is still queued. A request can be in
+    # the HTTP handler before the engine takes it (then the drain answers 503), so the wait counts rows: the
+    # twelve rows minus the two of a running batch, queued or done. A slow machine gets a long wait, and a
+    # wait that runs out fails here rather than as a 503 further down.
     deadline = time.monotonic() + 60
     while True:
         text = httpx.get(server.url + "/metrics").text
-        in_flight = _metric(text, "lcmserve_requests_in_flight", protocol="http")
-        if in_flight >= 4:
+        queued = _metric(text, "lcmserve_queue_depth_rows")
+        accepted = queued + _metric(text, "lcmserve_images_generated_total") - done_before
+        if accepted >= 10 and queued >= 2:
             break
-        assert time.monotonic() < deadline, f"only {in_flight - 1} of 3 requests reached the server in 60 s"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, f"{accepted} of 12 rows accepted, {queued} queued, after 60 s"
+        time.sleep(0.02)
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     _assert_error(httpx.get(server.url + "/readyz"), 503, "unavailable", None)
